@@ -92,6 +92,7 @@ class CandidateDoc(_Doc):
     prediction: Prediction | None = None
     dedup: DedupRecord | None = None
     task_id: str | None = None
+    thermo: dict[str, Any] | None = Field(None, description="Hull summary after analyze (eV/atom).")
     error: str | None = None
     fw_ids: dict[str, int] = Field(default_factory=dict, description="Stage name -> Firework id.")
     created_at: datetime = Field(default_factory=utcnow)

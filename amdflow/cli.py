@@ -1,0 +1,255 @@
+"""The ``amdflow`` command.
+
+User errors (:class:`~amdflow.errors.AmdflowError`) print one line and exit 2, without
+a traceback. Nothing here imports FireWorks at module level: the embedded store must
+set ``MONGOMOCK_SERVERSTORE_FILE`` before FireWorks is first imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from amdflow import __version__
+from amdflow.errors import AmdflowError
+
+app = typer.Typer(
+    name="amdflow",
+    help="AI-assisted discovery of multinary crystals: generate, CGCNN screen, dedup, relax, convex hull (FireWorks).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+CampaignArg = Annotated[Path, typer.Argument(help="Campaign YAML file.", show_default=True)]
+LaunchpadOpt = Annotated[
+    Path | None,
+    typer.Option("--launchpad", "-l", help="MongoDB LaunchPad YAML (default: AMDFLOW_LAUNCHPAD_FILE, else the embedded store)."),
+]
+
+
+def handle_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except AmdflowError as err:
+            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]: finished work is saved; run the same command again to continue")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings(launchpad: Path | None) -> Any:
+    from amdflow.settings import get_settings
+
+    return get_settings(**({"launchpad_file": launchpad} if launchpad else {}))
+
+
+def _progress_bar(enabled: bool) -> tuple[Any, Callable[[int, int, str], None]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, disable=not enabled, transient=False)
+    tasks: dict[str, Any] = {}
+
+    def update(done: int, total: int, what: str) -> None:
+        if what not in tasks:
+            tasks[what] = prog.add_task(what, total=total or None)
+        prog.update(tasks[what], completed=done, total=total or None)
+
+    return prog, update
+
+
+@app.command()
+@handle_errors
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the example campaign file.")] = Path("campaign.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented example campaign file (Ce-Fe-In on AFLOW prototypes, CHGNet relax)."""
+    from amdflow.campaign import EXAMPLE_CAMPAIGN
+
+    if path.exists() and not force:
+        raise AmdflowError(f"{path} exists: pass --force to overwrite it, or choose another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(EXAMPLE_CAMPAIGN)
+    console.print(f"wrote {path}: edit it, then `amdflow add {path}` and `amdflow run {path}`")
+
+
+@app.command()
+@handle_errors
+def add(
+    campaign: CampaignArg,
+    launchpad: LaunchpadOpt = None,
+    allow_changed_settings: Annotated[bool, typer.Option(help="Accept a campaign file whose settings changed since it was first added.")] = False,
+) -> None:
+    """Generate candidates and add one workflow per new candidate (idempotent)."""
+    from amdflow.campaign import load_campaign
+    from amdflow.db import open_db
+    from amdflow.ops import add_campaign
+
+    cfg = load_campaign(campaign)
+    settings = _settings(launchpad)
+    start = time.perf_counter()
+    prog, update = _progress_bar(settings.progress)
+    with open_db(cfg.output_dir, settings) as db, prog:
+        report = add_campaign(db, cfg, allow_changed_settings, update)
+    for name, reason in report.templates_skipped[:20]:
+        console.print(f"  skipped template {name}: {reason}", highlight=False)
+    if len(report.templates_skipped) > 20:
+        console.print(f"  ... and {len(report.templates_skipped) - 20} more skipped templates")
+    console.print(
+        f"campaign {cfg.name} ({cfg.chemsys}): {report.templates_read} templates, {report.generated} candidates generated, "
+        f"{report.new_candidates} new; {report.new_workflows} candidate workflows and "
+        f"{report.new_reference_workflows} reference workflows added in {time.perf_counter() - start:.1f} s",
+        highlight=False,
+    )
+    out.print(json.dumps(report.as_dict()))
+
+
+@app.command()
+@handle_errors
+def run(
+    campaign: CampaignArg = Path("campaign.yaml"),
+    launchpad: LaunchpadOpt = None,
+    max_fireworks: Annotated[int | None, typer.Option(help="Stop after this many Fireworks (default: until none is ready).")] = None,
+) -> None:
+    """Run the campaign's Fireworks in this process (every category), then rebuild the hull."""
+    from amdflow.campaign import load_campaign
+    from amdflow.db import open_db
+    from amdflow.ops import run_campaign
+
+    cfg = load_campaign(campaign)
+    settings = _settings(launchpad)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    start = time.perf_counter()
+    prog, update = _progress_bar(settings.progress)
+    with open_db(cfg.output_dir, settings) as db, prog:
+        report = run_campaign(db, cfg, update, max_fireworks, settings.rocket_log_level)
+    if report.recovered:
+        console.print(f"recovered {report.recovered} Fireworks left running by an interrupted run")
+    console.print(
+        f"ran {report.launched} Fireworks in {time.perf_counter() - start:.1f} s; states {report.fw_states}; "
+        f"hull: {report.outputs.get('thermo', 0)} materials, {report.outputs.get('stable', 0)} stable, "
+        f"{report.outputs.get('promising', 0)} promising -> {cfg.output_dir}",
+        highlight=False,
+    )
+
+
+@app.command()
+@handle_errors
+def status(
+    campaign: CampaignArg = Path("campaign.yaml"),
+    launchpad: LaunchpadOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Counts per state: candidates, Fireworks, references and hull."""
+    from amdflow.campaign import load_campaign
+    from amdflow.db import open_db
+    from amdflow.ops import campaign_status
+
+    cfg = load_campaign(campaign)
+    with open_db(cfg.output_dir, _settings(launchpad)) as db:
+        info = campaign_status(db, cfg.name)
+    if as_json:
+        out.print(json.dumps(info, default=str), highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"{info['campaign']} ({info['chemsys']}, {info['run_type']})")
+    table.add_column("what")
+    table.add_column("state")
+    table.add_column("count", justify="right")
+    for group in ("candidates", "fireworks", "references", "thermo"):
+        for state, n in info[group].items():
+            table.add_row(group, state, str(n))
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def report(
+    campaign: CampaignArg = Path("campaign.yaml"),
+    launchpad: LaunchpadOpt = None,
+) -> None:
+    """Rebuild the hull, refresh promising/ and the plot, and print the best candidates."""
+    from amdflow.campaign import load_campaign
+    from amdflow.db import open_db
+    from amdflow.stages import analyze_stage
+
+    cfg = load_campaign(campaign)
+    with open_db(cfg.output_dir, _settings(launchpad)) as db:
+        summary = analyze_stage(db, cfg.name, plot=True)
+        run_type = db.campaigns.find_one({"name": cfg.name})["run_type"]
+        rows = list(db.thermo.find({"hull_chemsys": cfg.chemsys, "run_type": run_type, "campaign": cfg.name}, {"_id": 0}).sort("e_above_hull", 1).limit(15))
+    table = Table(title=f"{cfg.name}: lowest e_above_hull ({run_type}; eV/atom)")
+    for col in ("candidate", "formula", "E_f", "e_above_hull", "stable"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["candidate_id"], r["formula"], f"{r['formation_energy_per_atom']:.3f}", f"{r['e_above_hull']:.3f}", "yes" if r["is_stable"] else "")
+    out.print(table)
+    console.print(f"promising: {summary.get('promising', 0)} -> {Path(cfg.output_dir or '.') / 'promising'}; plot: {summary.get('plot')}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def rerun(
+    campaign: CampaignArg = Path("campaign.yaml"),
+    launchpad: LaunchpadOpt = None,
+    fizzled: Annotated[bool, typer.Option("--fizzled", help="Reset FIZZLED Fireworks to run again.")] = False,
+    stage: Annotated[str | None, typer.Option(help="Only this stage: predict, dedup, relax, analyze, reference.")] = None,
+) -> None:
+    """Reset failed Fireworks of the campaign so that the next run retries them."""
+    from amdflow.campaign import load_campaign
+    from amdflow.db import open_db
+    from amdflow.ops import rerun_fizzled
+    from amdflow.workflows import CATEGORIES
+
+    if not fizzled:
+        raise AmdflowError("say what to rerun: --fizzled")
+    if stage is not None and stage not in CATEGORIES:
+        raise AmdflowError(f"unknown stage '{stage}': use one of {sorted(CATEGORIES)}")
+    cfg = load_campaign(campaign)
+    with open_db(cfg.output_dir, _settings(launchpad)) as db:
+        ids = rerun_fizzled(db, cfg.name, stage)
+    console.print(f"reset {len(ids)} FIZZLED Fireworks; run `amdflow run {campaign}` to retry them")
+
+
+@app.command()
+def version() -> None:
+    """Print the amdflow version."""
+    out.print(__version__)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    import logging
+    import warnings
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # FireWorks' loggers propagate at DEBUG
+        handler.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="pymatgen")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,5 @@
+"""Candidate generation: template sources, substitution, volume rule, content-hash ids (pure)."""
+
+from amdflow.generate.substitute import GenerateReport, candidate_id, generate_candidates, substitutions
+
+__all__ = ["GenerateReport", "candidate_id", "generate_candidates", "substitutions"]

@@ -1,0 +1,284 @@
+"""Campaign operations behind the CLI: add, run, status, rerun, refresh outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from amdflow.campaign import CampaignConfig
+from amdflow.db import AmdflowDB
+from amdflow.errors import AmdflowError
+from amdflow.generate import GenerateReport, generate_candidates
+from amdflow.schemas import CandidateState, utcnow
+
+logger = logging.getLogger(__name__)
+
+INSERT_BATCH = 1000
+DONE_STATES = ("COMPLETED", "DEFUSED", "FIZZLED")
+Progress = Callable[[int, int, str], None]  # (done, total, what) -> None
+
+
+@dataclass
+class AddReport:
+    """What `amdflow add` did."""
+
+    generated: int = 0
+    new_candidates: int = 0
+    new_workflows: int = 0
+    new_reference_workflows: int = 0
+    templates_read: int = 0
+    templates_skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "generated": self.generated, "new_candidates": self.new_candidates, "new_workflows": self.new_workflows,
+            "new_reference_workflows": self.new_reference_workflows, "templates_read": self.templates_read,
+            "templates_skipped": len(self.templates_skipped),
+        }
+
+
+def _batches(iterable: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in iterable:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def register_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = False) -> dict[str, Any]:
+    """Insert the campaign doc, or check the stored one has the same settings."""
+    from amdflow.stages import campaign_doc
+
+    doc = campaign_doc(cfg)
+    stored = db.campaigns.find_one({"name": cfg.name}, {"_id": 0})
+    if stored is None:
+        db.campaigns.insert_one(doc.to_mongo())
+        return doc.to_mongo()
+    if stored["config_hash"] != doc.config_hash:
+        if not allow_changed:
+            raise AmdflowError(
+                f"campaign '{cfg.name}' exists with different settings (stored {stored['config_hash'][:12]}, "
+                f"file {doc.config_hash[:12]}): use a new campaign name, or pass --allow-changed-settings "
+                "(Fireworks not yet run will use the new settings)"
+            )
+        db.campaigns.update_one({"name": cfg.name}, {"$set": {"config": doc.config, "config_hash": doc.config_hash, "updated_at": utcnow()}})
+    return db.campaigns.find_one({"name": cfg.name}, {"_id": 0})
+
+
+def insert_candidates(db: AmdflowDB, cfg: CampaignConfig, report: AddReport, progress: Progress | None = None) -> None:
+    """Generate and bulk-insert candidate docs (unordered; existing ids are skipped)."""
+    from pymongo.errors import BulkWriteError
+
+    gen = GenerateReport()
+    for batch in _batches(generate_candidates(cfg, gen), INSERT_BATCH):
+        ids = [d.candidate_id for d in batch]
+        have = {d["candidate_id"] for d in db.candidates.find({"candidate_id": {"$in": ids}}, {"candidate_id": 1})}
+        new = [d.to_mongo() for d in batch if d.candidate_id not in have]
+        if new:
+            try:
+                db.candidates.insert_many(new, ordered=False)
+                report.new_candidates += len(new)
+            except BulkWriteError as err:  # a concurrent add inserted some of them
+                report.new_candidates += err.details.get("nInserted", 0)
+        report.generated += len(batch)
+        if progress:
+            progress(report.generated, 0, "generating candidates")
+    report.templates_read = gen.templates.read
+    report.templates_skipped = gen.templates.skipped
+
+
+def add_workflows(db: AmdflowDB, cfg: CampaignConfig, report: AddReport, progress: Progress | None = None) -> None:
+    """Add a workflow for every candidate of the campaign that has none (bulk insert)."""
+    from amdflow.workflows import candidate_workflow
+
+    lp = db.launchpad
+    query = {"campaign": cfg.name, "fw_ids": {}}
+    pending = list(db.candidates.find(query, {"_id": 0, "candidate_id": 1, "formula": 1}))
+    # Crash safety: a workflow added before its candidate doc was updated is found by metadata.
+    existing = {
+        wf["metadata"]["candidate_id"]: wf["nodes"]
+        for wf in lp.workflows.find({"metadata.campaign": cfg.name, "metadata.amdflow": "candidate",
+                                     "metadata.candidate_id": {"$in": [p["candidate_id"] for p in pending]}},
+                                    {"metadata": 1, "nodes": 1})
+    }
+    for cid, nodes in existing.items():
+        stages = {fw["spec"]["amdflow_stage"]: fw["fw_id"] for fw in lp.fireworks.find({"fw_id": {"$in": nodes}}, {"fw_id": 1, "spec.amdflow_stage": 1})}
+        db.candidates.update_one({"candidate_id": cid}, {"$set": {"fw_ids": stages}})
+    pending = [p for p in pending if p["candidate_id"] not in existing]
+    for done, batch in enumerate(_batches(iter(pending), INSERT_BATCH), start=1):
+        wfs = [candidate_workflow(p["candidate_id"], cfg.name, p["formula"]) for p in batch]
+        with _quiet_tqdm():
+            lp.bulk_add_wfs(wfs)
+        for p, wf in zip(batch, wfs, strict=True):
+            fw_ids = {fw.spec["amdflow_stage"]: fw.fw_id for fw in wf.fws}
+            db.candidates.update_one({"candidate_id": p["candidate_id"]}, {"$set": {"fw_ids": fw_ids}})
+        report.new_workflows += len(wfs)
+        if progress:
+            progress(min(done * INSERT_BATCH, len(pending)), len(pending), "adding workflows")
+
+
+@contextlib.contextmanager
+def _quiet_tqdm() -> Iterator[None]:
+    """FireWorks' bulk insert draws its own tqdm bar; amdflow shows one progress display."""
+    import fireworks.core.launchpad as fw_launchpad
+
+    original = fw_launchpad.tqdm
+    fw_launchpad.tqdm = lambda iterable, *a, **k: iterable
+    try:
+        yield
+    finally:
+        fw_launchpad.tqdm = original
+
+
+def add_reference_workflows(db: AmdflowDB, cfg: CampaignConfig, run_type: str, report: AddReport) -> None:
+    """One reference workflow per element whose reference phases are not in the database."""
+    from amdflow.stages import pending_references
+    from amdflow.workflows import reference_workflow
+
+    pending = pending_references(db, cfg, run_type)
+    by_element: dict[str, list[str]] = {}
+    for ref in pending:
+        by_element.setdefault(ref.element, []).append(ref.prototype)
+    for element, prototypes in by_element.items():
+        db.launchpad.add_wf(reference_workflow(cfg.name, element, prototypes))
+        report.new_reference_workflows += 1
+    if pending:
+        db.references.insert_many([r.to_mongo() for r in pending], ordered=False)
+
+
+def add_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = False, progress: Progress | None = None) -> AddReport:
+    """Generate candidates and add their workflows; running it twice adds nothing."""
+    report = AddReport()
+    doc = register_campaign(db, cfg, allow_changed)
+    insert_candidates(db, cfg, report, progress)
+    add_reference_workflows(db, cfg, doc["run_type"], report)
+    add_workflows(db, cfg, report, progress)
+    db.flush()
+    return report
+
+
+def fw_state_counts(db: AmdflowDB, campaign: str) -> dict[str, int]:
+    pipeline = [{"$match": {"spec.campaign": campaign}}, {"$group": {"_id": "$state", "n": {"$sum": 1}}}]
+    return {d["_id"]: d["n"] for d in db.launchpad.fireworks.aggregate(pipeline)}
+
+
+def campaign_status(db: AmdflowDB, campaign: str) -> dict[str, Any]:
+    """Counts per state: candidates, Fireworks, references, hull."""
+    doc = db.campaigns.find_one({"name": campaign}, {"_id": 0, "config": 1, "chemsys": 1, "run_type": 1, "model_id": 1})
+    if doc is None:
+        raise AmdflowError(f"campaign '{campaign}' is not in the database: add it with `amdflow add CAMPAIGN.yaml`")
+    cand = {d["_id"]: d["n"] for d in db.candidates.aggregate([{"$match": {"campaign": campaign}}, {"$group": {"_id": "$state", "n": {"$sum": 1}}}])}
+    refs = {d["_id"]: d["n"] for d in db.references.aggregate([{"$match": {"run_type": doc["run_type"], "element": {"$in": doc["config"]["elements"]}}}, {"$group": {"_id": "$state", "n": {"$sum": 1}}}])}
+    threshold = doc["config"]["analyze"]["promising_e_above_hull"]
+    thermo_q = {"hull_chemsys": doc["chemsys"], "run_type": doc["run_type"]}
+    return {
+        "campaign": campaign,
+        "chemsys": doc["chemsys"],
+        "run_type": doc["run_type"],
+        "model_id": doc.get("model_id"),
+        "candidates": {s.value: cand.get(s.value, 0) for s in CandidateState},
+        "candidates_total": sum(cand.values()),
+        "fireworks": fw_state_counts(db, campaign),
+        "references": refs,
+        "thermo": {
+            "materials": db.thermo.count_documents(thermo_q),
+            "stable": db.thermo.count_documents({**thermo_q, "is_stable": True}),
+            "stable_candidates": db.thermo.count_documents({**thermo_q, "is_stable": True, "campaign": campaign}),
+            "promising": db.thermo.count_documents({**thermo_q, "campaign": campaign, "e_above_hull": {"$lte": threshold}}),
+        },
+    }
+
+
+@contextlib.contextmanager
+def _in_dir(path: Path) -> Iterator[None]:
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def _launch_dir(root: Path) -> Path:
+    path = root / f"launcher_{datetime.now().strftime('%Y-%m-%d-%H-%M-%S-%f')}"
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+def _tidy_launch_dir(path: Path) -> None:
+    """Remove a launch dir that holds nothing but FireWorks' FW.json (the DB has it all)."""
+    names = {p.name for p in path.iterdir()}
+    if names <= {"FW.json", "FW_offline.json"}:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class RunReport:
+    launched: int = 0
+    recovered: int = 0
+    fw_states: dict[str, int] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+def run_campaign(db: AmdflowDB, cfg: CampaignConfig, progress: Progress | None = None,
+                 max_fireworks: int | None = None, log_level: str = "WARNING") -> RunReport:
+    """Run every READY Firework of the campaign in this process, all categories.
+
+    Highest ``_priority`` first (predictions, then references, then candidates by
+    predicted energy). The embedded store is written after every Firework. On the
+    embedded store (which amdflow holds exclusively) Fireworks left RUNNING by an
+    interrupted run are reset to run again.
+    """
+    from fireworks import FWorker
+    from fireworks.core.rocket_launcher import launch_rocket
+
+    from amdflow.stages import analyze_stage
+
+    report = RunReport()
+    lp = db.launchpad
+    if db.embedded is not None:
+        lost = lp.detect_lostruns(expiration_secs=0, rerun=True, query={"spec.campaign": cfg.name})
+        report.recovered = len(lost[1])
+    fworker = FWorker(name="amdflow-run", category=["gpu", "cpu", "vasp"], query={"spec.campaign": cfg.name})
+    root = Path(cfg.output_dir or ".") / "launches"
+    total = lp.fireworks.count_documents({"spec.campaign": cfg.name})
+    while max_fireworks is None or report.launched < max_fireworks:
+        counts = fw_state_counts(db, cfg.name)
+        if progress:
+            progress(sum(counts.get(s, 0) for s in DONE_STATES), total, "running Fireworks")
+        ldir = _launch_dir(root)
+        with _in_dir(ldir):
+            ran = launch_rocket(lp, fworker, strm_lvl=log_level)
+        _tidy_launch_dir(ldir)
+        db.flush()
+        if not ran:
+            break
+        report.launched += 1
+    report.fw_states = fw_state_counts(db, cfg.name)
+    if progress:
+        progress(sum(report.fw_states.get(s, 0) for s in DONE_STATES), total, "building hull")
+    report.outputs = analyze_stage(db, cfg.name, plot=True)
+    db.flush()
+    return report
+
+
+def rerun_fizzled(db: AmdflowDB, campaign: str, stage: str | None = None) -> list[int]:
+    """Reset FIZZLED Fireworks of a campaign (optionally one stage) to run again."""
+    query: dict[str, Any] = {"spec.campaign": campaign, "state": "FIZZLED"}
+    if stage:
+        query["spec.amdflow_stage"] = stage
+    fw_ids = db.launchpad.get_fw_ids(query)
+    for fw_id in fw_ids:
+        db.launchpad.rerun_fw(fw_id)
+    db.flush()
+    return fw_ids

@@ -1,0 +1,46 @@
+"""The relax-engine seam: one result type and a factory keyed by the engine enum."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pymatgen.core import Structure
+
+from amdflow.campaign import RelaxConfig, RelaxEngine
+
+
+@dataclass
+class RelaxResult:
+    """Outcome of one relaxation (energies in eV, forces in eV/Angstrom)."""
+
+    final_structure: Structure
+    energy: float
+    converged: bool
+    n_steps: int
+    max_force: float
+    run_time_s: float
+
+    @property
+    def energy_per_atom(self) -> float:
+        return self.energy / len(self.final_structure)
+
+
+class Engine(Protocol):
+    """What every relax engine provides."""
+
+    name: str
+    run_type: str  # energies of one run type are comparable; thermo never mixes them
+    note: str
+
+    def relax(self, structure: Structure, directory: Path | None = None) -> RelaxResult: ...
+
+
+def get_engine(cfg: RelaxConfig, device: str = "cpu") -> Engine:
+    """The engine a campaign's relax settings ask for."""
+    if RelaxEngine(cfg.engine) is RelaxEngine.CHGNET:
+        from amdflow.relax.chgnet_engine import CHGNetEngine
+
+        return CHGNetEngine(cfg, device=device)
+    raise NotImplementedError(cfg.engine)  # pragma: no cover - the enum has one member today

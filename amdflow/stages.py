@@ -1,0 +1,279 @@
+"""The pipeline stages on the database: what each Firetask (and the CLI) calls.
+
+Each function takes an :class:`~amdflow.db.AmdflowDB`, reads the documents it needs,
+calls the pure science functions and writes the outcome back. No FireWorks here: the
+Firetasks in :mod:`amdflow.firetasks` translate outcomes into ``FWAction``s.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pymatgen.core import Structure
+
+from amdflow import __version__
+from amdflow.campaign import CampaignConfig, campaign_from_dict
+from amdflow.db import AmdflowDB
+from amdflow.errors import AmdflowError
+from amdflow.schemas import CampaignDoc, CandidateState, DedupRecord, Prediction, ReferenceDoc, TaskDoc, utcnow
+from amdflow.settings import get_settings, resolve_device
+
+logger = logging.getLogger(__name__)
+
+PROMISING_DIR = "promising"
+PLOT_FILE = "phase_diagram.png"
+
+
+# ---------------------------------------------------------------- campaign documents
+def run_type_of(cfg: CampaignConfig) -> str:
+    """Run type of a campaign's relax engine (energies comparable only within one)."""
+    from amdflow.relax import get_engine
+
+    return get_engine(cfg.relax).run_type
+
+
+def campaign_doc(cfg: CampaignConfig) -> CampaignDoc:
+    return CampaignDoc(
+        name=cfg.name,
+        chemsys=cfg.chemsys,
+        elements=cfg.elements,
+        config=cfg.model_dump(mode="json"),
+        config_hash=cfg.config_hash(),
+        run_type=run_type_of(cfg),
+        output_dir=str(cfg.output_dir),
+        code_version=__version__,
+    )
+
+
+def load_campaign_config(db: AmdflowDB, name: str) -> tuple[CampaignConfig, dict[str, Any]]:
+    doc = db.campaigns.find_one({"name": name}, {"_id": 0})
+    if doc is None:
+        raise AmdflowError(f"campaign '{name}' is not in the database: add it with `amdflow add CAMPAIGN.yaml`")
+    return campaign_from_dict(doc["config"], source=f"campaign '{name}' (stored)"), doc
+
+
+def _set_state(db: AmdflowDB, candidate_id: str, state: CandidateState, **fields: Any) -> None:
+    db.candidates.update_one(
+        {"candidate_id": candidate_id},
+        {"$set": {"state": state.value, "updated_at": utcnow(), **fields}},
+    )
+
+
+def record_failure(db: AmdflowDB, candidate_id: str, stage: str, err: BaseException) -> None:
+    """Mark a candidate failed with a one-line reason (the Firework fizzles too)."""
+    msg = f"{stage}: {type(err).__name__}: {err}".replace("\n", " ")[:500]
+    _set_state(db, candidate_id, CandidateState.FAILED, error=msg)
+
+
+def _load_candidate(db: AmdflowDB, candidate_id: str) -> dict[str, Any]:
+    doc = db.candidates.find_one({"candidate_id": candidate_id}, {"_id": 0})
+    if doc is None:
+        raise AmdflowError(f"candidate {candidate_id} is not in the database: was it deleted? re-add the campaign")
+    return doc
+
+
+# ---------------------------------------------------------------- predict
+@dataclass(frozen=True)
+class PredictOutcome:
+    candidate_id: str
+    formation_energy_per_atom: float
+    passed: bool
+
+
+def predict_stage(db: AmdflowDB, candidate_ids: list[str]) -> list[PredictOutcome]:
+    """CGCNN formation energy for candidates (one batch), screen, record on each doc."""
+    from amdflow.screen.predict import get_predictor
+
+    settings = get_settings()
+    docs = list(db.candidates.find({"candidate_id": {"$in": candidate_ids}}, {"_id": 0, "candidate_id": 1, "campaign": 1, "structure": 1}))
+    found = {d["candidate_id"] for d in docs}
+    missing = [c for c in candidate_ids if c not in found]
+    if missing:
+        raise AmdflowError(f"candidates {missing[:3]} are not in the database: re-add the campaign")
+    outcomes: list[PredictOutcome] = []
+    by_campaign: dict[str, list[dict[str, Any]]] = {}
+    for d in docs:
+        by_campaign.setdefault(d["campaign"], []).append(d)
+    for name, group in by_campaign.items():
+        cfg, _ = load_campaign_config(db, name)
+        predictor = get_predictor(cfg.screen.checkpoint, resolve_device(settings))
+        energies = predictor.predict([Structure.from_dict(d["structure"]) for d in group], settings.predict_batch_size)
+        threshold = cfg.screen.max_formation_energy_per_atom
+        db.campaigns.update_one({"name": name}, {"$set": {"model_id": predictor.model_id}})
+        for d, energy in zip(group, energies, strict=True):
+            passed = bool(energy <= threshold)
+            pred = Prediction(formation_energy_per_atom=float(energy), model_id=predictor.model_id,
+                              model_name=predictor.checkpoint.name, threshold=threshold, passed=passed)
+            state = CandidateState.PASSED if passed else CandidateState.SCREENED_OUT
+            _set_state(db, d["candidate_id"], state, prediction=pred.to_mongo(), error=None)
+            outcomes.append(PredictOutcome(d["candidate_id"], float(energy), passed))
+    return outcomes
+
+
+# ---------------------------------------------------------------- dedup
+def dedup_stage(db: AmdflowDB, candidate_id: str) -> str | None:
+    """Keep the lowest-energy member of each structure family; returns the id duplicated, if any."""
+    from amdflow.select.dedup import Peer, find_representative
+
+    doc = _load_candidate(db, candidate_id)
+    cfg, _ = load_campaign_config(db, doc["campaign"])
+    if not doc.get("prediction"):
+        raise AmdflowError(f"candidate {candidate_id} has no prediction: run its predict Firework first")
+    peers = [
+        Peer(p["candidate_id"], p["prediction"]["formation_energy_per_atom"], Structure.from_dict(p["structure"]),
+             (p.get("dedup") or {}).get("duplicate_of"))
+        for p in db.candidates.find(
+            {"campaign": doc["campaign"], "formula": doc["formula"], "candidate_id": {"$ne": candidate_id}, "prediction.passed": True},
+            {"_id": 0, "candidate_id": 1, "prediction": 1, "structure": 1, "dedup": 1},
+        )
+    ]
+    dup, compared = find_representative(
+        candidate_id, doc["prediction"]["formation_energy_per_atom"], Structure.from_dict(doc["structure"]), peers,
+        cfg.dedup.ltol, cfg.dedup.stol, cfg.dedup.angle_tol,
+    )
+    record = DedupRecord(duplicate_of=dup, compared=compared).to_mongo()
+    _set_state(db, candidate_id, CandidateState.DUPLICATE if dup else CandidateState.UNIQUE, dedup=record)
+    return dup
+
+
+# ---------------------------------------------------------------- relax
+def _task_doc(kind: str, task_id: str, structure: Structure, result: Any, engine: Any, cfg: CampaignConfig,
+              directory: Path | None, candidate_id: str | None = None, campaign: str | None = None) -> TaskDoc:
+    comp = result.final_structure.composition
+    return TaskDoc(
+        task_id=task_id, kind=kind, candidate_id=candidate_id, campaign=campaign,
+        formula=comp.reduced_formula, chemsys=comp.chemical_system,
+        elements=sorted(el.symbol for el in comp.elements), nsites=len(result.final_structure),
+        run_type=engine.run_type, engine=engine.name, engine_note=engine.note,
+        input_structure=structure.as_dict(), final_structure=result.final_structure.as_dict(),
+        energy=result.energy, energy_per_atom=result.energy_per_atom, converged=result.converged,
+        n_steps=result.n_steps, max_force=result.max_force, run_time_s=result.run_time_s,
+        settings=cfg.relax.model_dump(mode="json"), dir_name=str(directory) if directory else None,
+    )
+
+
+def relax_candidate_stage(db: AmdflowDB, candidate_id: str, directory: Path | None = None) -> str:
+    """Relax a candidate with the campaign's engine; writes a task doc, returns its id."""
+    from amdflow.relax import get_engine
+
+    doc = _load_candidate(db, candidate_id)
+    cfg, _ = load_campaign_config(db, doc["campaign"])
+    engine = get_engine(cfg.relax, resolve_device(get_settings()))
+    structure = Structure.from_dict(doc["structure"])
+    result = engine.relax(structure, directory)
+    task_id = f"{candidate_id}-{engine.name}"
+    task = _task_doc("candidate", task_id, structure, result, engine, cfg, directory, candidate_id, doc["campaign"])
+    db.tasks.replace_one({"task_id": task_id}, task.to_mongo(), upsert=True)
+    _set_state(db, candidate_id, CandidateState.RELAXED, task_id=task_id, error=None)
+    return task_id
+
+
+def reference_id(element: str, prototype: str, run_type: str) -> str:
+    return f"ref-{element}-{prototype}-{run_type}"
+
+
+def reference_structure(element: str, prototype: str) -> Structure:
+    """The AFLOW elemental prototype with ``element``, scaled to its atomic volume."""
+    from amdflow.generate.substitute import substitute
+    from amdflow.generate.templates import aflow_library
+
+    for label, s in aflow_library():
+        if label == prototype:
+            return substitute(s, {s[0].specie.symbol: element}, scale_volume=True)
+    raise AmdflowError(f"unknown elemental prototype '{prototype}': use fcc, bcc, hcp, diamond, sc or an AFLOW unary label")
+
+
+def relax_reference_stage(db: AmdflowDB, campaign: str, element: str, prototype: str) -> str:
+    """Relax one elemental reference phase the way candidates are relaxed."""
+    from amdflow.relax import get_engine
+
+    cfg, _ = load_campaign_config(db, campaign)
+    engine = get_engine(cfg.relax, resolve_device(get_settings()))
+    structure = reference_structure(element, prototype)
+    result = engine.relax(structure)
+    ref_id = reference_id(element, prototype, engine.run_type)
+    task = _task_doc("reference", ref_id, structure, result, engine, cfg, None, None, None)
+    db.tasks.replace_one({"task_id": ref_id}, task.to_mongo(), upsert=True)
+    db.references.update_one(
+        {"ref_id": ref_id},
+        {"$set": {"state": "relaxed", "energy_per_atom": result.energy_per_atom, "task_id": ref_id}},
+    )
+    return ref_id
+
+
+def pending_references(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> list[ReferenceDoc]:
+    """Reference docs this campaign needs that are not in the database yet."""
+    wanted = [
+        ReferenceDoc(ref_id=reference_id(el, proto, run_type), element=el, prototype=proto, run_type=run_type)
+        for el in sorted(cfg.elements)
+        for proto in cfg.relax.reference_prototypes
+    ]
+    have = {d["ref_id"] for d in db.references.find({"ref_id": {"$in": [w.ref_id for w in wanted]}}, {"ref_id": 1})}
+    return [w for w in wanted if w.ref_id not in have]
+
+
+# ---------------------------------------------------------------- analyze
+def analyze_stage(db: AmdflowDB, campaign: str, candidate_id: str | None = None, plot: bool = True) -> dict[str, Any]:
+    """Formation energy of the candidate, hull of the campaign's system, refreshed outputs."""
+    from amdflow.builders.thermo import ThermoBuilder, run_builder
+    from maggma.stores import MongoStore
+
+    cfg, doc = load_campaign_config(db, campaign)
+    run_type = doc["run_type"]
+    builder = ThermoBuilder(MongoStore.from_collection(db.tasks), MongoStore.from_collection(db.thermo), run_type, chemsys=[cfg.chemsys])
+    run_builder(builder)
+    summary = refresh_outputs(db, cfg, run_type, plot=plot)
+    if candidate_id is not None:
+        thermo = db.thermo.find_one({"candidate_id": candidate_id, "hull_chemsys": cfg.chemsys}, {"_id": 0})
+        if thermo is not None:
+            _set_state(db, candidate_id, CandidateState.ANALYZED, thermo={
+                "formation_energy_per_atom": thermo["formation_energy_per_atom"],
+                "e_above_hull": thermo["e_above_hull"], "is_stable": thermo["is_stable"]})
+        else:
+            logger.info("candidate %s: no hull yet (elemental references pending)", candidate_id)
+    return summary
+
+
+def refresh_outputs(db: AmdflowDB, cfg: CampaignConfig, run_type: str, plot: bool = True) -> dict[str, Any]:
+    """Rewrite promising/ and the phase-diagram PNG from the thermo collection."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    from amdflow.report import PromisingRow, plot_phase_diagram, write_promising
+    from amdflow.thermo import HullEntry
+
+    out = Path(cfg.output_dir or ".")
+    thermo = list(db.thermo.find({"hull_chemsys": cfg.chemsys, "run_type": run_type}, {"_id": 0}))
+    if not thermo:
+        return {"thermo": 0, "promising": 0, "plot": None}
+    threshold = cfg.analyze.promising_e_above_hull
+    chosen = [t for t in thermo if t.get("campaign") == cfg.name and t.get("candidate_id") and t["e_above_hull"] <= threshold]
+    chosen.sort(key=lambda t: (t["e_above_hull"], t["formation_energy_per_atom"]))
+    tasks = {t["task_id"]: t for t in db.tasks.find({"task_id": {"$in": [c["material_id"] for c in chosen]}}, {"_id": 0, "task_id": 1, "final_structure": 1})}
+    cands = {c["candidate_id"]: c for c in db.candidates.find({"candidate_id": {"$in": [c["candidate_id"] for c in chosen]}}, {"_id": 0, "candidate_id": 1, "template": 1, "prediction": 1})}
+    rows, structures = [], {}
+    for t in chosen:
+        s = Structure.from_dict(tasks[t["material_id"]]["final_structure"])
+        structures[t["candidate_id"]] = s
+        cand = cands.get(t["candidate_id"], {})
+        try:
+            sg = SpacegroupAnalyzer(s, symprec=0.1).get_space_group_symbol()
+        except Exception:  # spglib can fail on distorted cells; the symbol is cosmetic
+            sg = "?"
+        rows.append(PromisingRow(
+            candidate_id=t["candidate_id"], formula=t["formula"], spacegroup=sg,
+            formation_energy_per_atom=round(t["formation_energy_per_atom"], 6), e_above_hull=round(t["e_above_hull"], 6),
+            is_stable=t["is_stable"],
+            decomposes_to=" + ".join(f"{d['fraction']:.3f} {d['formula']}" for d in t["decomposes_to"]),
+            predicted_formation_energy_per_atom=(cand.get("prediction") or {}).get("formation_energy_per_atom"),
+            template=f"{cand.get('template', {}).get('source')}:{cand.get('template', {}).get('template_id')}",
+            material_id=t["material_id"],
+        ))
+    write_promising(out / PROMISING_DIR, rows, structures)
+    plot_path = None
+    if plot:
+        entries = [HullEntry(t["material_id"], t["formula"], t["energy_per_atom"]) for t in thermo]
+        plot_path = str(plot_phase_diagram(entries, out / PLOT_FILE, title=f"{cfg.name} ({run_type})"))
+    return {"thermo": len(thermo), "promising": len(rows), "stable": sum(t["is_stable"] for t in thermo), "plot": plot_path}

@@ -1,0 +1,110 @@
+"""Convex-hull analysis with pymatgen's PhaseDiagram.
+
+Inputs are plain (formula, energy per atom); every entry of a chemical system and its
+subsystems goes into one hull, so candidates lower the hull for each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from pymatgen.analysis.phase_diagram import PhaseDiagram
+from pymatgen.core import Composition
+from pymatgen.entries.computed_entries import ComputedEntry
+
+from amdflow.errors import AmdflowError
+
+STABLE_TOL = 1e-8  # eV/atom: at most this far above the hull counts as on it
+
+
+@dataclass(frozen=True)
+class HullEntry:
+    """One phase: an id, a formula and an energy per atom (eV/atom)."""
+
+    entry_id: str
+    formula: str
+    energy_per_atom: float
+    data: Mapping[str, object] = field(default_factory=dict)
+
+    def to_computed_entry(self) -> ComputedEntry:
+        comp = Composition(self.formula)
+        return ComputedEntry(comp, self.energy_per_atom * comp.num_atoms, entry_id=self.entry_id)
+
+
+@dataclass(frozen=True)
+class HullResult:
+    """Hull position of one entry."""
+
+    entry_id: str
+    formula: str
+    energy_per_atom: float
+    formation_energy_per_atom: float
+    e_above_hull: float
+    is_stable: bool
+    decomposes_to: list[dict[str, object]]
+
+
+def reference_energies(entries: Iterable[HullEntry]) -> dict[str, float]:
+    """Lowest energy per atom of each element among elemental entries."""
+    refs: dict[str, float] = {}
+    for e in entries:
+        comp = Composition(e.formula)
+        if len(comp.elements) == 1:
+            el = comp.elements[0].symbol
+            refs[el] = min(refs.get(el, float("inf")), e.energy_per_atom)
+    return refs
+
+
+def formation_energy_per_atom(formula: str, energy_per_atom: float, refs: Mapping[str, float]) -> float:
+    """E_f = E/atom - sum_i x_i E_ref,i (eV/atom); raises if a reference is missing."""
+    comp = Composition(formula)
+    missing = [el.symbol for el in comp.elements if el.symbol not in refs]
+    if missing:
+        raise AmdflowError(f"no elemental reference energy for {missing}: relax the reference workflow first")
+    frac = comp.fractional_composition
+    return energy_per_atom - sum(frac[el] * refs[el.symbol] for el in comp.elements)
+
+
+def hull_analysis(entries: Iterable[HullEntry], elements: Iterable[str] | None = None) -> list[HullResult]:
+    """Build one PhaseDiagram over ``entries`` and place every entry on it."""
+    entries = list(entries)
+    computed = [e.to_computed_entry() for e in entries]
+    els = sorted(set(elements) if elements else {el.symbol for c in computed for el in c.composition.elements})
+    refs = reference_energies(entries)
+    missing = [el for el in els if el not in refs]
+    if missing:
+        raise AmdflowError(f"no elemental reference for {missing} in {'-'.join(els)}: relax the reference workflow first")
+    pd = PhaseDiagram(computed)
+    stable_ids = {e.entry_id for e in pd.stable_entries}
+    results = []
+    for hull_entry, entry in zip(entries, computed, strict=True):
+        decomp, e_hull = pd.get_decomp_and_e_above_hull(entry, allow_negative=True)
+        e_hull = max(float(e_hull), 0.0) if abs(e_hull) < STABLE_TOL else float(e_hull)
+        results.append(
+            HullResult(
+                entry_id=hull_entry.entry_id,
+                formula=entry.composition.reduced_formula,
+                energy_per_atom=hull_entry.energy_per_atom,
+                formation_energy_per_atom=float(pd.get_form_energy_per_atom(entry)),
+                e_above_hull=e_hull,
+                is_stable=entry.entry_id in stable_ids or e_hull <= STABLE_TOL,
+                decomposes_to=[
+                    {"material_id": d.entry_id, "formula": d.composition.reduced_formula, "fraction": float(x)}
+                    for d, x in sorted(decomp.items(), key=lambda kv: -kv[1])
+                ],
+            )
+        )
+    return results
+
+
+def chemsys_of(formula: str) -> str:
+    return "-".join(sorted(el.symbol for el in Composition(formula).elements))
+
+
+def subsystems(chemsys: str) -> list[str]:
+    """Every non-empty subsystem of 'A-B-C' (including itself), sorted names."""
+    import itertools
+
+    els = sorted(chemsys.split("-"))
+    return ["-".join(c) for k in range(1, len(els) + 1) for c in itertools.combinations(els, k)]

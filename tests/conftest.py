@@ -1,0 +1,79 @@
+"""Fixtures. Tier 2 of the database plan: one shared mongomock store in this process.
+
+``fireworks.core.launchpad.MongoClient`` is patched to return clients on one shared
+``mongomock`` ServerStore, so every LaunchPad of the test (and ``rapidfire``) sees one
+consistent database. Tests that need ``../shared`` data skip when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore")
+os.environ.pop("MONGOMOCK_SERVERSTORE_FILE", None)
+os.environ.setdefault("AMDFLOW_CONFIG_FILE", "")  # never read a developer's ~/.amdflow.yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("AMDFLOW_SHARED_DIR", REPO.parent / "shared"))
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test with the reason."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs ../shared/{'/'.join(parts)} (reference data, present in CI, absent in a fresh clone)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for key in list(os.environ):
+        if key.startswith("AMDFLOW_") and key != "AMDFLOW_SHARED_DIR":
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AMDFLOW_CONFIG_FILE", str(tmp_path / "no-settings.yaml"))
+    monkeypatch.delenv("AMDFLOW_CONFIG_FILE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture
+def lpad(monkeypatch: pytest.MonkeyPatch):
+    """A LaunchPad on a fresh shared in-process mongomock store."""
+    import fireworks.core.launchpad as fw_launchpad
+    import mongomock
+    import mongomock.gridfs
+    from mongomock.store import ServerStore
+
+    mongomock.gridfs.enable_gridfs_integration()
+    store = ServerStore.__new__(ServerStore)
+    store._databases = {}
+    monkeypatch.setattr(fw_launchpad, "MongoClient", lambda *a, **k: mongomock.MongoClient(_store=store))
+    lp = fw_launchpad.LaunchPad(host="localhost", name="amdflow_test", strm_lvl="ERROR")
+    lp.reset(password=None, require_password=False)
+    return lp
+
+
+@pytest.fixture
+def db(lpad):
+    from amdflow.db import AmdflowDB
+
+    adb = AmdflowDB(lpad)
+    adb.ensure_indexes()
+    return adb
+
+
+@pytest.fixture
+def binary_campaign_dict(tmp_path: Path) -> dict:
+    """A tiny Al-Ni campaign: B2 and L1_2 templates, fcc references."""
+    return {
+        "name": "AlNi-test",
+        "elements": ["Ni", "Al"],
+        "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a", "AB3_cP4_221_a_c"]}],
+        "screen": {"max_formation_energy_per_atom": 0.5},
+        "relax": {"fmax": 0.1, "max_steps": 100, "reference_prototypes": ["fcc"]},
+        "analyze": {"promising_e_above_hull": 0.1},
+        "output_dir": str(tmp_path / "out"),
+    }
