@@ -208,19 +208,42 @@ def _init_launchpad(lp: LaunchPad) -> None:
         lp.reset(password=None, require_password=False, max_reset_wo_password=1)
 
 
+@contextlib.contextmanager
+def _client_class(factory: Any) -> Iterator[None]:
+    """Make FireWorks' LaunchPad build its client with ``factory`` inside the block."""
+    import fireworks.core.launchpad as fw_launchpad
+
+    original = fw_launchpad.MongoClient
+    fw_launchpad.MongoClient = factory
+    try:
+        yield
+    finally:
+        fw_launchpad.MongoClient = original
+
+
 def _mongo_launchpad(path: Path, log_level: str) -> LaunchPad:
+    import pymongo
+    import yaml
     from fireworks import LaunchPad
     from pymongo.errors import OperationFailure, PyMongoError
 
     if not path.is_file():
         raise AmdflowError(f"LaunchPad file {path} not found: fix AMDFLOW_LAUNCHPAD_FILE / --launchpad")
     try:
-        lp = LaunchPad.from_file(str(path))
+        spec = yaml.safe_load(path.read_text())
+        if not isinstance(spec, dict):
+            raise TypeError("not a mapping")
     except Exception as err:
         raise AmdflowError(f"LaunchPad file {path} is invalid ({type(err).__name__}): compare with fw_configs/my_launchpad.yaml") from None
-    kwargs = dict(lp.mongoclient_kwargs or {})
+    kwargs = dict(spec.get("mongoclient_kwargs") or {})
     kwargs.setdefault("serverSelectionTimeoutMS", MONGO_TIMEOUT_MS)
-    lp = LaunchPad.from_dict({**lp.to_dict(), "mongoclient_kwargs": kwargs, "strm_lvl": log_level})
+    spec = {**spec, "mongoclient_kwargs": kwargs, "strm_lvl": log_level}
+    # MongoDB mode always uses pymongo, even where FireWorks was imported in mongomock mode.
+    try:
+        with _client_class(pymongo.MongoClient):
+            lp = LaunchPad.from_dict(spec)
+    except (TypeError, ValueError, KeyError) as err:
+        raise AmdflowError(f"LaunchPad file {path} is invalid ({type(err).__name__}: {err}): compare with fw_configs/my_launchpad.yaml") from None
     try:
         lp.connection.admin.command("ping")
         lp.db.list_collection_names()
@@ -251,17 +274,14 @@ def open_db(campaign_dir: Path | None = None, settings: AmdflowSettings | None =
     store = EmbeddedStore(Path(campaign_dir))
     store.open()
     try:
-        import fireworks.core.launchpad as fw_launchpad
+        from fireworks import LaunchPad
 
-        original = fw_launchpad.MongoClient
-        fw_launchpad.MongoClient = store.client
-        try:
-            lp = fw_launchpad.LaunchPad(host="localhost", name=DB_NAME, strm_lvl=settings.rocket_log_level)
+        # Every LaunchPad made inside the block (also by FireWorks itself) shares the store.
+        with _client_class(store.client):
+            lp = LaunchPad(host="localhost", name=DB_NAME, strm_lvl=settings.rocket_log_level)
             _init_launchpad(lp)
             db = AmdflowDB(lp, embedded=store)
             db.ensure_indexes()
             yield db
-        finally:
-            fw_launchpad.MongoClient = original
     finally:
         store.close()

@@ -1,0 +1,105 @@
+"""Candidate and reference workflows through FireWorks' own rapidfire (tier 2 store)."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+from fireworks import Firework, FWorker, Workflow
+from fireworks.core.rocket_launcher import rapidfire
+
+from amdflow.campaign import campaign_from_dict
+from amdflow.firetasks import AnalyzeTask, DedupTask, PredictTask, RelaxReferenceTask, RelaxTask
+from amdflow.ops import add_campaign, campaign_status
+from amdflow.workflows import PREDICT_PRIORITY, candidate_workflow
+
+CONTRACT = {
+    PredictTask: "{{amdflow.firetasks.stages.PredictTask}}",
+    DedupTask: "{{amdflow.firetasks.stages.DedupTask}}",
+    RelaxTask: "{{amdflow.firetasks.stages.RelaxTask}}",
+    RelaxReferenceTask: "{{amdflow.firetasks.stages.RelaxReferenceTask}}",
+    AnalyzeTask: "{{amdflow.firetasks.stages.AnalyzeTask}}",
+}
+
+
+@pytest.mark.parametrize(("cls", "name"), CONTRACT.items())
+def test_firetask_names_are_the_database_contract(cls, name):
+    params = {"candidate_id": "x", "campaign": "c", "element": "Fe", "prototype": "p"}
+    task = cls(**{k: v for k, v in params.items() if k in cls.required_params + (cls.optional_params or [])})
+    assert task.to_dict()["_fw_name"] == name
+    fw = Firework(task)
+    again = Firework.from_dict(fw.to_dict())
+    assert type(again.tasks[0]) is cls
+
+
+def test_candidate_workflow_shape():
+    wf = candidate_workflow("abc123", "camp", "AlNi")
+    assert isinstance(wf, Workflow)
+    stages = [fw.spec["amdflow_stage"] for fw in wf.fws]
+    assert stages == ["predict", "dedup", "relax", "analyze"]
+    assert [fw.spec["_category"] for fw in wf.fws] == ["gpu", "cpu", "vasp", "cpu"]
+    assert wf.fws[0].spec["_priority"] == PREDICT_PRIORITY
+    assert all(fw.spec["_add_launchpad_and_fw_id"] for fw in wf.fws)
+    # only ids travel in specs
+    assert all("structure" not in fw.spec for fw in wf.fws)
+
+
+@pytest.mark.slow
+def test_campaign_through_rapidfire(db, lpad, binary_campaign_dict, tmp_path):
+    cfg = campaign_from_dict(binary_campaign_dict)
+    report = add_campaign(db, cfg)
+    assert (report.new_candidates, report.new_workflows, report.new_reference_workflows) == (4, 4, 2)
+    again = add_campaign(db, cfg)
+    assert (again.new_candidates, again.new_workflows, again.new_reference_workflows) == (0, 0, 0)
+
+    launch_dir = tmp_path / "launches"
+    launch_dir.mkdir()
+    cwd = os.getcwd()
+    try:
+        os.chdir(launch_dir)
+        rapidfire(lpad, FWorker(category=["gpu", "cpu", "vasp"]), strm_lvl="ERROR")
+    finally:
+        os.chdir(cwd)
+
+    states = {fw["state"] for fw in lpad.fireworks.find({}, {"state": 1})}
+    assert states <= {"COMPLETED", "DEFUSED"}
+    # every Firework that ran, ran exactly once
+    for fw in lpad.fireworks.find({"state": "COMPLETED"}):
+        assert lpad.launches.count_documents({"fw_id": fw["fw_id"]}) == 1
+
+    cands = {c["formula"]: c for c in db.candidates.find({}) if c["formula"] != "AlNi"}
+    b2 = list(db.candidates.find({"formula": "AlNi"}))
+    assert len(b2) == 2  # NiAl and AlNi on the B2 sites: one structure, so one duplicate
+    assert sorted(c["state"] for c in b2) == ["analyzed", "duplicate"]
+    kept = next(c for c in b2 if c["state"] == "analyzed")
+    dup = next(c for c in b2 if c["state"] == "duplicate")
+    assert dup["dedup"]["duplicate_of"] == kept["candidate_id"]
+    assert (kept["prediction"]["formation_energy_per_atom"], kept["candidate_id"]) <= (dup["prediction"]["formation_energy_per_atom"], dup["candidate_id"])
+    # the duplicate's relax and analyze were defused
+    assert {lpad.get_fw_by_id(dup["fw_ids"][s]).state for s in ("relax", "analyze")} == {"DEFUSED"}
+    # relax priority follows the predicted energy
+    relax_fw = lpad.get_fw_by_id(kept["fw_ids"]["relax"])
+    assert relax_fw.spec["_priority"] == pytest.approx(-kept["prediction"]["formation_energy_per_atom"], abs=1e-6)
+
+    # B2 NiAl is the most stable Ni-Al compound (DFT E_f ~ -0.6 to -0.7 eV/atom)
+    thermo = db.thermo.find_one({"candidate_id": kept["candidate_id"]})
+    assert thermo["is_stable"] and thermo["e_above_hull"] == 0.0
+    assert -0.9 < thermo["formation_energy_per_atom"] < -0.4
+    assert kept["thermo"]["is_stable"]
+    task = db.tasks.find_one({"candidate_id": kept["candidate_id"]})
+    assert task["engine"] == "chgnet" and "not a DFT energy" in task["engine_note"]
+    assert task["run_type"].startswith("chgnet-")
+    refs = list(db.references.find({}))
+    assert {r["element"] for r in refs} == {"Al", "Ni"} and {r["state"] for r in refs} == {"relaxed"}
+    assert set(cands) == {"AlNi3", "Al3Ni"}
+
+    status = campaign_status(db, cfg.name)
+    assert status["candidates_total"] == 4
+    assert sum(status["candidates"].values()) == 4
+    out = cfg.output_dir
+    assert (out / "phase_diagram.png").stat().st_size > 10_000
+    rows = list(csv.DictReader(open(out / "promising" / "summary.csv")))
+    assert kept["candidate_id"] in {r["candidate_id"] for r in rows}
+    assert all(float(r["e_above_hull"]) <= 0.1 for r in rows)
+    assert (out / "promising" / f"AlNi_{kept['candidate_id']}.cif").exists()
