@@ -120,7 +120,7 @@ def add(
         f"{report.new_reference_workflows} reference workflows added in {time.perf_counter() - start:.1f} s",
         highlight=False,
     )
-    out.print(json.dumps(report.as_dict()))
+    print(json.dumps(report.as_dict()))
 
 
 @app.command()
@@ -171,7 +171,7 @@ def status(
     with open_db(cfg.output_dir, _settings(launchpad)) as db:
         info = campaign_status(db, cfg.name)
     if as_json:
-        out.print(json.dumps(info, default=str), highlight=False, soft_wrap=True)
+        print(json.dumps(info, default=str))
         return
     table = Table(title=f"{info['campaign']} ({info['chemsys']}, {info['run_type']})")
     table.add_column("what")

@@ -1,0 +1,5 @@
+"""``python -m amdflow`` runs the CLI."""
+
+from amdflow.cli import main
+
+main()

@@ -1,0 +1,130 @@
+"""The CLI end to end in separate processes, on the embedded store.
+
+Covers: init, add (twice: the second adds nothing), a second process refused while the
+store is held, `kill -9` of `amdflow run` mid-campaign and a restart that completes
+without redoing finished Fireworks, status --json, report, rerun, and plain `lpad` on
+the same store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+BIN = Path(sys.executable).parent
+
+
+def amdflow(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AMDFLOW_PROGRESS": "false"}
+    proc = subprocess.run([sys.executable, "-m", "amdflow", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"amdflow {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_store(path: Path) -> dict:
+    import bson.json_util
+
+    return bson.json_util.loads(path.read_text())
+
+
+def fw_docs(store: dict) -> list[dict]:
+    return [doc for _, doc in store["amdflow"]["fireworks"]["documents"]]
+
+
+def launch_docs(store: dict) -> list[dict]:
+    return [doc for _, doc in store["amdflow"]["launches"]["documents"]]
+
+
+def test_init_refuses_to_overwrite(tmp_path):
+    amdflow("init", "c.yaml", cwd=tmp_path)
+    proc = amdflow("init", "c.yaml", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "exists: pass --force" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_campaign_is_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("name: x\nelements: [Fe, Qq]\ntemplates: [{source: aflow}]\n")
+    proc = amdflow("add", "c.yaml", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "unknown element 'Qq'" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_campaign_cli_kill_and_resume(tmp_path, binary_campaign_dict):
+    campaign = {**binary_campaign_dict, "output_dir": "out"}
+    (tmp_path / "campaign.yaml").write_text(yaml.safe_dump(campaign))
+    out = tmp_path / "out"
+
+    first = json.loads(amdflow("add", "campaign.yaml", cwd=tmp_path).stdout.strip().splitlines()[-1])
+    assert (first["new_candidates"], first["new_workflows"], first["new_reference_workflows"]) == (4, 4, 2)
+    second = json.loads(amdflow("add", "campaign.yaml", cwd=tmp_path).stdout.strip().splitlines()[-1])
+    assert (second["new_candidates"], second["new_workflows"], second["new_reference_workflows"]) == (0, 0, 0)
+
+    store_path = out / "launchpad_store.json"
+    env = {**os.environ, "AMDFLOW_PROGRESS": "false"}
+    runner = subprocess.Popen([sys.executable, "-m", "amdflow", "run", "campaign.yaml"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        completed = 0
+        while time.time() < deadline and runner.poll() is None:
+            try:
+                completed = sum(fw["state"] == "COMPLETED" for fw in fw_docs(read_store(store_path)))
+            except (ValueError, KeyError):
+                completed = 0
+            if completed >= 6:
+                break
+            time.sleep(0.1)
+        assert runner.poll() is None, "run finished before it could be interrupted"
+        # a second process is refused at once while the store is held
+        busy = amdflow("status", "campaign.yaml", cwd=tmp_path, check=False)
+        assert busy.returncode == 2 and "in use by another amdflow process" in busy.stderr
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=30)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    before = read_store(store_path)
+    done_before = {fw["fw_id"] for fw in fw_docs(before) if fw["state"] == "COMPLETED"}
+    assert len(done_before) >= 6
+
+    amdflow("run", "campaign.yaml", cwd=tmp_path)
+    after = read_store(store_path)
+    states = {fw["fw_id"]: fw["state"] for fw in fw_docs(after)}
+    assert set(states.values()) <= {"COMPLETED", "DEFUSED"}
+    assert done_before <= {i for i, s in states.items() if s == "COMPLETED"}
+    finished = [ln for ln in launch_docs(after) if ln["state"] == "COMPLETED"]
+    per_fw = {}
+    for ln in finished:
+        per_fw[ln["fw_id"]] = per_fw.get(ln["fw_id"], 0) + 1
+    assert all(n == 1 for n in per_fw.values()), per_fw  # nothing redone, nothing duplicated
+
+    status = json.loads(amdflow("status", "campaign.yaml", "--json", cwd=tmp_path).stdout)
+    assert status["candidates_total"] == 4
+    assert status["candidates"]["analyzed"] + status["candidates"]["duplicate"] + status["candidates"]["screened_out"] == 4
+    assert status["thermo"]["stable_candidates"] >= 1
+    assert status["references"] == {"relaxed": 2}
+
+    report = amdflow("report", "campaign.yaml", cwd=tmp_path)
+    assert "AlNi" in report.stdout
+    assert (out / "promising" / "summary.csv").exists() and (out / "phase_diagram.png").exists()
+    assert not any(p.name.startswith(".promising") for p in out.iterdir())  # no temp folders left
+
+    rerun = amdflow("rerun", "campaign.yaml", "--fizzled", cwd=tmp_path)
+    assert "reset 0 FIZZLED" in rerun.stderr
+
+    lpad = subprocess.run([str(BIN / "lpad"), "-l", "my_launchpad.yaml", "get_wflows", "-d", "ids"], cwd=out,
+                          capture_output=True, text=True, timeout=120)
+    assert lpad.returncode == 0, lpad.stderr
+    wf_ids = json.loads(lpad.stdout[lpad.stdout.index("["):])
+    assert len(wf_ids) == 6  # 4 candidate + 2 reference workflows
