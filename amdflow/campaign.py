@@ -246,10 +246,16 @@ templates:                   # REQUIRED: where template structures come from
       - AB2C_cF16_225_a_c_b  # Heusler (MnAlCu2)
       - ABC_cF12_216_b_c_a   # half-Heusler (MgAgAs)
       - ABC_hP3_187_a_d_f    # BaSbPt
+      - AB5C_tP7_123_b_ci_a  # HoCoGa5, the "115" family of CeCoIn5
+      - A2BC_oC8_38_e_a_b    # CeNiC2
+      - AB3C_cP5_221_a_c_b   # cubic perovskite (CaTiO3)
+      - ABC2_hP8_194_d_a_f   # AlCr2C (211 MAX phase)
       - AB_cP2_221_b_a       # B2 (CsCl)
       - AB3_cP4_221_a_c      # L1_2 (Cu3Au)
       - AB2_hP3_191_a_d      # C32 (AlB2)
       - AB_tP2_123_a_d       # L1_0 (CuAu)
+      - A2B_cF24_227_d_a     # C15 Laves (MgCu2)
+      - AB5_hP6_191_a_cg     # D2_d (CaCu5)
     max_sites: 8             # skip template cells larger than this
 # - source: folder           # your own CIF / POSCAR files
 #   path: templates/
