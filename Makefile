@@ -20,7 +20,7 @@ venv: $(BIN)/amdflow
 ## demo: set up and run the example campaign (Ce-Fe-In) end to end on the embedded store
 demo: venv
 	rm -rf $(DEMO_DIR)
-	$(BIN)/amdflow init $(DEMO_DIR)/campaign.yaml --example demo
+	$(BIN)/amdflow init $(DEMO_DIR)/campaign.yaml
 	$(BIN)/amdflow add $(DEMO_DIR)/campaign.yaml
 	$(BIN)/amdflow run $(DEMO_DIR)/campaign.yaml
 	$(BIN)/amdflow status $(DEMO_DIR)/campaign.yaml
