@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -90,7 +90,7 @@ class DedupConfig(_Strict):
     angle_tol: float = Field(5.0, gt=0, le=30.0, description="Angle tolerance (degrees).")
 
 
-class RelaxEngine(str, Enum):
+class RelaxEngine(StrEnum):
     """Relaxation engines. ``chgnet`` is the laptop stand-in for DFT."""
 
     CHGNET = "chgnet"

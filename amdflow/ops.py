@@ -239,12 +239,24 @@ def run_campaign(db: AmdflowDB, cfg: CampaignConfig, progress: Progress | None =
     embedded store (which amdflow holds exclusively) Fireworks left RUNNING by an
     interrupted run are reset to run again.
     """
+    import fireworks.core.rocket as fw_rocket
+
+    report = RunReport()
+    # The Rocket logs at FireWorks' ROCKET_STREAM_LOGLEVEL, not launch_rocket's strm_lvl.
+    previous_level, fw_rocket.ROCKET_STREAM_LOGLEVEL = fw_rocket.ROCKET_STREAM_LOGLEVEL, log_level
+    try:
+        return _run_loop(db, cfg, report, progress, max_fireworks, log_level)
+    finally:
+        fw_rocket.ROCKET_STREAM_LOGLEVEL = previous_level
+
+
+def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: Progress | None,
+              max_fireworks: int | None, log_level: str) -> RunReport:
     from fireworks import FWorker
     from fireworks.core.rocket_launcher import launch_rocket
 
     from amdflow.stages import analyze_stage
 
-    report = RunReport()
     lp = db.launchpad
     if db.embedded is not None:
         lost = lp.detect_lostruns(expiration_secs=0, rerun=True, query={"spec.campaign": cfg.name})

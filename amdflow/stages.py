@@ -18,7 +18,15 @@ from amdflow import __version__
 from amdflow.campaign import CampaignConfig, campaign_from_dict
 from amdflow.db import AmdflowDB
 from amdflow.errors import AmdflowError
-from amdflow.schemas import CampaignDoc, CandidateState, DedupRecord, Prediction, ReferenceDoc, TaskDoc, utcnow
+from amdflow.schemas import (
+    CampaignDoc,
+    CandidateState,
+    DedupRecord,
+    Prediction,
+    ReferenceDoc,
+    TaskDoc,
+    utcnow,
+)
 from amdflow.settings import get_settings, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -218,8 +226,9 @@ def pending_references(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> lis
 # ---------------------------------------------------------------- analyze
 def analyze_stage(db: AmdflowDB, campaign: str, candidate_id: str | None = None, plot: bool = True) -> dict[str, Any]:
     """Formation energy of the candidate, hull of the campaign's system, refreshed outputs."""
-    from amdflow.builders.thermo import ThermoBuilder, run_builder
     from maggma.stores import MongoStore
+
+    from amdflow.builders.thermo import ThermoBuilder, run_builder
 
     cfg, doc = load_campaign_config(db, campaign)
     run_type = doc["run_type"]

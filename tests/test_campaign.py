@@ -4,7 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from amdflow.campaign import EXAMPLE_CAMPAIGN, REFERENCE_PROTOTYPES, campaign_from_dict, load_campaign
+from amdflow.campaign import (
+    EXAMPLE_CAMPAIGN,
+    REFERENCE_PROTOTYPES,
+    campaign_from_dict,
+    load_campaign,
+)
 from amdflow.errors import ConfigError
 
 

@@ -6,6 +6,7 @@ import textwrap
 import time
 
 import pytest
+from pymongo.errors import DuplicateKeyError
 
 from amdflow.db import STORE_FILE, EmbeddedStore, open_db
 from amdflow.errors import AmdflowError, StoreBusyError
@@ -19,7 +20,7 @@ def test_embedded_store_persists_and_is_locked(tmp_path):
         # a second opener (another file description, as another process would have) fails at once
         second = EmbeddedStore(folder)
         start = time.perf_counter()
-        with pytest.raises(StoreBusyError, match="single-process.*MongoDB"):
+        with pytest.raises(StoreBusyError, match=r"single-process.*MongoDB"):
             second.open()
         assert time.perf_counter() - start < 1.0
         db.flush()
@@ -27,7 +28,7 @@ def test_embedded_store_persists_and_is_locked(tmp_path):
     with open_db(folder, get_settings()) as db:
         assert db.candidates.find_one({"candidate_id": "x1"})["state"] == "generated"
         assert db.launchpad.fw_id_assigner.count_documents({}) == 1
-        with pytest.raises(Exception):  # unique index holds after reload
+        with pytest.raises(DuplicateKeyError):  # unique index holds after reload
             db.candidates.insert_one({"candidate_id": "x1"})
     assert (folder / "FW_config.yaml").exists() and (folder / "my_launchpad.yaml").exists()
 

@@ -66,7 +66,7 @@ def test_li_fe_o_pymatgen_known_values():
 @pytest.mark.shared
 def test_sc_al_c_reference_hull():
     ref_path = shared_path("datasets", "sc_al_c_mp2019", "sc_al_c_reference_hull.csv")
-    rows = list(csv.DictReader(open(ref_path)))
+    rows = list(csv.DictReader(ref_path.read_text().splitlines()))
     entries = [HullEntry(r["material_id"], r["reduced_formula"], float(r["energy_per_atom_eV"])) for r in rows]
     res = {r.entry_id: r for r in hull_analysis(entries)}
     assert sum(r.is_stable for r in res.values()) == 15

@@ -99,7 +99,7 @@ def test_campaign_through_rapidfire(db, lpad, binary_campaign_dict, tmp_path):
     assert sum(status["candidates"].values()) == 4
     out = cfg.output_dir
     assert (out / "phase_diagram.png").stat().st_size > 10_000
-    rows = list(csv.DictReader(open(out / "promising" / "summary.csv")))
+    rows = list(csv.DictReader((out / "promising" / "summary.csv").read_text().splitlines()))
     assert kept["candidate_id"] in {r["candidate_id"] for r in rows}
     assert all(float(r["e_above_hull"]) <= 0.1 for r in rows)
     assert (out / "promising" / f"AlNi_{kept['candidate_id']}.cif").exists()

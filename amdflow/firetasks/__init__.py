@@ -10,6 +10,12 @@ are permanent; never rename or move a class without leaving an alias at the old 
 * ``{{amdflow.firetasks.stages.AnalyzeTask}}``
 """
 
-from amdflow.firetasks.stages import AnalyzeTask, DedupTask, PredictTask, RelaxReferenceTask, RelaxTask
+from amdflow.firetasks.stages import (
+    AnalyzeTask,
+    DedupTask,
+    PredictTask,
+    RelaxReferenceTask,
+    RelaxTask,
+)
 
 __all__ = ["AnalyzeTask", "DedupTask", "PredictTask", "RelaxReferenceTask", "RelaxTask"]

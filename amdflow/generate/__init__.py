@@ -1,5 +1,10 @@
 """Candidate generation: template sources, substitution, volume rule, content-hash ids (pure)."""
 
-from amdflow.generate.substitute import GenerateReport, candidate_id, generate_candidates, substitutions
+from amdflow.generate.substitute import (
+    GenerateReport,
+    candidate_id,
+    generate_candidates,
+    substitutions,
+)
 
 __all__ = ["GenerateReport", "candidate_id", "generate_candidates", "substitutions"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,7 +22,7 @@ class _Doc(BaseModel):
         return self.model_dump(mode="python")
 
 
-class CandidateState(str, Enum):
+class CandidateState(StrEnum):
     """Where a candidate is in the pipeline; every candidate has exactly one."""
 
     GENERATED = "generated"  # in the database, workflow added, not predicted yet

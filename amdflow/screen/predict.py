@@ -11,7 +11,12 @@ from pymatgen.core import Structure
 
 from amdflow.errors import CheckpointError
 from amdflow.screen.checkpoint import Checkpoint, load_checkpoint
-from amdflow.screen.featurize import CrystalGraph, atom_feature_table, crystal_graph, gaussian_expand
+from amdflow.screen.featurize import (
+    CrystalGraph,
+    atom_feature_table,
+    crystal_graph,
+    gaussian_expand,
+)
 
 
 @dataclass

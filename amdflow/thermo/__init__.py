@@ -1,5 +1,11 @@
 """Formation energies and convex hulls (pure functions over plain inputs)."""
 
-from amdflow.thermo.hull import HullEntry, HullResult, formation_energy_per_atom, hull_analysis, reference_energies
+from amdflow.thermo.hull import (
+    HullEntry,
+    HullResult,
+    formation_energy_per_atom,
+    hull_analysis,
+    reference_energies,
+)
 
 __all__ = ["HullEntry", "HullResult", "formation_energy_per_atom", "hull_analysis", "reference_energies"]
