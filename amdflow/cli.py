@@ -180,6 +180,8 @@ def status(
     for group in ("candidates", "fireworks", "references", "thermo"):
         for state, n in info[group].items():
             table.add_row(group, state, str(n))
+    for stage, t in info["stage_times"].items():
+        table.add_row("run time", stage, f"{t['launches']} x {t['mean_s']:.2f} s = {t['total_s']:.1f} s")
     out.print(table)
 
 

@@ -194,6 +194,9 @@ class AmdflowDB:
         for name, specs in COLLECTIONS.items():
             for keys, unique in specs:
                 self.coll(name).create_index(keys, unique=unique)
+        # amdflow's queries on the LaunchPad's own collections (run, status, add)
+        self.launchpad.fireworks.create_index([("spec.campaign", 1), ("state", 1)])
+        self.launchpad.workflows.create_index([("metadata.campaign", 1), ("metadata.candidate_id", 1)])
         self._indexed = True
 
     def flush(self) -> None:

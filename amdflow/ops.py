@@ -172,6 +172,18 @@ def fw_state_counts(db: AmdflowDB, campaign: str) -> dict[str, int]:
     return {d["_id"]: d["n"] for d in db.launchpad.fireworks.aggregate(pipeline)}
 
 
+def stage_times(db: AmdflowDB, campaign: str) -> dict[str, dict[str, float]]:
+    """Completed launches per stage: count, total and mean run time (seconds)."""
+    lp = db.launchpad
+    stage_of = {fw["fw_id"]: fw["spec"].get("amdflow_stage", "?")
+                for fw in lp.fireworks.find({"spec.campaign": campaign}, {"fw_id": 1, "spec.amdflow_stage": 1})}
+    totals: dict[str, list[float]] = {}
+    for launch in lp.launches.find({"fw_id": {"$in": list(stage_of)}, "state": "COMPLETED"}, {"fw_id": 1, "runtime_secs": 1}):
+        totals.setdefault(stage_of[launch["fw_id"]], []).append(float(launch.get("runtime_secs") or 0.0))
+    return {stage: {"launches": len(v), "total_s": round(sum(v), 2), "mean_s": round(sum(v) / len(v), 3)}
+            for stage, v in sorted(totals.items())}
+
+
 def campaign_status(db: AmdflowDB, campaign: str) -> dict[str, Any]:
     """Counts per state: candidates, Fireworks, references, hull."""
     doc = db.campaigns.find_one({"name": campaign}, {"_id": 0, "config": 1, "chemsys": 1, "run_type": 1, "model_id": 1})
@@ -190,6 +202,7 @@ def campaign_status(db: AmdflowDB, campaign: str) -> dict[str, Any]:
         "candidates_total": sum(cand.values()),
         "fireworks": fw_state_counts(db, campaign),
         "references": refs,
+        "stage_times": stage_times(db, campaign),
         "thermo": {
             "materials": db.thermo.count_documents(thermo_q),
             "stable": db.thermo.count_documents({**thermo_q, "is_stable": True}),

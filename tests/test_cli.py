@@ -114,6 +114,9 @@ def test_campaign_cli_kill_and_resume(tmp_path, binary_campaign_dict):
     assert status["candidates"]["analyzed"] + status["candidates"]["duplicate"] + status["candidates"]["screened_out"] == 4
     assert status["thermo"]["stable_candidates"] >= 1
     assert status["references"] == {"relaxed": 2}
+    times = status["stage_times"]
+    assert times["reference"]["launches"] == 2 and times["predict"]["launches"] == 4
+    assert times["relax"]["total_s"] > 0
 
     report = amdflow("report", "campaign.yaml", cwd=tmp_path)
     assert "AlNi" in report.stdout
