@@ -235,14 +235,18 @@ def analyze_stage(db: AmdflowDB, campaign: str, candidate_id: str | None = None,
     builder = ThermoBuilder(MongoStore.from_collection(db.tasks), MongoStore.from_collection(db.thermo), run_type, chemsys=[cfg.chemsys])
     run_builder(builder)
     summary = refresh_outputs(db, cfg, run_type, plot=plot)
+    # The candidate itself, or (campaign-level run) every relaxed candidate now on a hull:
+    # one analyzed before its references were relaxed is placed when they are.
     if candidate_id is not None:
-        thermo = db.thermo.find_one({"candidate_id": candidate_id, "hull_chemsys": cfg.chemsys}, {"_id": 0})
-        if thermo is not None:
-            _set_state(db, candidate_id, CandidateState.ANALYZED, thermo={
-                "formation_energy_per_atom": thermo["formation_energy_per_atom"],
-                "e_above_hull": thermo["e_above_hull"], "is_stable": thermo["is_stable"]})
-        else:
-            logger.info("candidate %s: no hull yet (elemental references pending)", candidate_id)
+        ids = [candidate_id]
+    else:
+        ids = [c["candidate_id"] for c in db.candidates.find({"campaign": campaign, "state": CandidateState.RELAXED.value}, {"candidate_id": 1})]
+    for thermo in db.thermo.find({"candidate_id": {"$in": ids}, "hull_chemsys": cfg.chemsys, "run_type": run_type}, {"_id": 0}):
+        _set_state(db, thermo["candidate_id"], CandidateState.ANALYZED, thermo={
+            "formation_energy_per_atom": thermo["formation_energy_per_atom"],
+            "e_above_hull": thermo["e_above_hull"], "is_stable": thermo["is_stable"]})
+    if candidate_id is not None and db.thermo.count_documents({"candidate_id": candidate_id}) == 0:
+        logger.info("candidate %s: no hull yet (elemental references pending)", candidate_id)
     return summary
 
 

@@ -103,3 +103,27 @@ def test_campaign_through_rapidfire(db, lpad, binary_campaign_dict, tmp_path):
     assert kept["candidate_id"] in {r["candidate_id"] for r in rows}
     assert all(float(r["e_above_hull"]) <= 0.1 for r in rows)
     assert (out / "promising" / f"AlNi_{kept['candidate_id']}.cif").exists()
+
+
+@pytest.mark.slow
+def test_candidate_analyzed_before_references_is_placed_later(db, lpad, binary_campaign_dict, tmp_path):
+    """Relax and analyze a candidate before any reference: it stays 'relaxed' with no hull;
+    once the references are relaxed, the campaign-level analyze places it."""
+    from amdflow import stages
+
+    cfg = campaign_from_dict(binary_campaign_dict)
+    add_campaign(db, cfg)
+    cid = next(c["candidate_id"] for c in db.candidates.find({"formula": "AlNi3"}))
+    stages.predict_stage(db, [cid])
+    assert stages.dedup_stage(db, cid) is None
+    stages.relax_candidate_stage(db, cid)
+    stages.analyze_stage(db, cfg.name, cid, plot=False)
+    assert db.candidates.find_one({"candidate_id": cid})["state"] == "relaxed"
+    assert db.thermo.count_documents({}) == 0
+    for el in ("Al", "Ni"):
+        stages.relax_reference_stage(db, cfg.name, el, cfg.relax.reference_prototypes[0])
+    stages.analyze_stage(db, cfg.name, plot=False)
+    doc = db.candidates.find_one({"candidate_id": cid})
+    assert doc["state"] == "analyzed"
+    # L1_2 Ni3Al is a stable phase (DFT E_f ~ -0.4 to -0.45 eV/atom); with only fcc Al/Ni it is on the hull
+    assert doc["thermo"]["is_stable"] and -0.7 < doc["thermo"]["formation_energy_per_atom"] < -0.2
