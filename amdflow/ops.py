@@ -35,12 +35,13 @@ class AddReport:
     new_reference_workflows: int = 0
     templates_read: int = 0
     templates_skipped: list[tuple[str, str]] = field(default_factory=list)
+    generate: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "generated": self.generated, "new_candidates": self.new_candidates, "new_workflows": self.new_workflows,
             "new_reference_workflows": self.new_reference_workflows, "templates_read": self.templates_read,
-            "templates_skipped": len(self.templates_skipped),
+            "templates_skipped": len(self.templates_skipped), "generate": self.generate,
         }
 
 
@@ -75,26 +76,27 @@ def register_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = 
     return db.campaigns.find_one({"name": cfg.name}, {"_id": 0})
 
 
-def insert_candidates(db: AmdflowDB, cfg: CampaignConfig, report: AddReport, progress: Progress | None = None) -> None:
+def insert_candidates(db: AmdflowDB, cfg: CampaignConfig, report: AddReport, progress: Progress | None = None,
+                      workers: int | None = None) -> GenerateReport:
     """Generate and bulk-insert candidate docs (unordered; existing ids are skipped)."""
     from pymongo.errors import BulkWriteError
 
     gen = GenerateReport()
-    for batch in _batches(generate_candidates(cfg, gen), INSERT_BATCH):
-        ids = [d.candidate_id for d in batch]
+    for batch in _batches(generate_candidates(cfg, gen, workers=workers, progress=progress), INSERT_BATCH):
+        ids = list({d["candidate_id"]: None for d in batch})
         have = {d["candidate_id"] for d in db.candidates.find({"candidate_id": {"$in": ids}}, {"candidate_id": 1})}
-        new = [d.to_mongo() for d in batch if d.candidate_id not in have]
-        if new:
+        unique = {d["candidate_id"]: d for d in batch if d["candidate_id"] not in have}
+        if unique:
             try:
-                db.candidates.insert_many(new, ordered=False)
-                report.new_candidates += len(new)
+                db.candidates.insert_many(list(unique.values()), ordered=False)
+                report.new_candidates += len(unique)
             except BulkWriteError as err:  # a concurrent add inserted some of them
                 report.new_candidates += err.details.get("nInserted", 0)
         report.generated += len(batch)
-        if progress:
-            progress(report.generated, 0, "generating candidates")
     report.templates_read = gen.templates.read
     report.templates_skipped = gen.templates.skipped
+    report.generate = gen.as_dict()
+    return gen
 
 
 def add_workflows(db: AmdflowDB, cfg: CampaignConfig, report: AddReport, progress: Progress | None = None) -> None:

@@ -72,6 +72,10 @@ class AmdflowSettings(BaseSettings):
         "WARNING", description="FireWorks log level on the terminal during `amdflow run`."
     )
     progress: bool = Field(True, description="Show progress bars.")
+    generate_workers: int | None = Field(
+        None, ge=1, description="Processes for candidate generation (default: the CPU count, at most 8)."
+    )
+    mp_api_key: str | None = Field(None, description="Materials Project API key (template source 'mp').", repr=False)
 
     @field_validator("launchpad_file")
     @classmethod

@@ -1,103 +1,226 @@
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
+from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Lattice, Structure
+from pymatgen.entries.computed_entries import ComputedStructureEntry
 
 from amdflow.campaign import campaign_from_dict
-from amdflow.errors import TemplateError
-from amdflow.generate import GenerateReport, candidate_id, generate_candidates, substitutions
-from amdflow.generate.substitute import substitute
+from amdflow.errors import ConfigError, TemplateError
+from amdflow.generate import (
+    GenerateReport,
+    candidate_id,
+    generate_candidates,
+    substitute,
+    substitutions,
+)
+from amdflow.generate.templates import aflow_library
 from amdflow.generate.volume import atomic_volume
+from amdflow.schemas import CandidateDoc
+
+DATA = Path(__file__).parent / "data"
 
 
 def cfg(elements, templates, **extra):
     return campaign_from_dict({"name": "t", "elements": elements, "templates": templates, **extra})
 
 
+def aflow(*labels, **kw):
+    return [{"source": "aflow", "prototypes": list(labels), **kw}]
+
+
+def run(c, workers=1, build=True):
+    report = GenerateReport()
+    docs = list(generate_candidates(c, report, workers=workers, build=build))
+    return docs, report
+
+
 @pytest.mark.parametrize(("k", "n", "expected"), [(2, 2, 2), (2, 3, 6), (3, 3, 6), (3, 4, 24), (4, 4, 24), (2, 5, 20)])
 def test_substitution_counts(k, n, expected):
-    template_elements = ["Na", "Cl", "K", "Br"][:k]
-    targets = ["Fe", "Al", "Ni", "Co", "Cu"][:n]
-    subs = substitutions(template_elements, targets)
+    subs = substitutions(["Na", "Cl", "K", "Br"][:k], ["Fe", "Al", "Ni", "Co", "Cu"][:n])
     assert len(subs) == expected == math.perm(n, k)
     assert len({tuple(s.values()) for s in subs}) == expected
-    assert all(len(set(s.values())) == k for s in subs)
 
 
-def test_aflow_templates_counts_and_skips():
-    # Heusler (3 elements), B2 (2), and the quaternary-free library filter at max_sites 4.
-    c = cfg(["Fe", "Al", "Ni"], [{"source": "aflow", "prototypes": ["AB2C_cF16_225_a_c_b", "AB_cP2_221_b_a"]}])
-    report = GenerateReport()
-    docs = list(generate_candidates(c, report))
-    assert report.templates.read == 2
-    by_template = {}
-    for d in docs:
-        by_template.setdefault(d.template.template_id, []).append(d)
-    assert len(by_template["AB2C_cF16_225_a_c_b"]) == 6
-    # B2: the 6 ordered pairs are 6 distinct structures in the template's coordinates
-    assert len(by_template["AB_cP2_221_b_a"]) == 6
-    assert {d.formula for d in by_template["AB_cP2_221_b_a"]} == {"AlFe", "AlNi", "FeNi"}
-    assert all(d.state == "generated" for d in docs)
+@pytest.mark.parametrize(
+    ("label", "distinct"),
+    [
+        ("AB_cP2_221_b_a", 3),  # B2: AB == BA (translation)
+        ("AB_cF8_225_a_b", 3),  # rock salt
+        ("AB2C_cF16_225_a_c_b", 3),  # L2_1 Heusler X2YZ: Y <-> Z
+        ("ABC_cF12_216_b_c_a", 3),  # half-Heusler: 3 distinct orderings
+        ("AB3_cP4_221_a_c", 6),  # L1_2: no colour symmetry
+        ("AB3C_cP5_221_a_c_b", 6),  # perovskite: none
+        ("AB5C_tP7_123_b_ci_a", 6),  # HoCoGa5: none
+    ],
+)
+def test_symmetry_reduction_known_answers(label, distinct):
+    docs, report = run(cfg(["Fe", "Al", "Ni"], aflow(label)))
+    assert report.stats.assignments == 6
+    assert report.stats.distinct == distinct == len(docs)
+    unreduced, _ = run(cfg(["Fe", "Al", "Ni"], aflow(label), generate={"symmetry_reduce": False}))
+    assert len(unreduced) == 6
 
 
-def test_templates_with_more_elements_than_targets_are_skipped_with_reason():
-    c = cfg(["Fe", "Al"], [{"source": "aflow", "prototypes": ["AB2C_cF16_225_a_c_b", "AB_cP2_221_b_a"]}])
-    report = GenerateReport()
-    docs = list(generate_candidates(c, report))
-    assert len(docs) == 2
-    assert report.templates.skipped == [("aflow:AB2C_cF16_225_a_c_b", "3 distinct elements but only 2 target elements")]
+def test_documents_round_trip_to_pymatgen_and_match_the_schema():
+    c = cfg(["Fe", "Al", "Ni"], aflow("AB2C_cF16_225_a_c_b", "AB3C_cP5_221_a_c_b"))
+    templates = dict(aflow_library())
+    for doc in run(c)[0]:
+        CandidateDoc.model_validate(doc)
+        ours = Structure.from_dict(doc["structure"])
+        ref = substitute(templates[doc["template"]["template_id"]], doc["substitution"])
+        assert np.allclose(ours.lattice.matrix, ref.lattice.matrix, atol=1e-9)
+        assert [s.specie.symbol for s in ours] == [s.specie.symbol for s in ref]
+        assert np.allclose(ours.frac_coords % 1, ref.frac_coords % 1, atol=1e-9)
+        assert doc["structure"]["lattice"]["volume"] == pytest.approx(ref.volume)
+        assert doc["candidate_id"] == candidate_id("t", ref)
+        assert doc["formula"] == ref.composition.reduced_formula
 
 
-def test_unknown_prototype_label():
-    c = cfg(["Fe", "Al"], [{"source": "aflow", "prototypes": ["NOT_A_LABEL"]}])
-    with pytest.raises(TemplateError, match="unknown AFLOW prototype"):
-        list(generate_candidates(c))
+def test_subsystems_scales_and_determinism():
+    c = cfg(["Fe", "Al", "Ni"], aflow("AB_cP2_221_b_a", "AB2C_cF16_225_a_c_b"), generate={"lattice_scales": [0.98, 1.0, 1.02]})
+    docs, report = run(c)
+    assert len(docs) == (3 + 3) * 3 and report.candidates == 18
+    assert {d["lattice_scale"] for d in docs} == {0.98, 1.0, 1.02}
+    assert len({d["candidate_id"] for d in docs}) == 18
+    assert [d["candidate_id"] for d in docs] == [d["candidate_id"] for d in run(c)[0]]
+    off = cfg(["Fe", "Al", "Ni"], aflow("AB_cP2_221_b_a", "AB2C_cF16_225_a_c_b"), generate={"include_subsystems": False})
+    docs, report = run(off)
+    assert {d["template"]["template_id"] for d in docs} == {"AB2C_cF16_225_a_c_b"}
+    assert report.templates.skipped == [("aflow:AB_cP2_221_b_a", "2 distinct elements and include_subsystems is off")]
 
 
-def test_ids_are_deterministic_and_site_order_free():
+def test_parallel_equals_serial():
+    c = cfg(["Fe", "Al", "Ni", "Co"], [{"source": "aflow", "max_sites": 6}])
+    serial, rs = run(c, workers=1)
+    parallel, rp = run(c, workers=2)
+    assert [d["candidate_id"] for d in serial] == [d["candidate_id"] for d in parallel]
+    assert rs.as_dict() == rp.as_dict()
+    counted, rc = run(c, workers=2, build=False)
+    assert counted == [] and rc.candidates == len(serial)
+
+
+def test_ids_are_site_order_free():
     s = Structure(Lattice.cubic(3.0), ["Fe", "Al"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     s_rev = Structure(Lattice.cubic(3.0), ["Al", "Fe"], [[0.5, 0.5, 0.5], [1.0, 0, 0]])
-    assert candidate_id("a", s) == candidate_id("a", s_rev)
-    assert candidate_id("a", s) != candidate_id("b", s)
-    c = cfg(["Fe", "Al"], [{"source": "aflow", "prototypes": ["AB3_cP4_221_a_c"]}])
-    assert [d.candidate_id for d in generate_candidates(c)] == [d.candidate_id for d in generate_candidates(c)]
+    assert candidate_id("a", s) == candidate_id("a", s_rev) != candidate_id("b", s)
 
 
 def test_volume_rule_known_answer():
-    # fcc Cu -> Fe: volume scales by v(Fe)/v(Cu) = 7.09/7.11 (molar volumes, cm^3/mol)
     cu = Structure(Lattice.cubic(3.61), ["Cu"] * 4, [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
-    fe = substitute(cu, {"Cu": "Fe"})
-    assert fe.volume == pytest.approx(cu.volume * 7.09 / 7.11, rel=1e-6)
+    assert substitute(cu, {"Cu": "Fe"}).volume == pytest.approx(cu.volume * 7.09 / 7.11, rel=1e-6)
     assert atomic_volume("Fe") == pytest.approx(7.09e24 / 6.02214076e23)
-    same = substitute(cu, {"Cu": "Fe"}, scale_volume=False)
-    assert same.volume == pytest.approx(cu.volume)
 
 
-def test_folder_source(tmp_path):
+def test_filters_known_answers():
+    # rock salt with Na, Cl, Al: pairs NaCl, AlCl, AlNa; only NaCl is charge balanced (Al is +3)
+    docs, report = run(cfg(["Na", "Cl", "Al"], aflow("AB_cF8_225_a_b"), generate={"charge_balance": True}))
+    assert [d["formula"] for d in docs] == ["NaCl"]
+    assert report.stats.filtered == {"not charge balanced": 2}
+    # templates with excluded elements or big formulas are skipped with the reason
+    docs, report = run(cfg(["Fe", "Al"], aflow("AB_cP2_221_b_a", "AB3_cP4_221_a_c"), generate={"exclude_elements": ["Cs"], "max_formula_atoms": 3}))
+    assert dict(report.templates.skipped) == {
+        "aflow:AB_cP2_221_b_a": "contains excluded element(s) ['Cs']",
+        "aflow:AB3_cP4_221_a_c": "reduced formula has 4 atoms > max_formula_atoms 3",
+    }
+    assert docs == []
+
+
+def test_bad_targets_are_clear():
+    with pytest.raises(ConfigError, match="unknown element 'Fx'"):
+        cfg(["Fe", "Fx"], aflow("AB_cP2_221_b_a"))
+    with pytest.raises(ConfigError, match=r"target element\(s\) \['Ar'\] are in generate.exclude_elements"):
+        cfg(["Fe", "Ar"], aflow("AB_cP2_221_b_a"))
+    with pytest.raises(TemplateError, match="unknown AFLOW prototype"):
+        run(cfg(["Fe", "Al"], aflow("NOT_A_LABEL")))
+
+
+def test_folder_source_every_format_and_bad_files(tmp_path):
     folder = tmp_path / "templates"
     (folder / "sub").mkdir(parents=True)
     nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.6), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     nacl.to(filename=str(folder / "NaCl.cif"))
     nacl.get_primitive_structure().to(filename=str(folder / "sub" / "POSCAR"), fmt="poscar")
+    cscl = Structure(Lattice.cubic(4.1), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    cscl.to(filename=str(folder / "CsCl.vasp"), fmt="poscar")
+    l12 = Structure(Lattice.cubic(3.7), ["Au", "Cu", "Cu", "Cu"], [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    (folder / "many.json").write_text(json.dumps([l12.as_dict(), cscl.as_dict()]))
+    entry = ComputedStructureEntry(l12, -10.0, entry_id="mp-xyz")
+    (folder / "entry.json").write_text(json.dumps(entry.as_dict()))
     (folder / "broken.cif").write_text("data_x\n_cell_length_a 3\nloop_\n_atom_site_label\n")
-    disordered = Structure(Lattice.cubic(3), [{"Fe": 0.5, "Al": 0.5}, "Ni"], [[0, 0, 0], [0.5, 0.5, 0.5]])
-    disordered.to(filename=str(folder / "dis.cif"))
-    c = cfg(["Fe", "Al"], [{"source": "folder", "path": str(folder)}])
-    report = GenerateReport()
-    docs = list(generate_candidates(c, report))
-    assert report.templates.read == 2
+    Structure(Lattice.cubic(3), [{"Fe": 0.5, "Al": 0.5}, "Ni"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(filename=str(folder / "dis.cif"))
+    docs, report = run(cfg(["Fe", "Al"], [{"source": "folder", "path": str(folder)}]))
     reasons = dict(report.templates.skipped)
     assert "unreadable" in reasons["folder:broken.cif"]
     assert reasons["folder:dis.cif"] == "disordered or partially occupied"
-    assert {d.template.template_id for d in docs} == {"NaCl.cif", "sub/POSCAR"}
-    assert len(docs) == 4  # two templates x two assignments
+    ids = {d["template"]["template_id"] for d in docs}
+    assert ids == {"NaCl.cif", "sub/POSCAR", "CsCl.vasp", "many.json#0", "many.json#1", "entry.json"}
+    assert report.templates.read == 6
+    # rock salt and B2 reduce to one decoration each; L1_2 gives two (Fe3Al, FeAl3)
+    per = {t: sum(d["template"]["template_id"] == t for d in docs) for t in ids}
+    assert per == {"NaCl.cif": 1, "sub/POSCAR": 1, "CsCl.vasp": 1, "many.json#0": 2, "many.json#1": 1, "entry.json": 2}
 
 
 def test_empty_or_missing_folder(tmp_path):
     with pytest.raises(TemplateError, match="does not exist"):
-        list(generate_candidates(cfg(["Fe", "Al"], [{"source": "folder", "path": str(tmp_path / "none")}])))
+        run(cfg(["Fe", "Al"], [{"source": "folder", "path": str(tmp_path / "none")}]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(TemplateError, match="holds no"):
-        list(generate_candidates(cfg(["Fe", "Al"], [{"source": "folder", "path": str(tmp_path / "empty")}])))
+        run(cfg(["Fe", "Al"], [{"source": "folder", "path": str(tmp_path / "empty")}]))
+
+
+def test_materials_project_source_from_recorded_response(monkeypatch):
+    import amdflow.generate.templates as templates
+
+    recorded = json.loads((DATA / "mp_summary_response.json").read_text())
+    calls = []
+
+    def fake_search(api_key, chemsys, material_ids):
+        calls.append((api_key, chemsys, material_ids))
+        return recorded["docs"]
+
+    monkeypatch.setattr(templates, "_mp_search", fake_search)
+    c = cfg(["Ce", "Co", "In"], [{"source": "mp", "chemsys": ["Ce-Co-In"]}])
+    with pytest.raises(TemplateError, match="API key"):
+        run(c)
+    monkeypatch.setenv("AMDFLOW_MP_API_KEY", "k123")
+    docs, report = run(c)
+    assert report.templates.read == 2
+    assert calls == [("k123", ["Ce-Co-In"], None)]
+    assert {d["template"]["source"] for d in docs} == {"mp"}
+    assert {d["template"]["template_id"] for d in docs} == {"mp-1001", "mp-1002"}
+    assert len(docs) == 6 + 6  # HoCoGa5-type: 6 distinct; L1_2: 6 ordered pairs
+    with pytest.raises(ConfigError, match="chemsys or material_ids"):
+        cfg(["Ce", "Co"], [{"source": "mp"}])
+
+
+@pytest.mark.slow
+def test_no_decoration_lost_on_aflow_ternaries():
+    """Every structure the naive generator makes (all permutations) matches one of ours."""
+    targets = ["Fe", "Al", "Ni"]
+    c = cfg(targets, [{"source": "aflow", "max_sites": 40}], generate={"include_subsystems": False, "scale_volume": False})
+    ours, report = run(c, workers=2)
+    ternary = [(label, s) for label, s in aflow_library() if len(s.composition.elements) == 3 and s.is_ordered and len(s) <= 40]
+    assert report.templates.read == len(ternary) >= 40
+    by_template: dict[str, list[Structure]] = {}
+    for d in ours:
+        by_template.setdefault(d["template"]["template_id"], []).append(Structure.from_dict(d["structure"]))
+    matcher = StructureMatcher()
+    lost = naive_total = 0
+    for label, template in ternary:
+        els = list(dict.fromkeys(s.specie.symbol for s in template))
+        for mapping in substitutions(els, targets):
+            naive_total += 1
+            naive = substitute(template, mapping, scale_volume=False)
+            formula = naive.composition.reduced_formula
+            mine = [s for s in by_template.get(label, []) if s.composition.reduced_formula == formula]
+            if not any(matcher.fit(naive, s) for s in mine):
+                lost += 1
+    assert naive_total == 6 * len(ternary)
+    assert lost == 0
+    assert report.stats.distinct < naive_total  # the reduction removed something

@@ -49,7 +49,7 @@ def test_candidate_workflow_shape():
 def test_campaign_through_rapidfire(db, lpad, binary_campaign_dict, tmp_path):
     cfg = campaign_from_dict(binary_campaign_dict)
     report = add_campaign(db, cfg)
-    assert (report.new_candidates, report.new_workflows, report.new_reference_workflows) == (4, 4, 2)
+    assert (report.new_candidates, report.new_workflows, report.new_reference_workflows) == (6, 6, 2)
     again = add_campaign(db, cfg)
     assert (again.new_candidates, again.new_workflows, again.new_reference_workflows) == (0, 0, 0)
 
@@ -70,7 +70,7 @@ def test_campaign_through_rapidfire(db, lpad, binary_campaign_dict, tmp_path):
 
     cands = {c["formula"]: c for c in db.candidates.find({}) if c["formula"] != "AlNi"}
     b2 = list(db.candidates.find({"formula": "AlNi"}))
-    assert len(b2) == 2  # NiAl and AlNi on the B2 sites: one structure, so one duplicate
+    assert len(b2) == 2  # B2 NiAl at two lattice scales: one structure family, so one duplicate
     assert sorted(c["state"] for c in b2) == ["analyzed", "duplicate"]
     kept = next(c for c in b2 if c["state"] == "analyzed")
     dup = next(c for c in b2 if c["state"] == "duplicate")
@@ -95,8 +95,8 @@ def test_campaign_through_rapidfire(db, lpad, binary_campaign_dict, tmp_path):
     assert set(cands) == {"AlNi3", "Al3Ni"}
 
     status = campaign_status(db, cfg.name)
-    assert status["candidates_total"] == 4
-    assert sum(status["candidates"].values()) == 4
+    assert status["candidates_total"] == 6
+    assert sum(status["candidates"].values()) == 6
     out = cfg.output_dir
     assert (out / "phase_diagram.png").stat().st_size > 10_000
     rows = list(csv.DictReader((out / "promising" / "summary.csv").read_text().splitlines()))

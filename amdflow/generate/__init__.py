@@ -4,7 +4,8 @@ from amdflow.generate.substitute import (
     GenerateReport,
     candidate_id,
     generate_candidates,
+    substitute,
     substitutions,
 )
 
-__all__ = ["GenerateReport", "candidate_id", "generate_candidates", "substitutions"]
+__all__ = ["GenerateReport", "candidate_id", "generate_candidates", "substitute", "substitutions"]

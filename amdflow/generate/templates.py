@@ -1,7 +1,10 @@
-"""Template sources: pymatgen's AFLOW prototype library and folders of structure files.
+"""Template sources: AFLOW prototypes (pymatgen), folders of structure files, the
+Materials Project (optional ``mp-api``).
 
-Each source yields :class:`Template` objects and records every skipped template with
-its reason; nothing is dropped silently.
+A source lists *template items*: small picklable descriptions (a library label, a file
+path, or a fetched structure) that a worker process turns into structures. Reading
+happens in the workers, so parsing thousands of CIFs runs in parallel. Every template
+that cannot be used is recorded with its reason; nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pymatgen.core import Structure
 
-from amdflow.campaign import AflowTemplates, FolderTemplates
+from amdflow.campaign import AflowTemplates, CampaignConfig, FolderTemplates, MPTemplates
 from amdflow.errors import TemplateError
 
-STRUCTURE_GLOBS = ("*.cif", "POSCAR*", "CONTCAR*", "*.vasp")
+STRUCTURE_GLOBS = ("*.cif", "POSCAR*", "CONTCAR*", "*.vasp", "*.json", "*.json.gz")
 
 
 @dataclass(frozen=True)
@@ -37,10 +41,26 @@ class Template:
 
 @dataclass
 class TemplateLog:
-    """Templates read and skipped (with reasons) by a source."""
+    """Templates read and skipped (with reasons) by the sources."""
 
     read: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def merge(self, other: TemplateLog) -> None:
+        self.read += other.read
+        self.skipped.extend(other.skipped)
+
+
+@dataclass(frozen=True)
+class TemplateItem:
+    """What a worker needs to load one template file or library entry (picklable)."""
+
+    kind: str  # "aflow", "file" or "structure"
+    source: str  # "aflow", "folder", "mp"
+    ref: str  # AFLOW label (+#n), file path, or material id
+    rel: str = ""  # display id for files (path relative to the folder)
+    max_sites: int = 64
+    payload: Any = None  # a Structure for kind "structure"
 
 
 def aflow_library_path() -> Path:
@@ -51,74 +71,132 @@ def aflow_library_path() -> Path:
 
 @lru_cache(maxsize=1)
 def aflow_library() -> tuple[tuple[str, Structure], ...]:
-    """(AFLOW label, structure) for every prototype in pymatgen's bundled library."""
+    """(unique id, structure) for every prototype in pymatgen's bundled library.
+
+    A few AFLOW labels occur twice (different minerals); the second is 'label#2'.
+    """
     from monty.serialization import loadfn
 
-    items = loadfn(aflow_library_path())
-    return tuple((it["tags"]["aflow"], it["snl"].structure) for it in items)
+    seen: dict[str, int] = {}
+    out = []
+    for it in loadfn(aflow_library_path()):
+        label = it["tags"]["aflow"]
+        k = seen[label] = seen.get(label, 0) + 1
+        out.append((label if k == 1 else f"{label}#{k}", it["snl"].structure))
+    return tuple(out)
 
 
-def _accept(tmpl: Template, n_targets: int, max_sites: int, log: TemplateLog) -> bool:
-    n_el = len(tmpl.elements)
-    reason = None
-    if not tmpl.structure.is_ordered:
-        reason = "disordered or partially occupied"
-    elif n_el < 2:
-        reason = "fewer than 2 distinct elements"
-    elif n_el > n_targets:
-        reason = f"{n_el} distinct elements but only {n_targets} target elements"
-    elif len(tmpl.structure) > max_sites:
-        reason = f"{len(tmpl.structure)} sites > max_sites {max_sites}"
-    if reason:
-        log.skipped.append((f"{tmpl.source}:{tmpl.template_id}", reason))
-        return False
-    log.read += 1
-    return True
-
-
-def iter_aflow(cfg: AflowTemplates, n_targets: int, log: TemplateLog) -> Iterator[Template]:
-    library = aflow_library()
-    if cfg.prototypes is not None:
-        known = {label for label, _ in library}
+def _aflow_items(cfg: AflowTemplates) -> list[TemplateItem]:
+    labels = [label for label, _ in aflow_library()]
+    if cfg.prototypes is None:
+        wanted = labels
+    else:
+        known = set(labels) | {label.split("#")[0] for label in labels}
         unknown = [p for p in cfg.prototypes if p not in known]
         if unknown:
             raise TemplateError(
                 f"unknown AFLOW prototype label(s) {unknown}: use labels such as 'AB2C_cF16_225_a_c_b' "
                 "(see pymatgen's aflow_prototypes.json.gz)"
             )
-        wanted = list(dict.fromkeys(cfg.prototypes))
-        by_label: dict[str, list[Structure]] = {}
-        for label, s in library:
-            by_label.setdefault(label, []).append(s)
-        selected = [(label, s) for label in wanted for s in by_label[label]]
-    else:
-        selected = list(library)
-    seen: dict[str, int] = {}
-    for label, structure in selected:
-        # A few labels occur twice in the library (different minerals): number them.
-        k = seen[label] = seen.get(label, 0) + 1
-        tid = label if k == 1 else f"{label}#{k}"
-        tmpl = Template("aflow", tid, structure)
-        if _accept(tmpl, n_targets, cfg.max_sites, log):
-            yield tmpl
+        chosen = set(cfg.prototypes)
+        wanted = [label for label in labels if label in chosen or label.split("#")[0] in chosen]
+    return [TemplateItem("aflow", "aflow", label, label, cfg.max_sites) for label in wanted]
 
 
-def iter_folder(cfg: FolderTemplates, n_targets: int, log: TemplateLog) -> Iterator[Template]:
+def _folder_items(cfg: FolderTemplates) -> list[TemplateItem]:
     folder = cfg.path
     if not folder.is_dir():
         raise TemplateError(f"template folder {folder} does not exist: fix templates[].path in the campaign file")
     files = sorted({p for pattern in STRUCTURE_GLOBS for p in folder.rglob(pattern) if p.is_file()})
     if not files:
-        raise TemplateError(f"template folder {folder} holds no *.cif, POSCAR*, CONTCAR* or *.vasp files: add templates or fix the path")
-    for path in files:
-        rel = path.relative_to(folder).as_posix()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                structure = Structure.from_file(path)
-        except Exception as err:  # pymatgen raises many types for malformed files
-            log.skipped.append((f"folder:{rel}", f"unreadable: {type(err).__name__}: {err}".replace("\n", " ")[:200]))
-            continue
-        tmpl = Template("folder", rel, structure)
-        if _accept(tmpl, n_targets, cfg.max_sites, log):
-            yield tmpl
+        raise TemplateError(
+            f"template folder {folder} holds no *.cif, POSCAR*, CONTCAR*, *.vasp or *.json(.gz) files: add templates or fix the path"
+        )
+    return [TemplateItem("file", "folder", str(p), p.relative_to(folder).as_posix(), cfg.max_sites) for p in files]
+
+
+def _mp_search(api_key: str, chemsys: list[str] | None, material_ids: list[str] | None) -> list[dict[str, Any]]:
+    """Summary docs (material_id, structure) from the Materials Project."""
+    try:
+        from mp_api.client import MPRester
+    except ImportError:
+        raise TemplateError("templates from the Materials Project need mp-api: `pip install 'amdflow[mp]'`") from None
+    with MPRester(api_key) as mpr:
+        docs = mpr.materials.summary.search(chemsys=chemsys, material_ids=material_ids, fields=["material_id", "structure"])
+    return [{"material_id": str(d.material_id), "structure": d.structure} for d in docs]
+
+
+def _mp_items(cfg: MPTemplates) -> list[TemplateItem]:
+    from amdflow.settings import get_settings
+
+    key = get_settings().mp_api_key or os.environ.get("MP_API_KEY")
+    if not key:
+        raise TemplateError("templates from the Materials Project need an API key: set AMDFLOW_MP_API_KEY (or MP_API_KEY)")
+    docs = _mp_search(key, cfg.chemsys, cfg.material_ids)
+    items = []
+    for d in sorted(docs, key=lambda d: d["material_id"]):
+        s = d["structure"]
+        structure = s if isinstance(s, Structure) else Structure.from_dict(s)
+        items.append(TemplateItem("structure", "mp", d["material_id"], d["material_id"], cfg.max_sites, structure))
+    return items
+
+
+def template_items(cfg: CampaignConfig) -> list[TemplateItem]:
+    """Every template item of every source of the campaign (no structure parsed yet)."""
+    items: list[TemplateItem] = []
+    for source in cfg.templates:
+        if isinstance(source, AflowTemplates):
+            items.extend(_aflow_items(source))
+        elif isinstance(source, FolderTemplates):
+            items.extend(_folder_items(source))
+        elif isinstance(source, MPTemplates):
+            items.extend(_mp_items(source))
+    return items
+
+
+def _structures_from_json(path: Path) -> list[tuple[str, Structure]]:
+    from monty.serialization import loadfn
+    from pymatgen.entries.computed_entries import ComputedStructureEntry
+
+    obj = loadfn(path)
+    objs = obj if isinstance(obj, list) else [obj]
+    out = []
+    for i, o in enumerate(objs):
+        if isinstance(o, dict) and o.get("@class") == "Structure":
+            o = Structure.from_dict(o)
+        if isinstance(o, ComputedStructureEntry):
+            out.append((str(o.entry_id) if o.entry_id is not None else str(i), o.structure))
+        elif isinstance(o, Structure):
+            out.append((str(i), o))
+        else:
+            raise ValueError(f"item {i} is a {type(o).__name__}, not a Structure or ComputedStructureEntry")
+    return out
+
+
+def load_item(item: TemplateItem) -> tuple[list[Template], list[tuple[str, str]]]:
+    """Templates from one item, and (template, reason) for what could not be read."""
+    if item.kind == "aflow":
+        structure = dict(aflow_library())[item.ref]
+        return [Template("aflow", item.ref, structure)], []
+    if item.kind == "structure":
+        return [Template(item.source, item.ref, item.payload)], []
+    path = Path(item.ref)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if path.name.endswith((".json", ".json.gz")):
+                pairs = _structures_from_json(path)
+                many = len(pairs) > 1
+                return [Template(item.source, f"{item.rel}#{key}" if many else item.rel, s) for key, s in pairs], []
+            return [Template(item.source, item.rel, Structure.from_file(path))], []
+    except Exception as err:  # pymatgen raises many types for malformed files
+        reason = f"unreadable: {type(err).__name__}: {err}".replace("\n", " ")[:200]
+        return [], [(f"{item.source}:{item.rel}", reason)]
+
+
+def iter_templates(cfg: CampaignConfig, log: TemplateLog) -> Iterator[Template]:
+    """Templates of all sources, read in this process (for small jobs and tools)."""
+    for item in template_items(cfg):
+        templates, skipped = load_item(item)
+        log.skipped.extend(skipped)
+        yield from templates

@@ -88,6 +88,7 @@ class CandidateDoc(_Doc):
     structure: dict[str, Any] = Field(description="pymatgen Structure.as_dict() of the unrelaxed candidate.")
     template: TemplateRef
     substitution: dict[str, str] = Field(description="Template element -> target element.")
+    lattice_scale: float = Field(1.0, description="Linear factor applied after the volume rule.")
     state: CandidateState = CandidateState.GENERATED
     prediction: Prediction | None = None
     dedup: DedupRecord | None = None
