@@ -110,10 +110,7 @@ def add(
     prog, update = _progress_bar(settings.progress)
     with open_db(cfg.output_dir, settings) as db, prog:
         report = add_campaign(db, cfg, allow_changed_settings, update)
-    for name, reason in report.templates_skipped[:20]:
-        console.print(f"  skipped template {name}: {reason}", highlight=False)
-    if len(report.templates_skipped) > 20:
-        console.print(f"  ... and {len(report.templates_skipped) - 20} more skipped templates")
+    _print_generation(report.generate, report.templates_skipped)
     console.print(
         f"campaign {cfg.name} ({cfg.chemsys}): {report.templates_read} templates, {report.generated} candidates generated, "
         f"{report.new_candidates} new; {report.new_workflows} candidate workflows and "
@@ -121,6 +118,78 @@ def add(
         highlight=False,
     )
     print(json.dumps(report.as_dict()))
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def _print_generation(gen: dict[str, Any], skipped: list[tuple[str, str]]) -> None:
+    from amdflow.generate.substitute import reason_category
+
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for template, reason in skipped:
+        groups.setdefault(reason_category(reason), []).append((template, reason))
+    for category, members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        shown = "; ".join(f"{t}: {r}" for t, r in members[:3])
+        more = f"; +{len(members) - 3} more" if len(members) > 3 else ""
+        console.print(f"  skipped {len(members)} template(s), {category}: {shown}{more}", highlight=False, soft_wrap=True)
+    filtered = ", ".join(f"{n} {why}" for why, n in gen["filtered"].items()) or "none"
+    console.print(
+        f"templates: {gen['templates_read']} used, {gen['templates_skipped']} skipped; decorations: "
+        f"{gen['assignments']} before symmetry reduction, {gen['after_symmetry']} after; filtered: {filtered}; "
+        f"candidates: {gen['candidates']}",
+        highlight=False,
+    )
+
+
+@app.command()
+@handle_errors
+def generate(
+    campaign: CampaignArg,
+    launchpad: LaunchpadOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only print the plan: counts and estimated database size.")] = False,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default: AMDFLOW_GENERATE_WORKERS or the CPU count).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the counts as one JSON object.")] = False,
+    allow_changed_settings: Annotated[bool, typer.Option(help="Accept a campaign file whose settings changed since it was first added.")] = False,
+) -> None:
+    """Generate candidates into the database (no workflows; `amdflow add` adds both)."""
+    from amdflow.campaign import load_campaign
+
+    cfg = load_campaign(campaign)
+    settings = _settings(launchpad)
+    start = time.perf_counter()
+    prog, update = _progress_bar(settings.progress)
+    if dry_run:
+        from amdflow.ops import plan_campaign
+
+        with prog:
+            plan = plan_campaign(cfg, workers, update)
+        skipped = [(s["template"], s["reason"]) for s in plan["skipped"]]
+        _print_generation(plan, skipped)
+        est = plan["estimated_bytes"]
+        console.print(
+            f"estimated database size: {_human_bytes(est['total'])} ({_human_bytes(est['candidates'])} candidates + "
+            f"{_human_bytes(est['workflows'])} workflows); planned in {time.perf_counter() - start:.1f} s; nothing was written",
+            highlight=False,
+        )
+        if as_json:
+            print(json.dumps({k: v for k, v in plan.items() if k != "skipped"}))
+        return
+    from amdflow.db import open_db
+    from amdflow.ops import add_campaign
+
+    with open_db(cfg.output_dir, settings) as db, prog:
+        report = add_campaign(db, cfg, allow_changed_settings, update, workflows=False, workers=workers)
+    _print_generation(report.generate, report.templates_skipped)
+    console.print(f"{report.new_candidates} new candidates stored in {time.perf_counter() - start:.1f} s; "
+                  f"`amdflow add {campaign}` adds their workflows", highlight=False)
+    if as_json:
+        print(json.dumps(report.as_dict()))
 
 
 @app.command()

@@ -99,6 +99,29 @@ def insert_candidates(db: AmdflowDB, cfg: CampaignConfig, report: AddReport, pro
     return gen
 
 
+def plan_campaign(cfg: CampaignConfig, workers: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Dry run: what generation would read, skip and make, and the database size it needs.
+
+    Documents are built and measured (BSON) but not stored; the workflow size is that of
+    one candidate workflow's Firework and workflow documents, times the candidate count.
+    """
+    import bson
+
+    from amdflow.workflows import candidate_workflow
+
+    gen = GenerateReport()
+    candidate_bytes = 0
+    for doc in generate_candidates(cfg, gen, workers=workers, progress=progress):
+        candidate_bytes += len(bson.encode(doc))
+    wf = candidate_workflow("0" * 24, cfg.name, "AB")
+    wf_bytes = len(bson.encode(wf.to_db_dict())) + sum(len(bson.encode(fw.to_db_dict())) for fw in wf.fws)
+    plan = gen.as_dict()
+    plan["skipped"] = [{"template": t, "reason": r} for t, r in gen.templates.skipped]
+    plan["estimated_bytes"] = {"candidates": candidate_bytes, "workflows": wf_bytes * gen.candidates,
+                               "total": candidate_bytes + wf_bytes * gen.candidates}
+    return plan
+
+
 def add_workflows(db: AmdflowDB, cfg: CampaignConfig, report: AddReport, progress: Progress | None = None) -> None:
     """Add a workflow for every candidate of the campaign that has none (bulk insert)."""
     from amdflow.workflows import candidate_workflow
@@ -158,13 +181,15 @@ def add_reference_workflows(db: AmdflowDB, cfg: CampaignConfig, run_type: str, r
         db.references.insert_many([r.to_mongo() for r in pending], ordered=False)
 
 
-def add_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = False, progress: Progress | None = None) -> AddReport:
+def add_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = False, progress: Progress | None = None,
+                 workflows: bool = True, workers: int | None = None) -> AddReport:
     """Generate candidates and add their workflows; running it twice adds nothing."""
     report = AddReport()
     doc = register_campaign(db, cfg, allow_changed)
-    insert_candidates(db, cfg, report, progress)
-    add_reference_workflows(db, cfg, doc["run_type"], report)
-    add_workflows(db, cfg, report, progress)
+    insert_candidates(db, cfg, report, progress, workers)
+    if workflows:
+        add_reference_workflows(db, cfg, doc["run_type"], report)
+        add_workflows(db, cfg, report, progress)
     db.flush()
     return report
 

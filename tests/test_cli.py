@@ -132,3 +132,40 @@ def test_campaign_cli_kill_and_resume(tmp_path, binary_campaign_dict):
     assert lpad.returncode == 0, lpad.stderr
     wf_ids = json.loads(lpad.stdout[lpad.stdout.index("["):])
     assert len(wf_ids) == 8  # 6 candidate + 2 reference workflows
+
+
+def test_generate_dry_run_and_bad_inputs(tmp_path):
+    from pymatgen.core import Lattice, Structure
+
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    (folder / "broken.cif").write_text("data_x\n_cell_length_a 3\nloop_\n_atom_site_label\n")
+    Structure(Lattice.cubic(4.1), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(filename=str(folder / "CsCl.cif"))
+    campaign = {"name": "gen", "elements": ["Fe", "Al", "Ni"],
+                "templates": [{"source": "folder", "path": "templates"}, {"source": "aflow", "prototypes": ["AB2C_cF16_225_a_c_b"]}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(campaign))
+    proc = amdflow("generate", "c.yaml", "--dry-run", "--json", cwd=tmp_path)
+    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the malformed CIF is reported, the other templates still give candidates
+    assert "skipped 1 template(s), unreadable: folder:broken.cif" in proc.stderr
+    assert (plan["templates_read"], plan["templates_skipped"]) == (2, 1)
+    assert (plan["assignments"], plan["after_symmetry"], plan["candidates"]) == (12, 6, 6)
+    assert plan["estimated_bytes"]["total"] > plan["estimated_bytes"]["candidates"] > 0
+    assert not (tmp_path / "gen").exists()  # a dry run writes nothing
+
+    stored = amdflow("generate", "c.yaml", "--json", cwd=tmp_path)
+    assert json.loads(stored.stdout.strip().splitlines()[-1])["new_candidates"] == 6
+    again = amdflow("generate", "c.yaml", "--json", cwd=tmp_path)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["new_candidates"] == 0
+
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ({**campaign, "templates": [{"source": "folder", "path": "empty"}]}, "holds no *.cif"),
+        ({**campaign, "elements": ["Fe", "Xq"]}, "unknown element 'Xq'"),
+        ({**campaign, "elements": ["Fe", "Kr"]}, "are in generate.exclude_elements"),
+    ]
+    for bad, message in cases:
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+        proc = amdflow("generate", "bad.yaml", "--dry-run", cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -92,7 +92,7 @@ def test_subsystems_scales_and_determinism():
     off = cfg(["Fe", "Al", "Ni"], aflow("AB_cP2_221_b_a", "AB2C_cF16_225_a_c_b"), generate={"include_subsystems": False})
     docs, report = run(off)
     assert {d["template"]["template_id"] for d in docs} == {"AB2C_cF16_225_a_c_b"}
-    assert report.templates.skipped == [("aflow:AB_cP2_221_b_a", "2 distinct elements and include_subsystems is off")]
+    assert report.templates.skipped == [("aflow:AB_cP2_221_b_a", "subsystem template, include_subsystems is off (2 elements)")]
 
 
 def test_parallel_equals_serial():
@@ -125,8 +125,8 @@ def test_filters_known_answers():
     # templates with excluded elements or big formulas are skipped with the reason
     docs, report = run(cfg(["Fe", "Al"], aflow("AB_cP2_221_b_a", "AB3_cP4_221_a_c"), generate={"exclude_elements": ["Cs"], "max_formula_atoms": 3}))
     assert dict(report.templates.skipped) == {
-        "aflow:AB_cP2_221_b_a": "contains excluded element(s) ['Cs']",
-        "aflow:AB3_cP4_221_a_c": "reduced formula has 4 atoms > max_formula_atoms 3",
+        "aflow:AB_cP2_221_b_a": "excluded elements (Cs)",
+        "aflow:AB3_cP4_221_a_c": "formula too large (4 atoms > max_formula_atoms 3)",
     }
     assert docs == []
 
@@ -157,7 +157,7 @@ def test_folder_source_every_format_and_bad_files(tmp_path):
     docs, report = run(cfg(["Fe", "Al"], [{"source": "folder", "path": str(folder)}]))
     reasons = dict(report.templates.skipped)
     assert "unreadable" in reasons["folder:broken.cif"]
-    assert reasons["folder:dis.cif"] == "disordered or partially occupied"
+    assert reasons["folder:dis.cif"] == "disordered (partial occupancy)"
     ids = {d["template"]["template_id"] for d in docs}
     assert ids == {"NaCl.cif", "sub/POSCAR", "CsCl.vasp", "many.json#0", "many.json#1", "entry.json"}
     assert report.templates.read == 6

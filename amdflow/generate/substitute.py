@@ -118,23 +118,28 @@ def template_rejection(template: Template, n_targets: int, gen: GenerateConfig, 
     """Why a template cannot be used, or None."""
     s = template.structure
     if not s.is_ordered:
-        return "disordered or partially occupied"
+        return "disordered (partial occupancy)"
     elements = template.elements
     if len(elements) < 2:
-        return "fewer than 2 distinct elements"
+        return "fewer than 2 elements (elemental structure)"
     if len(elements) > n_targets:
-        return f"{len(elements)} distinct elements but only {n_targets} target elements"
+        return f"more elements than targets ({len(elements)} > {n_targets})"
     if not gen.include_subsystems and len(elements) != n_targets:
-        return f"{len(elements)} distinct elements and include_subsystems is off"
+        return f"subsystem template, include_subsystems is off ({len(elements)} elements)"
     if len(s) > max_sites:
-        return f"{len(s)} sites > max_sites {max_sites}"
+        return f"too many sites ({len(s)} > max_sites {max_sites})"
     excluded = sorted(set(elements) & set(gen.exclude_elements))
     if excluded:
-        return f"contains excluded element(s) {excluded}"
+        return f"excluded elements ({', '.join(excluded)})"
     natoms = int(s.composition.reduced_composition.num_atoms)
     if natoms > gen.max_formula_atoms:
-        return f"reduced formula has {natoms} atoms > max_formula_atoms {gen.max_formula_atoms}"
+        return f"formula too large ({natoms} atoms > max_formula_atoms {gen.max_formula_atoms})"
     return None
+
+
+def reason_category(reason: str) -> str:
+    """The part of a skip reason before its details: 'too many sites (14 > 8)' -> 'too many sites'."""
+    return reason.split(" (")[0]
 
 
 @lru_cache(maxsize=4096)
@@ -244,7 +249,7 @@ class GenerateReport:
         return self.stats.candidates
 
     def as_dict(self) -> dict[str, Any]:
-        reasons = Counter(reason.split(":")[0] if reason.startswith("unreadable") else reason for _, reason in self.templates.skipped)
+        reasons = Counter(reason_category(reason) for _, reason in self.templates.skipped)
         return {
             "templates_read": self.templates.read,
             "templates_skipped": len(self.templates.skipped),

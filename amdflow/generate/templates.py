@@ -190,7 +190,7 @@ def load_item(item: TemplateItem) -> tuple[list[Template], list[tuple[str, str]]
                 return [Template(item.source, f"{item.rel}#{key}" if many else item.rel, s) for key, s in pairs], []
             return [Template(item.source, item.rel, Structure.from_file(path))], []
     except Exception as err:  # pymatgen raises many types for malformed files
-        reason = f"unreadable: {type(err).__name__}: {err}".replace("\n", " ")[:200]
+        reason = f"unreadable ({type(err).__name__}: {err})".replace("\n", " ")[:200]
         return [], [(f"{item.source}:{item.rel}", reason)]
 
 
