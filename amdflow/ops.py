@@ -82,7 +82,9 @@ def insert_candidates(db: AmdflowDB, cfg: CampaignConfig, report: AddReport, pro
     from pymongo.errors import BulkWriteError
 
     gen = GenerateReport()
-    for batch in _batches(generate_candidates(cfg, gen, workers=workers, progress=progress), INSERT_BATCH):
+    # MongoDB takes raw BSON as built; mongomock needs plain dicts.
+    raw = not type(db.candidates).__module__.startswith("mongomock")
+    for batch in _batches(generate_candidates(cfg, gen, workers=workers, progress=progress, raw=raw), INSERT_BATCH):
         ids = list({d["candidate_id"]: None for d in batch})
         have = {d["candidate_id"] for d in db.candidates.find({"candidate_id": {"$in": ids}}, {"candidate_id": 1})}
         unique = {d["candidate_id"]: d for d in batch if d["candidate_id"] not in have}
@@ -111,8 +113,8 @@ def plan_campaign(cfg: CampaignConfig, workers: int | None = None, progress: Pro
 
     gen = GenerateReport()
     candidate_bytes = 0
-    for doc in generate_candidates(cfg, gen, workers=workers, progress=progress):
-        candidate_bytes += len(bson.encode(doc))
+    for doc in generate_candidates(cfg, gen, workers=workers, progress=progress, raw=True):
+        candidate_bytes += len(doc.raw)
     wf = candidate_workflow("0" * 24, cfg.name, "AB")
     wf_bytes = len(bson.encode(wf.to_db_dict())) + sum(len(bson.encode(fw.to_db_dict())) for fw in wf.fws)
     plan = gen.as_dict()

@@ -77,7 +77,12 @@ def test_documents_round_trip_to_pymatgen_and_match_the_schema():
         assert np.allclose(ours.lattice.matrix, ref.lattice.matrix, atol=1e-9)
         assert [s.specie.symbol for s in ours] == [s.specie.symbol for s in ref]
         assert np.allclose(ours.frac_coords % 1, ref.frac_coords % 1, atol=1e-9)
-        assert doc["structure"]["lattice"]["volume"] == pytest.approx(ref.volume)
+        assert ours.volume == pytest.approx(ref.volume)
+        assert doc["structure"] == {**ref.as_dict(verbosity=0), "sites": doc["structure"]["sites"], "lattice": doc["structure"]["lattice"]}
+        ref_sites = ref.as_dict(verbosity=0)["sites"]
+        for mine, theirs in zip(doc["structure"]["sites"], ref_sites, strict=True):
+            assert mine.keys() == theirs.keys() and mine["species"] == theirs["species"]
+            assert np.allclose(np.mod(mine["abc"], 1.0), np.mod(theirs["abc"], 1.0), atol=1e-9)
         assert doc["candidate_id"] == candidate_id("t", ref)
         assert doc["formula"] == ref.composition.reduced_formula
 
@@ -103,6 +108,20 @@ def test_parallel_equals_serial():
     assert rs.as_dict() == rp.as_dict()
     counted, rc = run(c, workers=2, build=False)
     assert counted == [] and rc.candidates == len(serial)
+
+
+def test_chunked_tasks_give_the_same_stream(monkeypatch):
+    import importlib
+
+    substitute_module = importlib.import_module("amdflow.generate.substitute")
+
+    c = cfg(["Fe", "Al", "Ni", "Co"], [{"source": "aflow", "max_sites": 6}], generate={"lattice_scales": [0.98, 1.0, 1.02]})
+    whole = [d["candidate_id"] for d in run(c)[0]]
+    monkeypatch.setattr(substitute_module, "CHUNK", 7)
+    for workers in (1, 2):
+        docs, report = run(c, workers=workers)
+        assert [d["candidate_id"] for d in docs] == whole
+        assert report.candidates == len(whole)
 
 
 def test_ids_are_site_order_free():

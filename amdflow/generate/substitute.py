@@ -10,10 +10,11 @@ Candidate ids are content hashes of the campaign name and the canonical structur
 (lattice and (Z, fractional coordinates) rounded to 1e-4, sites sorted), so generating
 twice gives the same ids and the database's unique index turns reruns into no-ops.
 
-The document builder writes the same dict as ``Structure.as_dict()`` (a test checks the
-round trip). Measured here: building it from arrays takes ~25 us per 4-site candidate
-against ~290 us for copy + replace_species + scale_lattice + as_dict in pymatgen
-(scripts/bench_generate.py), which is why we do not go through Structure per candidate.
+The document builder writes the same dict as ``Structure.as_dict(verbosity=0)`` (a test
+checks the round trip with ``Structure.from_dict``). Measured here: building it from
+arrays takes a few microseconds per candidate against ~290 us for copy +
+replace_species + scale_lattice + as_dict in pymatgen, which is why we do not go through
+a Structure per candidate (scripts/bench_generate.py, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -45,6 +46,23 @@ from amdflow.generate.templates import (
 from amdflow.generate.volume import atomic_volume, scaled_volume
 
 ID_LENGTH = 24  # hex characters of the sha256 kept in an id (96 bits)
+_CODEC = None  # set on first use: BSON codec options keeping datetimes timezone-aware
+
+
+def _codec() -> Any:
+    global _CODEC
+    if _CODEC is None:
+        from bson.codec_options import CodecOptions
+
+        _CODEC = CodecOptions(tz_aware=True, tzinfo=UTC)
+    return _CODEC
+
+
+def _raw_codec() -> Any:
+    from bson.codec_options import CodecOptions
+    from bson.raw_bson import RawBSONDocument
+
+    return CodecOptions(document_class=RawBSONDocument, tz_aware=True, tzinfo=UTC)
 WINDOW_PER_WORKER = 4  # templates in flight per worker (bounds memory)
 
 
@@ -70,13 +88,21 @@ def _z(symbol: str) -> int:
     return Element(symbol).Z
 
 
-def _id_from_arrays(campaign: str, matrix: np.ndarray, z: np.ndarray, frac: np.ndarray) -> str:
+def _canonical_rows(z: np.ndarray, frac: np.ndarray) -> np.ndarray:
+    """(Z, fractional coordinates x 1e4 as integers) per site, sorted."""
     f = np.rint(np.mod(frac, 1.0) * 1e4).astype(np.int64) % 10_000
     rows = np.column_stack([z.astype(np.int64), f])
-    rows = rows[np.lexsort(rows.T[::-1])]
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def _id_from_rows(campaign: str, matrix: np.ndarray, rows: np.ndarray) -> str:
     lat = np.rint(matrix * 1e4).astype(np.int64)
-    digest = hashlib.sha256(campaign.encode() + b"\0" + lat.tobytes() + b"\0" + rows.tobytes())
+    digest = hashlib.sha256(campaign.encode() + b"\0" + lat.tobytes() + b"\0" + np.ascontiguousarray(rows).tobytes())
     return digest.hexdigest()[:ID_LENGTH]
+
+
+def _id_from_arrays(campaign: str, matrix: np.ndarray, z: np.ndarray, frac: np.ndarray) -> str:
+    return _id_from_rows(campaign, matrix, _canonical_rows(z, frac))
 
 
 def candidate_id(campaign: str, structure: Structure) -> str:
@@ -98,6 +124,7 @@ class TemplatePlan:
     group: tuple[tuple[int, ...], ...]
     template_volume_sum: float  # sum of the template's elemental atomic volumes
     reduced_counts: np.ndarray  # per label, in the reduced formula
+    abc: list[list[float]] = field(default_factory=list)  # fractional coords as lists
 
     @classmethod
     def build(cls, template: Template, symmetry: bool, symprec: float) -> TemplatePlan:
@@ -111,7 +138,19 @@ class TemplatePlan:
         group = colour_symmetry(matrix, frac, site_labels, symprec) if symmetry else (tuple(range(len(labels))),)
         gcd = math.gcd(*counts.tolist())
         return cls(template, labels, site_labels, counts, frac, matrix, group,
-                   float(sum(atomic_volume(el) * c for el, c in zip(labels, counts, strict=True))), counts // gcd)
+                   float(sum(atomic_volume(el) * c for el, c in zip(labels, counts, strict=True))), counts // gcd,
+                   frac.tolist())
+
+    def sites(self, symbols: Sequence[str]) -> list[dict[str, Any]]:
+        """Site dicts of ``Structure.as_dict(verbosity=0)`` (independent of the lattice scale)."""
+        return [{"species": [{"element": el, "occu": 1}], "abc": f, "properties": {}}
+                for el, f in zip(symbols, self.abc, strict=True)]
+
+    def structure_dict(self, sites: list[dict[str, Any]], factor: float) -> dict[str, Any]:
+        """``Structure.as_dict(verbosity=0)`` with lattice vectors times ``factor``."""
+        return {"@module": "pymatgen.core.structure", "@class": "Structure", "charge": 0.0,
+                "lattice": {"matrix": (self.matrix * factor).tolist(), "pbc": [True, True, True]},
+                "properties": {}, "sites": sites}
 
 
 def template_rejection(template: Template, n_targets: int, gen: GenerateConfig, max_sites: int) -> str | None:
@@ -150,37 +189,16 @@ def charge_balanced(formula_key: tuple[tuple[str, int], ...]) -> bool:
     return bool(Composition(dict(formula_key)).oxi_state_guesses(max_sites=-50))
 
 
-def _lattice_dict(matrix: np.ndarray) -> dict[str, Any]:
-    lengths = np.linalg.norm(matrix, axis=1)
-    a, b, c = matrix
-
-    def angle(u: np.ndarray, v: np.ndarray, lu: float, lv: float) -> float:
-        return float(np.degrees(np.arccos(np.clip(np.dot(u, v) / (lu * lv), -1, 1))))
-
-    return {
-        "matrix": matrix.tolist(), "pbc": [True, True, True],
-        "a": float(lengths[0]), "b": float(lengths[1]), "c": float(lengths[2]),
-        "alpha": angle(b, c, lengths[1], lengths[2]), "beta": angle(a, c, lengths[0], lengths[2]),
-        "gamma": angle(a, b, lengths[0], lengths[1]), "volume": float(abs(np.linalg.det(matrix))),
-    }
-
-
-def structure_dict(matrix: np.ndarray, symbols: Sequence[str], frac: np.ndarray) -> dict[str, Any]:
-    """The dict ``Structure.as_dict()`` writes, built from arrays."""
-    xyz = frac @ matrix
-    sites = [
-        {"species": [{"element": el, "occu": 1.0}], "abc": f, "properties": {}, "label": el, "xyz": x}
-        for el, f, x in zip(symbols, frac.tolist(), xyz.tolist(), strict=True)
-    ]
-    return {"@module": "pymatgen.core.structure", "@class": "Structure", "charge": 0.0,
-            "lattice": _lattice_dict(matrix), "properties": {}, "sites": sites}
-
-
 def _formula(labels_targets: Sequence[str], reduced_counts: np.ndarray) -> tuple[str, tuple[tuple[str, int], ...]]:
+    key = tuple(sorted(zip(labels_targets, reduced_counts.tolist(), strict=True)))
+    return _reduced_formula(key), key
+
+
+@lru_cache(maxsize=65536)
+def _reduced_formula(key: tuple[tuple[str, int], ...]) -> str:
     from pymatgen.core import Composition
 
-    key = tuple(sorted(zip(labels_targets, reduced_counts.tolist(), strict=True)))
-    return Composition(dict(key)).reduced_formula, key
+    return Composition(dict(key)).reduced_formula
 
 
 @dataclass
@@ -199,25 +217,54 @@ class PlanStats:
         self.candidates += other.candidates
 
 
-def candidates_for_plan(plan: TemplatePlan, cfg: CampaignConfig, stats: PlanStats, build: bool = True) -> Iterator[dict[str, Any]]:
-    """Candidate documents (plain dicts of the CandidateDoc schema) of one template."""
+def _label_rows(plan: TemplatePlan) -> list[np.ndarray]:
+    """Per template label: its sites' fractional coordinates x 1e4 as sorted integer rows."""
+    f = np.rint(plan.frac * 1e4).astype(np.int64) % 10_000
+    out = []
+    for label in range(len(plan.labels)):
+        rows = f[plan.site_labels == label]
+        out.append(rows[np.lexsort(rows.T[::-1])])
+    return out
+
+
+def candidates_for_plan(plan: TemplatePlan, cfg: CampaignConfig, stats: PlanStats | None, build: bool = True,
+                        start: int = 0, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """Candidate documents (plain dicts of the CandidateDoc schema) of one template.
+
+    Documents are numbered over (distinct assignment, lattice scale); only those with
+    index in [start, start + limit) are built. ``stats`` (if given) counts the whole template.
+    """
     gen = cfg.generate
     kept, total = distinct_assignments(len(plan.labels), cfg.elements, plan.group, gen.include_subsystems)
-    stats.assignments += total
-    stats.distinct += len(kept)
-    tmpl = plan.template
-    template_ref = {"source": tmpl.source, "template_id": tmpl.template_id, "formula": tmpl.structure.composition.reduced_formula}
-    now = datetime.now(UTC)
+    passing = []
+    filtered = Counter()
     for tau in kept:
         formula, key = _formula(tau, plan.reduced_counts)
         if gen.charge_balance and not charge_balanced(key):
-            stats.filtered["not charge balanced"] += 1
+            filtered["not charge balanced"] += 1
             continue
-        stats.candidates += len(gen.lattice_scales)
-        if not build:
-            continue
+        passing.append((tau, formula))
+    n_scales = len(gen.lattice_scales)
+    if stats is not None:
+        stats.assignments += total
+        stats.distinct += len(kept)
+        stats.filtered.update(filtered)
+        stats.candidates += len(passing) * n_scales
+    if not build:
+        return
+    stop = len(passing) * n_scales if limit is None else min(start + limit, len(passing) * n_scales)
+    if start >= stop:
+        return
+    tmpl = plan.template
+    template_ref = {"source": tmpl.source, "template_id": tmpl.template_id, "formula": tmpl.structure.composition.reduced_formula}
+    label_rows = _label_rows(plan)
+    now = datetime.now(UTC)
+    for t_index in range(start // n_scales, (stop - 1) // n_scales + 1):
+        tau, formula = passing[t_index]
         symbols = [tau[i] for i in plan.site_labels]
-        z = np.array([_z(el) for el in symbols])
+        zs = [_z(t) for t in tau]
+        rows = np.concatenate([np.column_stack([np.full(len(label_rows[lab]), zs[lab]), label_rows[lab]])
+                               for lab in sorted(range(len(tau)), key=zs.__getitem__)])
         if gen.scale_volume:
             new_sum = float(sum(atomic_volume(t) * c for t, c in zip(tau, plan.counts, strict=True)))
             base = (new_sum / plan.template_volume_sum) ** (1.0 / 3.0)
@@ -225,12 +272,15 @@ def candidates_for_plan(plan: TemplatePlan, cfg: CampaignConfig, stats: PlanStat
             base = 1.0
         elements = sorted(set(tau))
         substitution = dict(zip(plan.labels, tau, strict=True))
-        for scale in gen.lattice_scales:
-            matrix = plan.matrix * (base * scale)
+        sites = plan.sites(symbols)  # shared by this decoration's lattice scales (never mutated)
+        for s_index, scale in enumerate(gen.lattice_scales):
+            if not start <= t_index * n_scales + s_index < stop:
+                continue
+            factor = base * scale
             yield {
-                "candidate_id": _id_from_arrays(cfg.name, matrix, z, plan.frac),
+                "candidate_id": _id_from_rows(cfg.name, plan.matrix * factor, rows),
                 "campaign": cfg.name, "formula": formula, "chemsys": "-".join(elements), "elements": elements,
-                "nsites": len(symbols), "structure": structure_dict(matrix, symbols, plan.frac),
+                "nsites": len(symbols), "structure": plan.structure_dict(sites, factor),
                 "template": template_ref, "substitution": substitution, "lattice_scale": scale,
                 "state": "generated", "prediction": None, "dedup": None, "task_id": None, "thermo": None,
                 "error": None, "fw_ids": {}, "created_at": now, "updated_at": now,
@@ -261,71 +311,157 @@ class GenerateReport:
         }
 
 
-def process_item(item: TemplateItem, cfg: CampaignConfig, build: bool = True) -> tuple[list[dict[str, Any]], TemplateLog, PlanStats]:
-    """One template item -> its candidate documents, log and counts (runs in a worker)."""
+CHUNK = 2000  # most documents one worker task returns (bounds memory per task)
+
+
+def process_item(item: TemplateItem, cfg: CampaignConfig, build: bool = True, start: int = 0,
+                 limit: int | None = None) -> tuple[list[dict[str, Any]], TemplateLog, PlanStats, int | None]:
+    """One template item -> documents [start, start + limit), log, counts, next start.
+
+    The log and counts describe the whole item and come with ``start == 0`` only; a
+    template with more documents than ``limit`` is continued by another task.
+    """
+    limit = limit or CHUNK
+    first = start == 0
     log = TemplateLog()
     stats = PlanStats()
     docs: list[dict[str, Any]] = []
     templates, skipped = load_item(item)
-    log.skipped.extend(skipped)
+    if first:
+        log.skipped.extend(skipped)
+    offset = 0  # document index where the current template starts, over the item
     for tmpl in templates:
         reason = template_rejection(tmpl, len(cfg.elements), cfg.generate, item.max_sites)
         if reason:
-            log.skipped.append((f"{tmpl.source}:{tmpl.template_id}", reason))
+            if first:
+                log.skipped.append((f"{tmpl.source}:{tmpl.template_id}", reason))
             continue
-        log.read += 1
+        if first:
+            log.read += 1
         plan = TemplatePlan.build(tmpl, cfg.generate.symmetry_reduce, cfg.generate.symprec)
-        docs.extend(candidates_for_plan(plan, cfg, stats, build))
-    return docs, log, stats
+        counts = PlanStats()
+        list(candidates_for_plan(plan, cfg, counts, build=False))
+        if first:
+            stats.merge(counts)
+        n = counts.candidates
+        if build and start < offset + n and len(docs) < limit:
+            local = max(start - offset, 0)
+            docs.extend(candidates_for_plan(plan, cfg, None, True, local, limit - len(docs)))
+        offset += n
+    end = start + len(docs)
+    return docs, log, stats, (end if build and end < offset else None)
 
 
-def default_workers() -> int:
+def _process_item_bson(item: TemplateItem, cfg: CampaignConfig, build: bool, start: int) -> tuple[bytes, TemplateLog, PlanStats, int | None]:
+    """``process_item`` for a worker process: the documents travel as one BSON blob.
+
+    Pickling nested dicts between processes costs about as much as building them;
+    BSON encoding and decoding run in C (measured: 2 workers went from slower than one
+    process to faster, BENCHMARKS.md).
+    """
+    import bson
+
+    docs, log, stats, next_start = process_item(item, cfg, build, start)
+    return bson.encode({"d": docs}), log, stats, next_start
+
+
+PARALLEL_MIN_DOCS = 20_000  # below this (estimated) a process pool costs more than it saves
+
+
+def default_workers(items: Sequence[TemplateItem], cfg: CampaignConfig | None = None) -> int:
+    """AMDFLOW_GENERATE_WORKERS, else a pool (CPU count, at most 8) for big or file-based jobs.
+
+    Measured here (BENCHMARKS.md): for a folder of CIFs parsing dominates and 2 workers
+    run 1.7x faster; for in-memory templates 2 workers gain 1.3-1.4x on jobs of 30,000+
+    documents but lose on small ones, where starting the pool costs more than the work.
+    The job size is estimated as templates x ordered target triples x lattice scales.
+    """
     from amdflow.settings import get_settings
 
-    return get_settings().generate_workers or min(os.cpu_count() or 1, 8)
+    configured = get_settings().generate_workers
+    if configured:
+        return configured
+    pool = min(os.cpu_count() or 1, 8)
+    if any(item.kind == "file" for item in items):
+        return pool
+    if cfg is not None:
+        n = len(cfg.elements)
+        estimate = len(items) * math.perm(n, min(n, 3)) * len(cfg.generate.lattice_scales)
+        if estimate >= PARALLEL_MIN_DOCS:
+            return pool
+    return 1
 
 
 def generate_candidates(cfg: CampaignConfig, report: GenerateReport | None = None, workers: int | None = None,
-                        build: bool = True, progress: Any = None) -> Iterator[dict[str, Any]]:
+                        build: bool = True, progress: Any = None, raw: bool = False) -> Iterator[Any]:
     """Stream candidate documents of a campaign; fills ``report`` as it goes.
 
-    With more than one worker, templates are processed in a process pool with at most
-    ``WINDOW_PER_WORKER`` templates per worker in flight; output order follows the
-    template order either way, so the stream is deterministic.
+    ``raw=True`` yields ``bson.raw_bson.RawBSONDocument``s: what pymongo inserts without
+    re-encoding, with fields decoded lazily on access. Decoding whole documents costs
+    ~40 us each (more than building one), so a database consumer should ask for raw.
+
+    With more than one worker, template items are processed in a process pool, at most
+    ``WINDOW_PER_WORKER`` tasks per worker in flight and at most ``CHUNK`` documents per
+    task, so memory stays bounded however large a template's output is. Output order is
+    the same as in one process: the stream is deterministic.
     """
+    import bson
+    from bson.raw_bson import RawBSONDocument
+
     report = report if report is not None else GenerateReport()
     items = template_items(cfg)
-    workers = workers or default_workers()
+    workers = workers or default_workers(items, cfg)
+    done_items = 0
     if progress:
         progress(0, len(items), "reading templates")
 
-    def account(done: int, result: tuple[list[dict[str, Any]], TemplateLog, PlanStats]) -> list[dict[str, Any]]:
-        docs, log, stats = result
-        report.templates.merge(log)
-        report.stats.merge(stats)
-        if progress:
-            progress(done, len(items), "reading templates")
+    def account(result: tuple[Any, TemplateLog, PlanStats, int | None], start: int) -> list[dict[str, Any]]:
+        nonlocal done_items
+        docs, log, stats, next_start = result
+        if isinstance(docs, bytes):
+            options = _raw_codec() if raw else _codec()
+            docs = bson.decode(docs, codec_options=options)["d"]
+        elif raw:
+            raw_options = _raw_codec()
+            docs = [RawBSONDocument(bson.encode(d), codec_options=raw_options) for d in docs]
+        if start == 0:
+            report.templates.merge(log)
+            report.stats.merge(stats)
+        if next_start is None:
+            done_items += 1
+            if progress:
+                progress(done_items, len(items), "reading templates")
         return docs
 
     if workers <= 1 or len(items) < 2 * workers:
-        for n, item in enumerate(items, start=1):
-            yield from account(n, process_item(item, cfg, build))
+        for item in items:
+            start: int | None = 0
+            while start is not None:
+                result = process_item(item, cfg, build, start)
+                yield from account(result, start)
+                start = result[3]
         return
     import multiprocessing
 
     ctx = multiprocessing.get_context("fork") if hasattr(os, "fork") else None
+    submit_item = _process_item_bson
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        pending: dict[int, Any] = {}
-        results: dict[int, Any] = {}
-        next_submit = next_yield = 0
+        order: list[tuple[int, int]] = []  # task keys (item index, start) in output order
+        futures: dict[tuple[int, int], Any] = {}
+        next_item = 0
         window = workers * WINDOW_PER_WORKER
-        while next_yield < len(items):
-            while next_submit < len(items) and len(pending) + len(results) < window:
-                pending[next_submit] = pool.submit(process_item, items[next_submit], cfg, build)
-                next_submit += 1
-            while next_yield not in results:
-                done, _ = wait(pending.values(), return_when=FIRST_COMPLETED)
-                for idx in [i for i, f in pending.items() if f in done]:
-                    results[idx] = pending.pop(idx).result()
-            yield from account(next_yield + 1, results.pop(next_yield))
-            next_yield += 1
+        while order or next_item < len(items):
+            while next_item < len(items) and len(futures) < window:
+                key = (next_item, 0)
+                futures[key] = pool.submit(submit_item, items[next_item], cfg, build, 0)
+                order.append(key)
+                next_item += 1
+            key = order[0]
+            result = futures[key].result()
+            del futures[key]
+            order.pop(0)
+            if result[3] is not None:  # continue this template before the next item
+                cont = (key[0], result[3])
+                futures[cont] = pool.submit(submit_item, items[key[0]], cfg, build, result[3])
+                order.insert(0, cont)
+            yield from account(result, key[1])

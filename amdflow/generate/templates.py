@@ -9,6 +9,7 @@ that cannot be used is recorded with its reason; nothing is dropped silently.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ class Template:
     template_id: str
     structure: Structure
 
-    @property
+    @functools.cached_property
     def elements(self) -> list[str]:
         """Distinct elements in first-appearance order."""
         return list(dict.fromkeys(el.symbol for site in self.structure for el in site.species.elements))
@@ -84,6 +85,11 @@ def aflow_library() -> tuple[tuple[str, Structure], ...]:
         k = seen[label] = seen.get(label, 0) + 1
         out.append((label if k == 1 else f"{label}#{k}", it["snl"].structure))
     return tuple(out)
+
+
+@lru_cache(maxsize=1)
+def aflow_index() -> dict[str, Structure]:
+    return dict(aflow_library())
 
 
 def _aflow_items(cfg: AflowTemplates) -> list[TemplateItem]:
@@ -176,8 +182,7 @@ def _structures_from_json(path: Path) -> list[tuple[str, Structure]]:
 def load_item(item: TemplateItem) -> tuple[list[Template], list[tuple[str, str]]]:
     """Templates from one item, and (template, reason) for what could not be read."""
     if item.kind == "aflow":
-        structure = dict(aflow_library())[item.ref]
-        return [Template("aflow", item.ref, structure)], []
+        return [Template("aflow", item.ref, aflow_index()[item.ref])], []
     if item.kind == "structure":
         return [Template(item.source, item.ref, item.payload)], []
     path = Path(item.ref)

@@ -85,7 +85,7 @@ class CandidateDoc(_Doc):
     chemsys: str
     elements: list[str]
     nsites: int
-    structure: dict[str, Any] = Field(description="pymatgen Structure.as_dict() of the unrelaxed candidate.")
+    structure: dict[str, Any] = Field(description="pymatgen Structure.as_dict(verbosity=0) of the unrelaxed candidate.")
     template: TemplateRef
     substitution: dict[str, str] = Field(description="Template element -> target element.")
     lattice_scale: float = Field(1.0, description="Linear factor applied after the volume rule.")
