@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -18,7 +19,15 @@ def plot_phase_diagram(entries: list[HullEntry], path: Path, title: str = "", sh
 
     pd = PhaseDiagram([e.to_computed_entry() for e in entries])
     plotter = PDPlotter(pd, backend="matplotlib", show_unstable=show_unstable)
-    ax = plotter.get_plot()
+    # PDPlotter fixes an equal aspect ratio, and matplotlib logs a harmless warning about it
+    # on every plot; keep that one logger quiet while we plot.
+    mpl_logger = logging.getLogger("matplotlib.axes._base")
+    previous = mpl_logger.level
+    mpl_logger.setLevel(logging.ERROR)
+    try:
+        ax = plotter.get_plot()
+    finally:
+        mpl_logger.setLevel(previous)
     fig = ax.figure if hasattr(ax, "figure") else plt.gcf()
     if title:
         fig.suptitle(title, y=1.04)
