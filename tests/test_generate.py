@@ -243,3 +243,23 @@ def test_no_decoration_lost_on_aflow_ternaries():
     assert naive_total == 6 * len(ternary)
     assert lost == 0
     assert report.stats.distinct < naive_total  # the reduction removed something
+
+
+def test_raw_bson_stream_equals_dict_stream():
+    """The stream MongoDB gets (RawBSONDocument) holds exactly the dict documents."""
+    import bson
+    from bson.codec_options import CodecOptions
+
+    from amdflow.generate.substitute import UTC
+
+    c = cfg(["Fe", "Al", "Ni", "Co"], [{"source": "aflow", "max_sites": 4}], generate={"lattice_scales": [1.0, 1.02]})
+    plain = run(c)[0]
+    options = CodecOptions(tz_aware=True, tzinfo=UTC)
+    for workers in (1, 2):
+        raw = list(generate_candidates(c, workers=workers, raw=True))
+        assert len(raw) == len(plain)
+        for r, d in zip(raw, plain, strict=True):
+            assert r["candidate_id"] == d["candidate_id"]  # lazy field access, as the inserter does
+            decoded = bson.decode(r.raw, codec_options=options)
+            assert decoded == {**d, "created_at": decoded["created_at"], "updated_at": decoded["updated_at"]}
+            assert abs((decoded["created_at"] - d["created_at"]).total_seconds()) < 60
