@@ -148,3 +148,28 @@ def test_reference_predictions_tie_free_rows(tmp_path):
     assert len(tie_free) >= 100
     worst = max(tie_free, key=diffs.get)
     assert diffs[worst] < 1e-4, f"{worst}: {diffs[worst]}"
+
+
+def test_predict_sources_order_errors_and_workers(tmp_path):
+    from amdflow.screen.predict import GRAPH_CHUNK, predict_sources
+
+    base = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.62), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    paths = []
+    for i in range(3 * GRAPH_CHUNK):
+        s = base.copy()
+        s.scale_lattice(base.volume * (0.9 + 0.002 * i))
+        path = tmp_path / f"s{i:03d}.cif"
+        s.to(filename=str(path))
+        paths.append(path)
+    bad = tmp_path / "bad.cif"
+    bad.write_text("data_x\n_cell_length_a 3\nloop_\n_atom_site_label\n")
+    paths.insert(5, bad)
+    p = get_predictor()
+    serial = predict_sources(p, paths, workers=1)
+    assert set(serial.errors) == {5} and "Error" in serial.errors[5]
+    assert np.isnan(serial.values[5]) and np.isfinite(np.delete(serial.values, 5)).all()
+    expected = p.predict([Structure.from_file(x) for x in paths if x != bad])
+    np.testing.assert_allclose(np.delete(serial.values, 5), expected, atol=1e-6)
+    parallel = predict_sources(p, paths, workers=2)
+    assert parallel.errors.keys() == serial.errors.keys()
+    np.testing.assert_allclose(parallel.values, serial.values, atol=1e-6, equal_nan=True)
