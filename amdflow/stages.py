@@ -223,6 +223,28 @@ def pending_references(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> lis
     return [w for w in wanted if w.ref_id not in have]
 
 
+# ---------------------------------------------------------------- training data
+def campaign_training_data(db: AmdflowDB, campaign: str) -> tuple[list[str], list[dict[str, Any]], list[float]]:
+    """(material ids, relaxed structures as dicts, formation energies in eV/atom) of a campaign's hull.
+
+    Every material on the campaign's hull of its run type: relaxed candidates and the
+    elemental reference phases, with formation energies against the references computed
+    the same way (the thermo collection).
+    """
+    cfg, doc = load_campaign_config(db, campaign)
+    thermo = {t["material_id"]: t["formation_energy_per_atom"]
+              for t in db.thermo.find({"hull_chemsys": cfg.chemsys, "run_type": doc["run_type"]},
+                                      {"material_id": 1, "formation_energy_per_atom": 1})}
+    if not thermo:
+        raise AmdflowError(f"campaign '{campaign}' has no hull yet: run it (`amdflow run`) before training on it")
+    ids, structures, targets = [], [], []
+    for task in db.tasks.find({"task_id": {"$in": sorted(thermo)}}, {"_id": 0, "task_id": 1, "final_structure": 1}).sort("task_id", 1):
+        ids.append(task["task_id"])
+        structures.append(task["final_structure"])
+        targets.append(thermo[task["task_id"]])
+    return ids, structures, targets
+
+
 # ---------------------------------------------------------------- analyze
 def analyze_stage(db: AmdflowDB, campaign: str, candidate_id: str | None = None, plot: bool = True) -> dict[str, Any]:
     """Formation energy of the candidate, hull of the campaign's system, refreshed outputs."""

@@ -8,6 +8,7 @@ import os
 import pytest
 from fireworks import Firework, FWorker, Workflow
 from fireworks.core.rocket_launcher import rapidfire
+from pymatgen.core import Structure
 
 from amdflow.campaign import campaign_from_dict
 from amdflow.firetasks import AnalyzeTask, DedupTask, PredictTask, RelaxReferenceTask, RelaxTask
@@ -103,6 +104,16 @@ def test_campaign_through_rapidfire(db, lpad, binary_campaign_dict, tmp_path):
     assert kept["candidate_id"] in {r["candidate_id"] for r in rows}
     assert all(float(r["e_above_hull"]) <= 0.1 for r in rows)
     assert (out / "promising" / f"AlNi_{kept['candidate_id']}.cif").exists()
+
+    # what `amdflow train CAMPAIGN` learns from: every material of the hull with its formation energy
+    from amdflow.stages import campaign_training_data
+
+    ids, structures, targets = campaign_training_data(db, cfg.name)
+    assert len(ids) == db.thermo.count_documents({"hull_chemsys": cfg.chemsys}) == 3 + 2
+    by_id = dict(zip(ids, targets, strict=True))
+    assert by_id[thermo["material_id"]] == pytest.approx(thermo["formation_energy_per_atom"])
+    assert all(Structure.from_dict(s).composition.reduced_formula for s in structures)
+    assert all(by_id[r["ref_id"]] == pytest.approx(0.0, abs=1e-9) for r in refs)  # one fcc reference per element
 
 
 @pytest.mark.slow

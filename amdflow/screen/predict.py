@@ -20,6 +20,25 @@ from amdflow.screen.featurize import (
 )
 
 
+def collate(graphs: Sequence[CrystalGraph], device: str = "cpu") -> tuple[Any, Any, Any, Any, int]:
+    """One batch of crystals as tensors: atom features, bond features, neighbour indices, crystal index."""
+    import torch
+
+    table = atom_feature_table()
+    offsets = np.cumsum([0] + [g.n_atoms for g in graphs[:-1]])
+    atom_fea = np.concatenate([table[g.atomic_numbers] for g in graphs])
+    nbr_idx = np.concatenate([g.nbr_idx + off for g, off in zip(graphs, offsets, strict=True)])
+    nbr_fea = gaussian_expand(np.concatenate([g.nbr_dist for g in graphs]))
+    crystal_idx = np.repeat(np.arange(len(graphs)), [g.n_atoms for g in graphs])
+    return (
+        torch.as_tensor(atom_fea, dtype=torch.float32, device=device),
+        torch.as_tensor(nbr_fea, dtype=torch.float32, device=device),
+        torch.as_tensor(nbr_idx, device=device),
+        torch.as_tensor(crystal_idx, device=device),
+        len(graphs),
+    )
+
+
 @dataclass
 class CGCNNPredictor:
     """A loaded model on a device; ``predict`` returns de-normalized targets."""
@@ -60,24 +79,11 @@ class CGCNNPredictor:
         """Predictions (eV/atom for the formation-energy model) for prepared graphs."""
         import torch
 
-        table = atom_feature_table()
         out = np.empty(len(graphs))
         with torch.inference_mode():
             for start in range(0, len(graphs), batch_size):
                 batch = graphs[start : start + batch_size]
-                offsets = np.cumsum([0] + [g.n_atoms for g in batch[:-1]])
-                atom_fea = np.concatenate([table[g.atomic_numbers] for g in batch])
-                nbr_idx = np.concatenate([g.nbr_idx + off for g, off in zip(batch, offsets, strict=True)])
-                nbr_fea = gaussian_expand(np.concatenate([g.nbr_dist for g in batch]))
-                crystal_idx = np.repeat(np.arange(len(batch)), [g.n_atoms for g in batch])
-                dev = self.device
-                pred = self.model(
-                    torch.as_tensor(atom_fea, dtype=torch.float32, device=dev),
-                    torch.as_tensor(nbr_fea, dtype=torch.float32, device=dev),
-                    torch.as_tensor(nbr_idx, device=dev),
-                    torch.as_tensor(crystal_idx, device=dev),
-                    len(batch),
-                )
+                pred = self.model(*collate(batch, self.device))
                 if self.checkpoint.is_classification:
                     values = torch.exp(pred[:, 1])  # probability of class 1
                 else:
