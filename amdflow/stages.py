@@ -32,6 +32,7 @@ from amdflow.settings import get_settings, resolve_device
 logger = logging.getLogger(__name__)
 
 PROMISING_DIR = "promising"
+SCREENED_BY_TOP_K = "top_k"  # dedup_stage's answer when the top-k screen removed the candidate
 PLOT_FILE = "phase_diagram.png"
 
 
@@ -111,14 +112,42 @@ def predict_stage(db: AmdflowDB, candidate_ids: list[str]) -> list[PredictOutcom
         energies = predictor.predict([Structure.from_dict(d["structure"]) for d in group], settings.predict_batch_size)
         threshold = cfg.screen.max_formation_energy_per_atom
         db.campaigns.update_one({"name": name}, {"$set": {"model_id": predictor.model_id}})
+        phases = _hull_phases(db, cfg) if cfg.screen.mode == "hull" else []
         for d, energy in zip(group, energies, strict=True):
             passed = bool(energy <= threshold)
+            reason = None if passed else f"predicted formation energy {energy:.3f} > {threshold} eV/atom"
+            e_hull = None
+            if cfg.screen.mode == "hull":
+                from amdflow.thermo.hull import predicted_e_above_hull
+
+                formula = Structure.from_dict(d["structure"]).composition.reduced_formula
+                e_hull = predicted_e_above_hull(formula, float(energy), phases, cfg.elements)
+                if passed and e_hull > cfg.screen.max_e_above_hull:
+                    passed, reason = False, f"predicted {e_hull:.3f} eV/atom above the current hull > {cfg.screen.max_e_above_hull}"
             pred = Prediction(formation_energy_per_atom=float(energy), model_id=predictor.model_id,
-                              model_name=predictor.checkpoint.name, threshold=threshold, passed=passed)
+                              model_name=predictor.checkpoint.name, threshold=threshold, passed=passed,
+                              mode=cfg.screen.mode, e_above_hull=e_hull, reason=reason)
             state = CandidateState.PASSED if passed else CandidateState.SCREENED_OUT
             _set_state(db, d["candidate_id"], state, prediction=pred.to_mongo(), error=None)
             outcomes.append(PredictOutcome(d["candidate_id"], float(energy), passed))
     return outcomes
+
+
+def _hull_phases(db: AmdflowDB, cfg: CampaignConfig) -> list[tuple[str, float]]:
+    """(formula, formation energy per atom) of every computed phase on the campaign's hull."""
+    _, doc = load_campaign_config(db, cfg.name)
+    return [(t["formula"], t["formation_energy_per_atom"])
+            for t in db.thermo.find({"hull_chemsys": cfg.chemsys, "run_type": doc["run_type"]}, {"formula": 1, "formation_energy_per_atom": 1})]
+
+
+def top_k_rank(db: AmdflowDB, campaign: str, formula: str, candidate_id: str, energy: float) -> int:
+    """How many candidates of the formula that passed the screen rank before this one by (energy, id)."""
+    ahead = 0
+    for p in db.candidates.find({"campaign": campaign, "formula": formula, "prediction.passed": True, "candidate_id": {"$ne": candidate_id}},
+                                {"candidate_id": 1, "prediction.formation_energy_per_atom": 1}):
+        if (p["prediction"]["formation_energy_per_atom"], p["candidate_id"]) < (energy, candidate_id):
+            ahead += 1
+    return ahead
 
 
 # ---------------------------------------------------------------- dedup
@@ -130,6 +159,14 @@ def dedup_stage(db: AmdflowDB, candidate_id: str) -> str | None:
     cfg, _ = load_campaign_config(db, doc["campaign"])
     if not doc.get("prediction"):
         raise AmdflowError(f"candidate {candidate_id} has no prediction: run its predict Firework first")
+    if cfg.screen.mode == "top_k":
+        energy = doc["prediction"]["formation_energy_per_atom"]
+        rank = top_k_rank(db, doc["campaign"], doc["formula"], candidate_id, energy)
+        if rank >= cfg.screen.top_k:
+            reason = f"rank {rank + 1} of its formula by predicted energy; top_k is {cfg.screen.top_k}"
+            _set_state(db, candidate_id, CandidateState.SCREENED_OUT,
+                       **{"prediction.passed": False, "prediction.reason": reason})
+            return SCREENED_BY_TOP_K
     peers = [
         Peer(p["candidate_id"], p["prediction"]["formation_energy_per_atom"], Structure.from_dict(p["structure"]),
              (p.get("dedup") or {}).get("duplicate_of"))

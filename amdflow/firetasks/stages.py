@@ -64,6 +64,8 @@ class DedupTask(_AmdflowTask):
     def run_task(self, fw_spec: dict[str, Any]) -> FWAction:
         db = self.db()
         dup = self._guarded(db, "dedup", lambda: stages.dedup_stage(db, self["candidate_id"]))
+        if dup == stages.SCREENED_BY_TOP_K:
+            return FWAction(stored_data={"screened_out": "top_k"}, defuse_workflow=True)
         if dup:
             return FWAction(stored_data={"duplicate_of": dup}, defuse_workflow=True)
         return FWAction(stored_data={"duplicate_of": None}, update_spec=_pass_priority(fw_spec))

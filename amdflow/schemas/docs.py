@@ -65,8 +65,11 @@ class Prediction(_Doc):
     formation_energy_per_atom: float = Field(description="Predicted, eV/atom.")
     model_id: str = Field(description="sha256 of the checkpoint file.")
     model_name: str
-    threshold: float = Field(description="Screen threshold used, eV/atom.")
+    threshold: float = Field(description="Formation-energy threshold used, eV/atom.")
     passed: bool
+    mode: str = Field("threshold", description="Screening mode: threshold, hull or top_k.")
+    e_above_hull: float | None = Field(None, description="hull mode: predicted eV/atom above the current hull.")
+    reason: str | None = Field(None, description="Why the candidate was screened out.")
 
 
 class DedupRecord(_Doc):

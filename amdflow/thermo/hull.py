@@ -98,6 +98,25 @@ def hull_analysis(entries: Iterable[HullEntry], elements: Iterable[str] | None =
     return results
 
 
+def predicted_e_above_hull(formula: str, formation_energy_per_atom: float,
+                           phases: Iterable[tuple[str, float]], elements: Iterable[str]) -> float:
+    """Energy (eV/atom) of a predicted formation energy above the hull of known phases.
+
+    ``phases`` are (formula, formation energy per atom) of computed materials; every
+    element of ``elements`` is on the hull at 0. Negative means below the current hull.
+    """
+    from pymatgen.analysis.phase_diagram import PDEntry
+
+    entries = [PDEntry(Composition(el), 0.0) for el in elements]
+    for f, ef in phases:
+        comp = Composition(f)
+        entries.append(PDEntry(comp, ef * comp.num_atoms))
+    pd = PhaseDiagram(entries)
+    comp = Composition(formula)
+    _, e_hull = pd.get_decomp_and_e_above_hull(PDEntry(comp, formation_energy_per_atom * comp.num_atoms), allow_negative=True)
+    return float(e_hull)
+
+
 def chemsys_of(formula: str) -> str:
     return "-".join(sorted(el.symbol for el in Composition(formula).elements))
 
