@@ -281,6 +281,24 @@ def report(
 
 @app.command()
 @handle_errors
+def rescreen(
+    campaign: CampaignArg = Path("campaign.yaml"),
+    launchpad: LaunchpadOpt = None,
+) -> None:
+    """Store the campaign file's screen settings (e.g. a fine-tuned checkpoint) and redo every unrelaxed candidate's screen."""
+    from amdflow.campaign import load_campaign
+    from amdflow.db import open_db
+    from amdflow.ops import rescreen as rescreen_campaign
+
+    cfg = load_campaign(campaign)
+    with open_db(cfg.output_dir, _settings(launchpad)) as db:
+        counts = rescreen_campaign(db, cfg)
+    console.print(f"{counts['reset']} candidates will be predicted and screened again ({counts['kept']} already relaxed are kept); "
+                  f"run `amdflow run {campaign}`", highlight=False)
+
+
+@app.command()
+@handle_errors
 def rerun(
     campaign: CampaignArg = Path("campaign.yaml"),
     launchpad: LaunchpadOpt = None,

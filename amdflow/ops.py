@@ -326,6 +326,31 @@ def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: P
     return report
 
 
+def rescreen(db: AmdflowDB, cfg: CampaignConfig) -> dict[str, int]:
+    """Re-screen a campaign with its (changed) screen settings, e.g. a fine-tuned checkpoint.
+
+    Stores the campaign file's settings, then reruns the predict Firework of every
+    candidate whose relaxation has not started: FireWorks resets the rest of its chain,
+    and the next run predicts, screens and dedups it again. Relaxed candidates keep
+    their results.
+    """
+    register_campaign(db, cfg, allow_changed=True)
+    lp = db.launchpad
+    started = {fw["fw_id"] for fw in lp.fireworks.find(
+        {"spec.campaign": cfg.name, "spec.amdflow_stage": "relax", "state": {"$in": ["RUNNING", "RESERVED", "COMPLETED"]}}, {"fw_id": 1})}
+    counts = {"reset": 0, "kept": 0}
+    for cand in db.candidates.find({"campaign": cfg.name, "fw_ids.predict": {"$exists": True}}, {"candidate_id": 1, "fw_ids": 1}):
+        if cand["fw_ids"].get("relax") in started:
+            counts["kept"] += 1
+            continue
+        lp.rerun_fw(cand["fw_ids"]["predict"])
+        db.candidates.update_one({"candidate_id": cand["candidate_id"]},
+                                 {"$set": {"state": CandidateState.GENERATED.value, "prediction": None, "dedup": None, "updated_at": utcnow()}})
+        counts["reset"] += 1
+    db.flush()
+    return counts
+
+
 def rerun_fizzled(db: AmdflowDB, campaign: str, stage: str | None = None) -> list[int]:
     """Reset FIZZLED Fireworks of a campaign (optionally one stage) to run again."""
     query: dict[str, Any] = {"spec.campaign": campaign, "state": "FIZZLED"}

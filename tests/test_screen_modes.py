@@ -69,3 +69,32 @@ def test_top_k_keeps_the_k_lowest_per_formula_in_any_order(db, tmp_path):
         kept = [c for c in group if results[0][c["candidate_id"]] != "screened_out"]
         assert [c["candidate_id"] for c in kept] == [best["candidate_id"]], formula
         assert all("top_k is 1" in c["prediction"]["reason"] for c in group if c is not best)
+
+
+def test_rescreen_with_new_settings_redoes_unrelaxed_candidates(db, lpad, tmp_path):
+    import os
+
+    from fireworks import FWorker
+    from fireworks.core.rocket_launcher import rapidfire
+
+    from amdflow.ops import rescreen
+
+    cfg = campaign(tmp_path)  # threshold mode, 1.0 eV/atom: everything passes
+    add_campaign(db, cfg)
+    os.chdir(tmp_path)
+    rapidfire(lpad, FWorker(category=["gpu"]), strm_lvl="ERROR")
+    assert {c["state"] for c in db.candidates.find({})} == {"passed"}
+    # relax one candidate's chain by hand (as if a VASP rocket had run it)
+    first = db.candidates.find_one({"formula": "AlNi"})
+    relax_id = first["fw_ids"]["relax"]
+    lpad.fireworks.update_one({"fw_id": relax_id}, {"$set": {"state": "COMPLETED"}})
+    stricter = campaign(tmp_path, max_formation_energy_per_atom=-5.0)  # nothing passes now
+    counts = rescreen(db, stricter)
+    assert counts == {"reset": 8, "kept": 1}
+    assert db.campaigns.find_one({"name": "modes"})["config"]["screen"]["max_formation_energy_per_atom"] == -5.0
+    rapidfire(lpad, FWorker(category=["gpu"]), strm_lvl="ERROR")
+    states = {c["candidate_id"]: c["state"] for c in db.candidates.find({})}
+    assert states.pop(first["candidate_id"]) == "passed"  # the relaxed one kept its result
+    assert set(states.values()) == {"screened_out"}
+    for c in db.candidates.find({"candidate_id": {"$in": list(states)}}):
+        assert {lpad.get_fw_by_id(c["fw_ids"][s]).state for s in ("dedup", "relax", "analyze")} == {"DEFUSED"}
