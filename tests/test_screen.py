@@ -173,3 +173,14 @@ def test_predict_sources_order_errors_and_workers(tmp_path):
     parallel = predict_sources(p, paths, workers=2)
     assert parallel.errors.keys() == serial.errors.keys()
     np.testing.assert_allclose(parallel.values, serial.values, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", pretrained_names())
+def test_every_shipped_checkpoint_loads_and_predicts(name):
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.62), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    p = get_predictor(name)
+    value = p.predict([nacl])[0]
+    assert np.isfinite(value)
+    if p.checkpoint.is_classification:
+        assert 0.0 <= value <= 1.0  # probability of class 1 (semi-metal)
+    assert len(p.model_id) == 64
