@@ -78,3 +78,65 @@ def binary_campaign_dict(tmp_path: Path) -> dict:
         "analyze": {"promising_e_above_hull": 0.1},
         "output_dir": str(tmp_path / "out"),
     }
+
+
+# ---------------------------------------------------------------- tier 3: a wire server
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mongo_uri(tmp_path_factory):
+    """A MongoDB URI: AMDFLOW_TEST_MONGO_URI if set, else the patched wire server on a free loopback port."""
+    import subprocess
+    import sys
+    import time
+
+    import pymongo
+
+    uri = os.environ.get("AMDFLOW_TEST_MONGO_URI")
+    if uri:
+        yield uri
+        return
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("wire") / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "amdflow.testing.wire_server", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    uri = f"mongodb://127.0.0.1:{port}/"
+    deadline = time.time() + 30
+    while True:
+        try:
+            pymongo.MongoClient(uri, serverSelectionTimeoutMS=500).admin.command("ping")
+            break
+        except pymongo.errors.PyMongoError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"the wire server did not start; see {log.name}")
+            time.sleep(0.2)
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture
+def mongo_launchpad_file(mongo_uri, tmp_path):
+    """A LaunchPad YAML on a fresh database of the test server; the database is dropped after."""
+    import uuid
+
+    import pymongo
+    import yaml
+
+    name = f"amdflow_test_{uuid.uuid4().hex[:10]}"
+    path = tmp_path / "my_launchpad.yaml"
+    path.write_text(yaml.safe_dump({"host": mongo_uri, "name": name, "logdir": None, "strm_lvl": "WARNING",
+                                    "mongoclient_kwargs": {"serverSelectionTimeoutMS": 5000}}))
+    yield path
+    pymongo.MongoClient(mongo_uri).drop_database(name)

@@ -1,0 +1,1 @@
+"""Test support: a MongoDB-wire-compatible server for the multi-process tier."""
