@@ -7,8 +7,11 @@ Firetasks in :mod:`amdflow.firetasks` translate outcomes into ``FWAction``s.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -150,9 +153,56 @@ def top_k_rank(db: AmdflowDB, campaign: str, formula: str, candidate_id: str, en
     return ahead
 
 
+# ---------------------------------------------------------------- claims
+CLAIM_STALE_S = 300.0  # a claim older than this belongs to a dead rocket and may be taken over
+
+
+@contextlib.contextmanager
+def claim(db: AmdflowDB, key: str, timeout_s: float = 600.0) -> Iterator[None]:
+    """Hold an exclusive claim on ``key`` across processes (MongoDB's unique _id makes the insert atomic)."""
+    import os
+    import random
+    import socket
+    import time
+
+    from pymongo.errors import DuplicateKeyError
+
+    locks = db.coll("locks")
+    owner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32)}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            locks.insert_one({"_id": key, "owner": owner, "at": utcnow()})
+            break
+        except DuplicateKeyError:
+            stale = utcnow().timestamp() - CLAIM_STALE_S
+            locks.delete_one({"_id": key, "at": {"$lt": datetime.fromtimestamp(stale, UTC)}})
+            if time.monotonic() > deadline:
+                raise AmdflowError(f"could not claim '{key}' within {timeout_s:.0f} s: is a rocket stuck? remove it from the 'locks' collection") from None
+            time.sleep(0.02 + random.random() * 0.05)
+    try:
+        yield
+    finally:
+        locks.delete_one({"_id": key, "owner": owner})
+
+
 # ---------------------------------------------------------------- dedup
 def dedup_stage(db: AmdflowDB, candidate_id: str) -> str | None:
-    """Keep the lowest-energy member of each structure family; returns the id duplicated, if any."""
+    """Keep one member of each structure family; returns the id duplicated, if any.
+
+    Decisions for one (campaign, formula) are serialized by a claim, so two rockets can
+    never both keep members of one family. Inside the claim a candidate first meets the
+    family's representatives already decided (the first decided wins), then the rule of
+    :func:`amdflow.select.dedup.find_representative` among the lower-energy undecided
+    ones. Dedup Fireworks run lowest predicted energy first (``_priority``), so the
+    representative is the lowest-energy member whenever the predictions come first.
+    """
+    doc = _load_candidate(db, candidate_id)
+    with claim(db, f"dedup:{doc['campaign']}:{doc['formula']}"):
+        return _dedup_decision(db, candidate_id)
+
+
+def _dedup_decision(db: AmdflowDB, candidate_id: str) -> str | None:
     from amdflow.select.dedup import Peer, find_representative
 
     doc = _load_candidate(db, candidate_id)
@@ -175,13 +225,45 @@ def dedup_stage(db: AmdflowDB, candidate_id: str) -> str | None:
             {"_id": 0, "candidate_id": 1, "prediction": 1, "structure": 1, "dedup": 1},
         )
     ]
-    dup, compared = find_representative(
-        candidate_id, doc["prediction"]["formation_energy_per_atom"], Structure.from_dict(doc["structure"]), peers,
-        cfg.dedup.ltol, cfg.dedup.stol, cfg.dedup.angle_tol,
-    )
+    structure = Structure.from_dict(doc["structure"])
+    decided = [p for p in peers if (p.candidate_id in _decided_unique(db, doc))]
+    _failpoint_delay("AMDFLOW_FAILPOINT_DEDUP_DELAY_S")  # tests widen the read-decide-write window
+    dup, compared = None, 0
+    if decided:
+        from pymatgen.analysis.structure_matcher import StructureMatcher
+
+        matcher = StructureMatcher(ltol=cfg.dedup.ltol, stol=cfg.dedup.stol, angle_tol=cfg.dedup.angle_tol)
+        for rep in sorted(decided, key=lambda p: (p.energy, p.candidate_id)):
+            compared += 1
+            if matcher.fit(structure, rep.structure):
+                dup = rep.candidate_id
+                break
+    if dup is None:
+        undecided = [p for p in peers if p.candidate_id not in {d.candidate_id for d in decided}]
+        dup, more = find_representative(candidate_id, doc["prediction"]["formation_energy_per_atom"], structure, undecided,
+                                        cfg.dedup.ltol, cfg.dedup.stol, cfg.dedup.angle_tol)
+        compared += more
     record = DedupRecord(duplicate_of=dup, compared=compared).to_mongo()
     _set_state(db, candidate_id, CandidateState.DUPLICATE if dup else CandidateState.UNIQUE, dedup=record)
     return dup
+
+
+def _failpoint_delay(name: str) -> None:
+    """Sleep for the seconds in environment variable ``name`` (tests only; unset in production)."""
+    import os
+    import time
+
+    value = os.environ.get(name)
+    if value:
+        time.sleep(float(value))
+
+
+def _decided_unique(db: AmdflowDB, doc: dict[str, Any]) -> set[str]:
+    """Ids of the formula's candidates already kept by dedup (representatives)."""
+    return {c["candidate_id"] for c in db.candidates.find(
+        {"campaign": doc["campaign"], "formula": doc["formula"], "dedup.duplicate_of": None, "dedup.compared": {"$exists": True},
+         "state": {"$in": [CandidateState.UNIQUE.value, CandidateState.RELAXED.value, CandidateState.ANALYZED.value]}},
+        {"candidate_id": 1})}
 
 
 # ---------------------------------------------------------------- relax

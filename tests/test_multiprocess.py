@@ -55,3 +55,101 @@ def test_four_rockets_run_every_firework_exactly_once(mongo_launchpad_file, tmp_
     # work really was shared between the rockets
     dirs = {Path(launch["launch_dir"]).parent.name for launch in lp.launches.find({}, {"launch_dir": 1})}
     assert len(dirs) >= 2
+
+
+FAMILY_CAMPAIGN = {
+    "name": "race", "elements": ["Ni", "Al"],
+    "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a"]}],
+    "generate": {"lattice_scales": [0.97, 0.98, 0.99, 1.0, 1.01, 1.02]},  # six copies of one B2 family
+    "screen": {"max_formation_energy_per_atom": 2.0},
+}
+
+RACER = """
+import sys, time
+from amdflow.db import open_db
+from amdflow.settings import get_settings
+from amdflow import stages
+lp_file, cid, sync_dir, slot = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[5])
+if sys.argv[4] == "noclaim":  # the same race with the claim disabled
+    import contextlib
+    stages.claim = lambda db, key, timeout_s=600: contextlib.nullcontext()
+from amdflow.screen.predict import get_predictor
+get_predictor()  # load the model before the start signal
+with open_db(None, get_settings(launchpad_file=lp_file)) as db:
+    stages.load_campaign_config(db, "race")
+    import pathlib
+    sync = pathlib.Path(sync_dir)
+    (sync / f"ready-{slot}").touch()
+    while not (sync / "go").exists():
+        time.sleep(0.05)
+    start_at = float((sync / "go").read_text()) + 0.3 * slot
+    time.sleep(max(0.0, start_at - time.time()))
+    stages.predict_stage(db, [cid])
+    print(stages.dedup_stage(db, cid))
+"""
+
+
+def run_race(mongo_launchpad_file, tmp_path, claim: bool) -> tuple[list[str], list[dict], int]:
+    """Six processes predict then dedup one member each of a B2 family.
+
+    They predict in order of decreasing energy, 0.3 s apart, and every decision is held
+    open for 1 s between reading the family and writing (a test failpoint): without the
+    claim, each racer sees only higher-energy, undecided members and keeps itself.
+    """
+    import time
+
+    from amdflow.campaign import campaign_from_dict
+    from amdflow.db import open_db
+    from amdflow.ops import add_campaign
+    from amdflow.settings import get_settings
+
+    cfg = campaign_from_dict({**FAMILY_CAMPAIGN, "output_dir": str(tmp_path / "out")})
+    settings = get_settings(launchpad_file=mongo_launchpad_file)
+    from pymatgen.core import Structure
+
+    from amdflow.screen.predict import get_predictor
+
+    with open_db(None, settings) as db:
+        add_campaign(db, cfg, workflows=False)
+        docs = list(db.candidates.find({"campaign": "race"}))
+    assert len(docs) == 6
+    energy = dict(zip([d["candidate_id"] for d in docs], get_predictor().predict([Structure.from_dict(d["structure"]) for d in docs]), strict=True))
+    ids = sorted(energy, key=lambda c: -energy[c])  # highest energy predicts first
+    assert len({round(float(e), 9) for e in energy.values()}) == 6
+    env = {**os.environ, "AMDFLOW_FAILPOINT_DEDUP_DELAY_S": "1.0"}
+    sync = tmp_path / ("sync-claim" if claim else "sync-noclaim")
+    sync.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(mongo_launchpad_file), cid, str(sync), "claim" if claim else "noclaim", str(k)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for k, cid in enumerate(ids)]
+    deadline = time.time() + 300
+    while len(list(sync.glob("ready-*"))) < len(procs):  # every racer has imported, loaded and connected
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "a racer failed to start"
+        time.sleep(0.1)
+    (sync / "go").write_text(str(time.time() + 0.5))  # then they go 0.3 s apart
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    with open_db(None, settings) as db:
+        cands = list(db.candidates.find({"campaign": "race"}))
+        return [c["state"] for c in cands], cands, db.coll("locks").count_documents({})
+
+
+def test_concurrent_dedup_keeps_exactly_one_per_family(mongo_launchpad_file, tmp_path):
+    states, cands, locks = run_race(mongo_launchpad_file, tmp_path, claim=True)
+    assert sorted(states) == ["duplicate"] * 5 + ["unique"]
+    rep = next(c for c in cands if c["state"] == "unique")
+    links = {c["candidate_id"]: c["dedup"]["duplicate_of"] for c in cands}
+    for cid in links:  # every duplicate leads to the one representative
+        seen = set()
+        while links[cid] is not None and cid not in seen:
+            seen.add(cid)
+            cid = links[cid]
+        assert cid == rep["candidate_id"]
+    assert locks == 0  # every claim was released
+
+
+def test_without_the_claim_the_same_race_keeps_several(mongo_launchpad_file, tmp_path):
+    """The control: the race above is real, so the claim is what makes dedup parallel-safe."""
+    states, _, _ = run_race(mongo_launchpad_file, tmp_path, claim=False)
+    assert states.count("unique") > 1

@@ -98,3 +98,17 @@ def test_rescreen_with_new_settings_redoes_unrelaxed_candidates(db, lpad, tmp_pa
     assert set(states.values()) == {"screened_out"}
     for c in db.candidates.find({"candidate_id": {"$in": list(states)}}):
         assert {lpad.get_fw_by_id(c["fw_ids"][s]).state for s in ("dedup", "relax", "analyze")} == {"DEFUSED"}
+
+
+def test_a_decided_family_is_not_reopened_by_a_later_lower_energy_member(db, tmp_path):
+    """Predicted after its family's representative was kept, a lower-energy member becomes its duplicate."""
+    cfg = campaign(tmp_path)
+    add_campaign(db, cfg, workflows=False)
+    family = sorted(db.candidates.find({"formula": "AlNi"}), key=lambda c: c["candidate_id"])
+    first, second = family[0]["candidate_id"], family[1]["candidate_id"]
+    stages.predict_stage(db, [first])
+    assert stages.dedup_stage(db, first) is None  # alone so far: kept
+    stages.predict_stage(db, [second])
+    db.candidates.update_one({"candidate_id": second}, {"$set": {"prediction.formation_energy_per_atom": -9.0}})  # even if lower
+    assert stages.dedup_stage(db, second) == first
+    assert db.coll("locks").count_documents({}) == 0

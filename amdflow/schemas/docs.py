@@ -177,6 +177,7 @@ COLLECTIONS: dict[str, list[tuple[list[tuple[str, int]], bool]]] = {
         ([("ref_id", 1)], True),
         ([("run_type", 1), ("element", 1)], False),
     ],
+    "locks": [],  # short-lived claims (unique _id), e.g. one dedup decision per formula at a time
     "thermo": [
         ([("material_id", 1), ("hull_chemsys", 1)], True),
         ([("campaign", 1), ("e_above_hull", 1)], False),
