@@ -75,6 +75,7 @@ if sys.argv[4] == "noclaim":  # the same race with the claim disabled
     stages.claim = lambda db, key, timeout_s=600: contextlib.nullcontext()
 from amdflow.screen.predict import get_predictor
 get_predictor()  # load the model before the start signal
+import amdflow.select.dedup, pymatgen.analysis.structure_matcher  # and what dedup imports on first use
 with open_db(None, get_settings(launchpad_file=lp_file)) as db:
     stages.load_campaign_config(db, "race")
     import pathlib
@@ -82,19 +83,20 @@ with open_db(None, get_settings(launchpad_file=lp_file)) as db:
     (sync / f"ready-{slot}").touch()
     while not (sync / "go").exists():
         time.sleep(0.05)
-    start_at = float((sync / "go").read_text()) + 0.3 * slot
+    go, stagger = (float(x) for x in (sync / "go").read_text().split())
+    start_at = go + stagger * slot
     time.sleep(max(0.0, start_at - time.time()))
     stages.predict_stage(db, [cid])
     print(stages.dedup_stage(db, cid))
 """
 
 
-def run_race(mongo_launchpad_file, tmp_path, claim: bool) -> tuple[list[str], list[dict], int]:
+def run_race(mongo_launchpad_file, tmp_path, claim: bool, hold_s: float = 1.0, stagger_s: float = 0.3) -> tuple[list[str], list[dict], int]:
     """Six processes predict then dedup one member each of a B2 family.
 
-    They predict in order of decreasing energy, 0.3 s apart, and every decision is held
-    open for 1 s between reading the family and writing (a test failpoint): without the
-    claim, each racer sees only higher-energy, undecided members and keeps itself.
+    They predict in order of decreasing energy, ``stagger_s`` apart, and every decision is
+    held open for ``hold_s`` between reading the family and writing (a test failpoint):
+    without the claim, each racer sees only higher-energy, undecided members and keeps itself.
     """
     import time
 
@@ -116,7 +118,7 @@ def run_race(mongo_launchpad_file, tmp_path, claim: bool) -> tuple[list[str], li
     energy = dict(zip([d["candidate_id"] for d in docs], get_predictor().predict([Structure.from_dict(d["structure"]) for d in docs]), strict=True))
     ids = sorted(energy, key=lambda c: -energy[c])  # highest energy predicts first
     assert len({round(float(e), 9) for e in energy.values()}) == 6
-    env = {**os.environ, "AMDFLOW_FAILPOINT_DEDUP_DELAY_S": "1.0"}
+    env = {**os.environ, "AMDFLOW_FAILPOINT_DEDUP_DELAY_S": str(hold_s)}
     sync = tmp_path / ("sync-claim" if claim else "sync-noclaim")
     sync.mkdir()
     procs = [subprocess.Popen([sys.executable, "-c", RACER, str(mongo_launchpad_file), cid, str(sync), "claim" if claim else "noclaim", str(k)],
@@ -126,7 +128,7 @@ def run_race(mongo_launchpad_file, tmp_path, claim: bool) -> tuple[list[str], li
     while len(list(sync.glob("ready-*"))) < len(procs):  # every racer has imported, loaded and connected
         assert time.time() < deadline and all(p.poll() is None for p in procs), "a racer failed to start"
         time.sleep(0.1)
-    (sync / "go").write_text(str(time.time() + 0.5))  # then they go 0.3 s apart
+    (sync / "go").write_text(f"{time.time() + 0.5} {stagger_s}")  # then they go stagger_s apart
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
@@ -151,5 +153,6 @@ def test_concurrent_dedup_keeps_exactly_one_per_family(mongo_launchpad_file, tmp
 
 def test_without_the_claim_the_same_race_keeps_several(mongo_launchpad_file, tmp_path):
     """The control: the race above is real, so the claim is what makes dedup parallel-safe."""
-    states, _, _ = run_race(mongo_launchpad_file, tmp_path, claim=False)
+    # a wide window, so that on a loaded machine the later racers still read before the first writes
+    states, _, _ = run_race(mongo_launchpad_file, tmp_path, claim=False, hold_s=4.0, stagger_s=0.2)
     assert states.count("unique") > 1
