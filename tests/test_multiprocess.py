@@ -156,3 +156,81 @@ def test_without_the_claim_the_same_race_keeps_several(mongo_launchpad_file, tmp
     # a wide window, so that on a loaded machine the later racers still read before the first writes
     states, _, _ = run_race(mongo_launchpad_file, tmp_path, claim=False, hold_s=4.0, stagger_s=0.2)
     assert states.count("unique") > 1
+
+
+def test_campaign_survives_kill_9_of_a_rocket(mongo_launchpad_file, tmp_path, binary_campaign_dict):
+    """amdflow add (CLI) -> a rocket killed with -9 mid-relax -> lpad detect_lostruns --rerun -> two rockets finish.
+
+    No result is lost or duplicated: every Firework completes (or is defused) with exactly
+    one completed launch, and there is one task document per relaxation.
+    """
+    import json
+    import signal
+    import time
+
+    import yaml
+
+    (tmp_path / "campaign.yaml").write_text(yaml.safe_dump({**binary_campaign_dict, "output_dir": str(tmp_path / "out")}))
+    env = {**os.environ, "AMDFLOW_LAUNCHPAD_FILE": str(mongo_launchpad_file), "AMDFLOW_PROGRESS": "false"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "amdflow", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc
+
+    added = json.loads(cli("add", "campaign.yaml").stdout.strip().splitlines()[-1])
+    assert added["new_workflows"] == 6
+    lp = launchpad(mongo_launchpad_file)
+
+    def rocket(name: str) -> subprocess.Popen:
+        cwd = tmp_path / name
+        cwd.mkdir()
+        return subprocess.Popen([str(BIN / "rlaunch"), "-l", str(mongo_launchpad_file), "-s", "rapidfire", "--nlaunches", "0"],
+                                cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    victim = rocket("victim")
+    deadline = time.time() + 300
+    running = None
+    while time.time() < deadline and victim.poll() is None:
+        running = lp.fireworks.find_one({"state": "RUNNING", "spec.amdflow_stage": {"$in": ["relax", "reference"]}}, {"fw_id": 1})
+        if running:
+            break
+        time.sleep(0.1)
+    assert running, "the rocket never started a relaxation"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    killed = running["fw_id"]
+    assert lp.get_fw_by_id(killed).state == "RUNNING"  # nobody told the LaunchPad
+
+    time.sleep(2)
+    lost = subprocess.run([str(BIN / "lpad"), "-l", str(mongo_launchpad_file), "detect_lostruns", "--time", "1", "--rerun"],
+                          capture_output=True, text=True, timeout=120)
+    assert lost.returncode == 0, lost.stderr
+    assert lp.get_fw_by_id(killed).state == "READY"
+
+    finishers = [rocket("a"), rocket("b")]
+    for r in finishers:
+        _, err = r.communicate(timeout=900)
+        assert r.returncode == 0, err[-2000:]
+
+    states = {fw["fw_id"]: fw["state"] for fw in lp.fireworks.find({}, {"fw_id": 1, "state": 1})}
+    assert set(states.values()) <= {"COMPLETED", "DEFUSED"}, states
+    completed = {}
+    for launch in lp.launches.find({"state": "COMPLETED"}, {"fw_id": 1}):
+        completed[launch["fw_id"]] = completed.get(launch["fw_id"], 0) + 1
+    assert set(completed.values()) == {1}
+    assert set(completed) == {i for i, s in states.items() if s == "COMPLETED"}
+    assert lp.launches.count_documents({"fw_id": killed}) == 2  # the lost launch and the rerun
+    assert lp.get_fw_by_id(killed).state == "COMPLETED"
+
+    status = json.loads(cli("status", "campaign.yaml", "--json").stdout)
+    assert status["candidates_total"] == 6 and status["references"] == {"relaxed": 2}
+    relax_done = sum(1 for fw in lp.fireworks.find({"spec.amdflow_stage": {"$in": ["relax", "reference"]}, "state": "COMPLETED"}))
+    from pymongo import MongoClient
+
+    spec = yaml.safe_load(mongo_launchpad_file.read_text())
+    tasks = MongoClient(spec["host"])[spec["name"]]["tasks"]
+    assert tasks.count_documents({}) == relax_done == len(tasks.distinct("task_id"))
+    assert status["thermo"]["stable_candidates"] >= 1
+    report = cli("report", "campaign.yaml")
+    assert "AlNi" in report.stdout
