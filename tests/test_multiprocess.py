@@ -234,3 +234,37 @@ def test_campaign_survives_kill_9_of_a_rocket(mongo_launchpad_file, tmp_path, bi
     assert status["thermo"]["stable_candidates"] >= 1
     report = cli("report", "campaign.yaml")
     assert "AlNi" in report.stdout
+
+
+def test_qlaunch_with_the_shipped_slurm_adapter_and_a_fake_sbatch(mongo_launchpad_file, tmp_path):
+    """qlaunch writes a job script from queue_adapters/slurm_cpu.yaml; the fake sbatch runs it; the rocket completes the Firework."""
+    import shutil
+
+    from fireworks import Firework, ScriptTask
+
+    repo = Path(__file__).resolve().parents[1]
+    work = tmp_path / "work"
+    (work / "fw_configs").mkdir(parents=True)
+    shutil.copy(mongo_launchpad_file, work / "fw_configs" / "my_launchpad.yaml")  # the adapter's relative paths
+    shutil.copy(repo / "fw_configs" / "my_fworker_cpu.yaml", work / "fw_configs" / "my_fworker_cpu.yaml")
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir()
+    sbatch = fakebin / "sbatch"
+    sbatch.write_text('#!/usr/bin/env bash\n# fake SLURM: run the job script now, say what sbatch says\n'
+                      'echo "$@" > "$(dirname "$0")/sbatch_args"\nbash "${@: -1}" > job.out 2>&1\necho "Submitted batch job 4242"\n')
+    sbatch.chmod(0o755)
+    lp = launchpad(mongo_launchpad_file)
+    lp.reset(password=None, require_password=False, max_reset_wo_password=1000)
+    lp.add_wf(Firework(ScriptTask.from_str("echo amdflow-queue-test > marker.txt"), spec={"_category": "cpu"}, name="queued"))
+    lp.add_wf(Firework(ScriptTask.from_str("true"), spec={"_category": "gpu"}, name="not for this worker"))
+    env = {**os.environ, "PATH": f"{fakebin}:{BIN}:{os.environ['PATH']}"}
+    proc = subprocess.run([str(BIN / "qlaunch"), "-q", str(repo / "queue_adapters" / "slurm_cpu.yaml"),
+                           "-w", "fw_configs/my_fworker_cpu.yaml", "-l", "fw_configs/my_launchpad.yaml", "singleshot"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
+    script = (work / "FW_submit.script").read_text()
+    assert "#SBATCH --job-name=amdflow-cpu" in script and "rlaunch -w fw_configs/my_fworker_cpu.yaml" in script
+    assert (fakebin / "sbatch_args").exists()
+    states = {fw["name"]: fw["state"] for fw in lp.fireworks.find({}, {"name": 1, "state": 1})}
+    assert states == {"queued": "COMPLETED", "not for this worker": "READY"}
+    assert list(work.rglob("marker.txt"))
