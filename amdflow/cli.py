@@ -230,6 +230,8 @@ def status(
     campaign: CampaignArg = Path("campaign.yaml"),
     launchpad: LaunchpadOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh until no Firework is left to run (Ctrl-C stops).")] = False,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between refreshes with --watch.")] = 10.0,
 ) -> None:
     """Counts per state: candidates, Fireworks, references and hull."""
     from amdflow.campaign import load_campaign
@@ -237,11 +239,32 @@ def status(
     from amdflow.ops import campaign_status
 
     cfg = load_campaign(campaign)
-    with open_db(cfg.output_dir, _settings(launchpad)) as db:
-        info = campaign_status(db, cfg.name)
+    settings = _settings(launchpad)
+
+    def read() -> dict[str, Any]:
+        # opened per refresh: on the embedded store the lock is held only for a moment
+        with open_db(cfg.output_dir, settings) as db:
+            return campaign_status(db, cfg.name)
+
+    if watch:
+        from rich.live import Live
+
+        with Live(_status_table(read()), console=out, refresh_per_second=1) as live:
+            while True:
+                info = read()
+                live.update(_status_table(info))
+                if not any(info["fireworks"].get(s, 0) for s in ("READY", "RESERVED", "RUNNING", "WAITING")):
+                    break
+                time.sleep(interval)
+        return
+    info = read()
     if as_json:
         print(json.dumps(info, default=str))
         return
+    out.print(_status_table(info))
+
+
+def _status_table(info: dict[str, Any]) -> Table:
     table = Table(title=f"{info['campaign']} ({info['chemsys']}, {info['run_type']})")
     table.add_column("what")
     table.add_column("state")
@@ -251,7 +274,7 @@ def status(
             table.add_row(group, state, str(n))
     for stage, t in info["stage_times"].items():
         table.add_row("run time", stage, f"{t['launches']} x {t['mean_s']:.2f} s = {t['total_s']:.1f} s")
-    out.print(table)
+    return table
 
 
 @app.command()

@@ -124,6 +124,9 @@ def test_campaign_cli_kill_and_resume(tmp_path, binary_campaign_dict):
     assert (out / "promising" / "summary.csv").exists() and (out / "phase_diagram.png").exists()
     assert not any(p.name.startswith(".promising") for p in out.iterdir())  # no temp folders left
 
+    watched = amdflow("status", "campaign.yaml", "--watch", "--interval", "0.2", cwd=tmp_path)
+    assert "COMPLETED" in watched.stdout  # finished campaign: one refresh, then exit
+
     rerun = amdflow("rerun", "campaign.yaml", "--fizzled", cwd=tmp_path)
     assert "reset 0 FIZZLED" in rerun.stderr
 

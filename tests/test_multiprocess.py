@@ -234,6 +234,8 @@ def test_campaign_survives_kill_9_of_a_rocket(mongo_launchpad_file, tmp_path, bi
     assert status["thermo"]["stable_candidates"] >= 1
     report = cli("report", "campaign.yaml")
     assert "AlNi" in report.stdout
+    watched = cli("status", "campaign.yaml", "--watch", "--interval", "0.2")  # nothing left to run: one refresh, then exit
+    assert "COMPLETED" in watched.stdout
 
 
 def test_qlaunch_with_the_shipped_slurm_adapter_and_a_fake_sbatch(mongo_launchpad_file, tmp_path):
