@@ -304,6 +304,31 @@ def report(
 
 @app.command()
 @handle_errors
+def rocket(
+    launchpad: LaunchpadOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Predict Fireworks checked out per batch.")] = 256,
+    time_limit: Annotated[float | None, typer.Option(help="Stop after this many seconds (e.g. the job's walltime minus a margin).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Featurization processes.")] = 1,
+    campaign: Annotated[str | None, typer.Option(help="Only this campaign's predict Fireworks.")] = None,
+) -> None:
+    """Batched GPU rocket: run READY predict Fireworks in batches (a queue adapter's rocket_launch)."""
+    from amdflow.rocket import run_batched_rocket
+
+    settings = _settings(launchpad)
+    if settings.launchpad_file is None:
+        raise AmdflowError("the batched rocket works on a MongoDB LaunchPad: pass --launchpad or set AMDFLOW_LAUNCHPAD_FILE "
+                           "(on the embedded store, `amdflow run` runs everything)")
+    from amdflow.db import open_db
+
+    prog, update = _progress_bar(settings.progress)
+    with open_db(None, settings) as db, prog:
+        report = run_batched_rocket(db.launchpad, batch_size, time_limit, workers, campaign, update)
+    console.print(f"batched rocket: {report.fireworks} predict Fireworks completed, {report.fizzled} fizzled, "
+                  f"{report.batches} batches in {report.seconds:.1f} s", highlight=False)
+
+
+@app.command()
+@handle_errors
 def rescreen(
     campaign: CampaignArg = Path("campaign.yaml"),
     launchpad: LaunchpadOpt = None,

@@ -93,11 +93,16 @@ class PredictOutcome:
     candidate_id: str
     formation_energy_per_atom: float
     passed: bool
+    error: str | None = None  # set when this candidate could not be featurized
 
 
-def predict_stage(db: AmdflowDB, candidate_ids: list[str]) -> list[PredictOutcome]:
-    """CGCNN formation energy for candidates (one batch), screen, record on each doc."""
-    from amdflow.screen.predict import get_predictor
+def predict_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> list[PredictOutcome]:
+    """CGCNN formation energy for candidates (one batch), screen, record on each doc.
+
+    ``workers`` featurize in parallel (the batched rocket). A candidate whose structure
+    cannot be featurized is marked failed and returned with ``error``; the others go on.
+    """
+    from amdflow.screen.predict import get_predictor, predict_sources
 
     settings = get_settings()
     docs = list(db.candidates.find({"candidate_id": {"$in": candidate_ids}}, {"_id": 0, "candidate_id": 1, "campaign": 1, "structure": 1}))
@@ -112,7 +117,14 @@ def predict_stage(db: AmdflowDB, candidate_ids: list[str]) -> list[PredictOutcom
     for name, group in by_campaign.items():
         cfg, _ = load_campaign_config(db, name)
         predictor = get_predictor(cfg.screen.checkpoint, resolve_device(settings))
-        energies = predictor.predict([Structure.from_dict(d["structure"]) for d in group], settings.predict_batch_size)
+        result = predict_sources(predictor, [d["structure"] for d in group], workers, settings.predict_batch_size)
+        for index, message in result.errors.items():
+            cid = group[index]["candidate_id"]
+            record_failure(db, cid, "predict", AmdflowError(message))
+            outcomes.append(PredictOutcome(cid, float("nan"), False, message))
+        keep = [i for i in range(len(group)) if i not in result.errors]
+        group = [group[i] for i in keep]
+        energies = result.values[keep]
         threshold = cfg.screen.max_formation_energy_per_atom
         db.campaigns.update_one({"name": name}, {"$set": {"model_id": predictor.model_id}})
         phases = _hull_phases(db, cfg) if cfg.screen.mode == "hull" else []

@@ -31,6 +31,7 @@ def test_launchpad_example_is_valid_yaml_with_timeout():
 def test_queue_adapters_load(path):
     adapter = load_object_from_file(str(path))
     assert adapter.q_type in {"SLURM", "PBS"}
-    assert "rlaunch" in adapter["rocket_launch"]
     if "gpu" in path.name:
-        assert "CUDA_VISIBLE_DEVICES" in adapter["rocket_launch"]
+        assert "CUDA_VISIBLE_DEVICES=$g amdflow rocket" in adapter["rocket_launch"]
+    else:
+        assert "rlaunch -w fw_configs/my_fworker_cpu.yaml" in adapter["rocket_launch"]

@@ -270,3 +270,66 @@ def test_qlaunch_with_the_shipped_slurm_adapter_and_a_fake_sbatch(mongo_launchpa
     states = {fw["name"]: fw["state"] for fw in lp.fireworks.find({}, {"name": 1, "state": 1})}
     assert states == {"queued": "COMPLETED", "not for this worker": "READY"}
     assert list(work.rglob("marker.txt"))
+
+
+def test_batched_rockets_with_a_cpu_rocket(mongo_launchpad_file, tmp_path):
+    """Two batched GPU rockets and one CPU rlaunch together: every predict Firework runs once, with a
+    proper launch; a candidate whose stored structure is broken fizzles alone."""
+    import yaml
+
+    from amdflow.campaign import campaign_from_dict
+    from amdflow.db import open_db
+    from amdflow.ops import add_campaign
+    from amdflow.settings import get_settings
+
+    cfg = campaign_from_dict({
+        "name": "batched", "elements": ["Fe", "Al", "Ni"],
+        "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a", "AB3_cP4_221_a_c", "AB2C_cF16_225_a_c_b", "ABC_cF12_216_b_c_a"]}],
+        "generate": {"lattice_scales": [0.98, 1.0, 1.02]},
+        "output_dir": str(tmp_path / "out"),
+    })
+    settings = get_settings(launchpad_file=mongo_launchpad_file)
+    with open_db(None, settings) as db:
+        add_campaign(db, cfg)
+        broken = db.candidates.find_one({"formula": "AlFe"})["candidate_id"]
+        db.candidates.update_one({"candidate_id": broken}, {"$set": {"structure.sites": [{"species": "nonsense"}]}})
+        total = db.candidates.count_documents({})
+    assert total == 45
+    (tmp_path / "cpu.yaml").write_text(yaml.safe_dump({"name": "cpu", "category": "cpu", "query": "{}"}))
+    env = {**os.environ, "AMDFLOW_PROGRESS": "false"}
+    procs = []
+    for k in range(2):
+        cwd = tmp_path / f"gpu{k}"
+        cwd.mkdir()
+        procs.append(subprocess.Popen([sys.executable, "-m", "amdflow", "rocket", "-l", str(mongo_launchpad_file), "--batch-size", "8"],
+                                      cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    (tmp_path / "cpu").mkdir()
+    procs.append(subprocess.Popen([str(BIN / "rlaunch"), "-l", str(mongo_launchpad_file), "-w", str(tmp_path / "cpu.yaml"), "-s",
+                                   "rapidfire", "--nlaunches", "0"], cwd=tmp_path / "cpu", env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    # rapidfire leaves when nothing is ready for a moment; a queue would send the next rocket
+    drain = subprocess.run([str(BIN / "rlaunch"), "-l", str(mongo_launchpad_file), "-w", str(tmp_path / "cpu.yaml"), "-s",
+                            "rapidfire", "--nlaunches", "0"], cwd=tmp_path / "cpu", env=env, capture_output=True, text=True, timeout=600)
+    assert drain.returncode == 0, drain.stderr[-2000:]
+    lp = launchpad(mongo_launchpad_file)
+    predict = {fw["fw_id"]: fw for fw in lp.fireworks.find({"spec.amdflow_stage": "predict"})}
+    assert len(predict) == 45
+    launches = list(lp.launches.find({"fw_id": {"$in": list(predict)}}))
+    assert len(launches) == 45 and len({ln["fw_id"] for ln in launches}) == 45  # each ran exactly once
+    assert all(ln["fworker"]["name"].startswith("amdflow-batched-rocket@") for ln in launches)
+    assert all([h["state"] for h in ln["state_history"]] == ["RUNNING", ln["state"]] for ln in launches)
+    with open_db(None, settings) as db:
+        bad = db.candidates.find_one({"candidate_id": broken})
+        assert bad["state"] == "failed" and bad["error"].startswith("predict:")
+        assert lp.get_fw_by_id(bad["fw_ids"]["predict"]).state == "FIZZLED"
+        for c in db.candidates.find({"candidate_id": {"$ne": broken}}):
+            assert lp.get_fw_by_id(c["fw_ids"]["predict"]).state == "COMPLETED"
+            dedup = lp.get_fw_by_id(c["fw_ids"]["dedup"])
+            if c["prediction"]["passed"]:
+                assert dedup.spec["_priority"] == pytest.approx(-c["prediction"]["formation_energy_per_atom"], abs=1e-6)
+                assert dedup.state == "COMPLETED"  # the CPU rockets ran it
+            else:
+                assert dedup.state == "DEFUSED"

@@ -49,10 +49,9 @@ class PredictTask(_AmdflowTask):
     def run_task(self, fw_spec: dict[str, Any]) -> FWAction:
         db = self.db()
         (out,) = self._guarded(db, "predict", lambda: stages.predict_stage(db, [self["candidate_id"]]))
-        stored = {"formation_energy_per_atom": out.formation_energy_per_atom, "passed": out.passed}
-        if not out.passed:
-            return FWAction(stored_data=stored, defuse_workflow=True)
-        return FWAction(stored_data=stored, update_spec={"_priority": priority_from_energy(out.formation_energy_per_atom)})
+        if out.error:
+            raise RuntimeError(f"predict: {out.error}")
+        return predict_action(out)
 
 
 @explicit_serialize
@@ -105,6 +104,14 @@ class AnalyzeTask(_AmdflowTask):
         db = self.db()
         summary = self._guarded(db, "analyze", lambda: stages.analyze_stage(db, self["campaign"], self.get("candidate_id")))
         return FWAction(stored_data=summary)
+
+
+def predict_action(out: stages.PredictOutcome) -> FWAction:
+    """What a finished prediction does to its workflow (shared by PredictTask and the batched rocket)."""
+    stored = {"formation_energy_per_atom": out.formation_energy_per_atom, "passed": out.passed}
+    if not out.passed:
+        return FWAction(stored_data=stored, defuse_workflow=True)
+    return FWAction(stored_data=stored, update_spec={"_priority": priority_from_energy(out.formation_energy_per_atom)})
 
 
 def priority_from_energy(formation_energy_per_atom: float) -> float:
