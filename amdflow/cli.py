@@ -7,11 +7,12 @@ set ``MONGOMOCK_SERVERSTORE_FILE`` before FireWorks is first imported.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -59,6 +60,17 @@ def _settings(launchpad: Path | None) -> Any:
     from amdflow.settings import get_settings
 
     return get_settings(**({"launchpad_file": launchpad} if launchpad else {}))
+
+
+@contextlib.contextmanager
+def _campaign_db(campaign: Path, launchpad: Path | None) -> Iterator[tuple[Any, Any]]:
+    """The validated campaign file and its database, for the duration of a ``with`` block."""
+    from amdflow.campaign import load_campaign
+    from amdflow.db import open_db
+
+    cfg = load_campaign(campaign)
+    with open_db(cfg.output_dir, _settings(launchpad)) as db:
+        yield cfg, db
 
 
 def _progress_bar(enabled: bool) -> tuple[Any, Callable[[int, int, str], None]]:
@@ -284,12 +296,9 @@ def report(
     launchpad: LaunchpadOpt = None,
 ) -> None:
     """Rebuild the hull, refresh promising/ and the plot, and print the best candidates."""
-    from amdflow.campaign import load_campaign
-    from amdflow.db import open_db
     from amdflow.stages import analyze_stage
 
-    cfg = load_campaign(campaign)
-    with open_db(cfg.output_dir, _settings(launchpad)) as db:
+    with _campaign_db(campaign, launchpad) as (cfg, db):
         summary = analyze_stage(db, cfg.name, plot=True)
         run_type = db.campaigns.find_one({"name": cfg.name})["run_type"]
         rows = list(db.thermo.find({"hull_chemsys": cfg.chemsys, "run_type": run_type, "campaign": cfg.name}, {"_id": 0}).sort("e_above_hull", 1).limit(15))
@@ -334,12 +343,9 @@ def rescreen(
     launchpad: LaunchpadOpt = None,
 ) -> None:
     """Store the campaign file's screen settings (e.g. a fine-tuned checkpoint) and redo every unrelaxed candidate's screen."""
-    from amdflow.campaign import load_campaign
-    from amdflow.db import open_db
     from amdflow.ops import rescreen as rescreen_campaign
 
-    cfg = load_campaign(campaign)
-    with open_db(cfg.output_dir, _settings(launchpad)) as db:
+    with _campaign_db(campaign, launchpad) as (cfg, db):
         counts = rescreen_campaign(db, cfg)
     console.print(f"{counts['reset']} candidates will be predicted and screened again ({counts['kept']} already relaxed are kept); "
                   f"run `amdflow run {campaign}`", highlight=False)
@@ -354,8 +360,6 @@ def rerun(
     stage: Annotated[str | None, typer.Option(help="Only this stage: predict, dedup, relax, analyze, reference.")] = None,
 ) -> None:
     """Reset failed Fireworks of the campaign so that the next run retries them."""
-    from amdflow.campaign import load_campaign
-    from amdflow.db import open_db
     from amdflow.ops import rerun_fizzled
     from amdflow.workflows import CATEGORIES
 
@@ -363,8 +367,7 @@ def rerun(
         raise AmdflowError("say what to rerun: --fizzled")
     if stage is not None and stage not in CATEGORIES:
         raise AmdflowError(f"unknown stage '{stage}': use one of {sorted(CATEGORIES)}")
-    cfg = load_campaign(campaign)
-    with open_db(cfg.output_dir, _settings(launchpad)) as db:
+    with _campaign_db(campaign, launchpad) as (cfg, db):
         ids = rerun_fizzled(db, cfg.name, stage)
     console.print(f"reset {len(ids)} FIZZLED Fireworks; run `amdflow run {campaign}` to retry them")
 
