@@ -197,12 +197,37 @@ class AmdflowDB:
         # amdflow's queries on the LaunchPad's own collections (run, status, add)
         self.launchpad.fireworks.create_index([("spec.campaign", 1), ("state", 1)])
         self.launchpad.workflows.create_index([("metadata.campaign", 1), ("metadata.candidate_id", 1)])
+        # the batched rocket's transient claim and lock fields (sparse: only docs mid-batch carry them)
+        self.launchpad.fireworks.create_index("amdflow_claim.at", sparse=True)
+        self.launchpad.workflows.create_index("locked", sparse=True)
         self._indexed = True
 
     def flush(self) -> None:
         """Persist the embedded store now (no-op on MongoDB)."""
         if self.embedded is not None:
             self.embedded.flush()
+
+
+def bulk_write(coll: Any, ops: list[Any]) -> None:
+    """Unordered bulk write of UpdateOne/ReplaceOne ops: one command on MongoDB.
+
+    On mongomock the ops run one by one: its bulk_write rejects pymongo >= 4.11's
+    ReplaceOne/UpdateOne (their new ``sort`` argument); in-process, that costs nothing.
+    """
+    if not ops:
+        return
+    if not type(coll).__module__.startswith("mongomock"):
+        coll.bulk_write(ops, ordered=False)
+        return
+    from pymongo import ReplaceOne, UpdateOne
+
+    for op in ops:
+        if isinstance(op, ReplaceOne):
+            coll.replace_one(op._filter, op._doc, upsert=bool(op._upsert))
+        elif isinstance(op, UpdateOne):
+            coll.update_one(op._filter, op._doc, upsert=bool(op._upsert))
+        else:
+            raise TypeError(f"bulk_write: unsupported operation {type(op).__name__}")
 
 
 def _init_launchpad(lp: LaunchPad) -> None:

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from pymatgen.core import Structure
+from pymongo import UpdateOne
 
 from amdflow import __version__
 from amdflow.campaign import CampaignConfig, campaign_from_dict
-from amdflow.db import AmdflowDB
+from amdflow.db import AmdflowDB, bulk_write
 from amdflow.errors import AmdflowError
 from amdflow.schemas import (
     CampaignDoc,
@@ -128,6 +129,7 @@ def predict_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> 
         threshold = cfg.screen.max_formation_energy_per_atom
         db.campaigns.update_one({"name": name}, {"$set": {"model_id": predictor.model_id}})
         phases = _hull_phases(db, cfg) if cfg.screen.mode == "hull" else []
+        writes: list[UpdateOne] = []
         for d, energy in zip(group, energies, strict=True):
             passed = bool(energy <= threshold)
             reason = None if passed else f"predicted formation energy {energy:.3f} > {threshold} eV/atom"
@@ -143,8 +145,10 @@ def predict_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> 
                               model_name=predictor.checkpoint.name, threshold=threshold, passed=passed,
                               mode=cfg.screen.mode, e_above_hull=e_hull, reason=reason)
             state = CandidateState.PASSED if passed else CandidateState.SCREENED_OUT
-            _set_state(db, d["candidate_id"], state, prediction=pred.to_mongo(), error=None)
+            writes.append(UpdateOne({"candidate_id": d["candidate_id"]},
+                                    {"$set": {"state": state.value, "updated_at": utcnow(), "prediction": pred.to_mongo(), "error": None}}))
             outcomes.append(PredictOutcome(d["candidate_id"], float(energy), passed))
+        bulk_write(db.candidates, writes)  # one command per batch, not one per candidate
     return outcomes
 
 

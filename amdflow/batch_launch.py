@@ -1,0 +1,281 @@
+"""Check out and complete many Fireworks with a few bulk database commands.
+
+FireWorks' ``LaunchPad.checkout_fw`` / ``complete_launch`` cost about 33 database
+commands per Firework (find-and-modify check-out, launch id, launch document, Firework
+upsert, workflow lock, lazy loads, workflow replace, unlock...). For a 1 ms prediction
+that bookkeeping is everything: measured 0.2 % of raw inference through the LaunchPad
+(BENCHMARKS.md). This module does the same bookkeeping for a whole batch in about ten
+commands, without changing its result:
+
+* every state decision is FireWorks' own code: ``Launch`` objects (state history, times),
+  ``Workflow.refresh`` / ``apply_action`` (children READY, ``update_spec``, defusing) and
+  ``Workflow.state``; only the reads and writes are batched;
+* the same protocols as FireWorks: a Firework is claimed only if still READY (one atomic
+  update per document, so two rockets never get the same one), launch ids come from the
+  ``fw_id_assigner`` counter, a workflow is changed only while holding FireWorks' own
+  ``locked`` field (set here in bulk, to a token, so other processes wait as for a WFLock);
+* anything unusual takes FireWorks' per-Firework path instead: a Firework with a
+  ``_dupefinder``, ``_trackers`` or a reserved launch, or a workflow locked by someone else.
+
+The end state of the database (launch documents, Firework and workflow documents) is the
+one ``checkout_fw`` + ``complete_launch`` produce; ``tests/test_batch_launch.py`` compares
+them field by field. A process killed mid-batch leaves what FireWorks' own rocket leaves:
+RUNNING launches for ``lpad detect_lostruns``. Claims (RESERVED, no launch yet) and
+workflow locks older than ``STALE_AFTER_S`` seconds, left by a rocket killed inside the
+few milliseconds between two of these commands, are released by the next rocket.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import os
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from amdflow.db import bulk_write
+
+CLAIM = "amdflow_claim"  # transient field on a Firework between claim and launch (removed at check-out)
+LOCK_PREFIX = "amdflow-batch:"  # value of FireWorks' workflow `locked` field while a batch holds it
+STALE_AFTER_S = 300.0
+PARTIAL_FIELDS = ("name", "fw_id", "spec", "created_on", "state", "launches")  # LazyFirework's, plus launch ids
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC)
+
+
+@dataclass
+class Claim:
+    """One checked-out Firework and its launch."""
+
+    fw: Any  # fireworks.Firework; on the bulk path its tasks stay in spec["_tasks"] as stored (fw.tasks is empty)
+    launch: Any  # fireworks.core.firework.Launch
+    bulk: bool = True  # False: checked out and to be completed through FireWorks' per-Firework API
+
+    @property
+    def fw_id(self) -> int:
+        return int(self.fw.fw_id)
+
+    @property
+    def launch_id(self) -> int:
+        return int(self.launch.launch_id)
+
+
+class BatchLauncher:
+    """Bulk ``checkout_fw`` / ``ping_launch`` / ``complete_launch`` on one LaunchPad."""
+
+    def __init__(self, lp: Any, fworker: Any, launch_dir: str, host: str | None = None, ip: str | None = None) -> None:
+        from fireworks.utilities.fw_utilities import get_my_host, get_my_ip
+
+        self.lp = lp
+        self.fworker = fworker
+        self.launch_dir = launch_dir
+        self.host = host or get_my_host()
+        self.ip = ip or get_my_ip()
+        self._released_at: _dt.datetime | None = None
+
+    # ------------------------------------------------------------------ check-out
+    def checkout(self, n: int) -> list[Claim]:
+        """Check out up to ``n`` READY Fireworks matching the FWorker (highest ``_priority`` first)."""
+        from fireworks.core.firework import Launch, Tracker
+        from fireworks.fw_config import SORT_FWS
+        from fireworks.utilities.fw_serializers import recursive_dict
+        from pymongo import ASCENDING, DESCENDING, UpdateOne
+
+        lp = self.lp
+        if self._released_at is None or _now() - self._released_at > _dt.timedelta(seconds=STALE_AFTER_S / 2):
+            self.release_stale()
+        query = dict(self.fworker.query)
+        query["state"] = "READY"
+        sort = [("spec._priority", DESCENDING)]
+        if SORT_FWS.upper() in ("FIFO", "FILO"):
+            sort.append(("created_on", ASCENDING if SORT_FWS.upper() == "FIFO" else DESCENDING))
+        for _attempt in range(5):  # other rockets may claim the same ones between find and claim
+            ids = [d["fw_id"] for d in lp.fireworks.find(query, {"fw_id": 1}).sort(sort).limit(n)]
+            if not ids:
+                return []
+            token = f"{uuid.uuid4().hex}"
+            now = _now()
+            lp.fireworks.update_many({**query, "fw_id": {"$in": ids}},
+                                     {"$set": {"state": "RESERVED", "updated_on": now, CLAIM: {"token": token, "at": now}}})
+            docs = list(lp.fireworks.find({"fw_id": {"$in": ids}, f"{CLAIM}.token": token}))
+            if docs:
+                break
+        else:
+            return []
+        rank = {fid: k for k, fid in enumerate(ids)}
+        docs.sort(key=lambda d: rank.get(d["fw_id"], len(ids)))
+        simple = [d for d in docs if not d.get("launches") and "_dupefinder" not in d["spec"] and "_trackers" not in d["spec"]]
+        simple_ids = {d["fw_id"] for d in simple}
+        special = [d for d in docs if d["fw_id"] not in simple_ids]
+        claims: list[Claim] = []
+        if simple:
+            first = lp.fw_id_assigner.find_one_and_update({}, {"$inc": {"next_launch_id": len(simple)}})
+            if first is None:
+                raise ValueError("Could not get launch ids: initialize the LaunchPad first (lpad reset / amdflow add)")
+            first_id = first["next_launch_id"]
+            for k, doc in enumerate(simple):
+                doc.pop(CLAIM, None)
+                fw = _lean_firework(doc, [])
+                trackers = [Tracker.from_dict(t) for t in doc["spec"].get("_trackers", [])] or None
+                launch = Launch("RUNNING", self.launch_dir, self.fworker, self.host, self.ip, trackers=trackers,
+                                launch_id=first_id + k, fw_id=fw.fw_id)
+                fw.launches = [launch]
+                fw.state = "RUNNING"
+                claims.append(Claim(fw, launch))
+            lp.launches.insert_many([c.launch.to_db_dict() for c in claims])
+            bulk_write(lp.fireworks, [UpdateOne({"fw_id": c.fw_id}, {"$set": {"state": c.fw.state, "updated_on": recursive_dict(c.fw.updated_on),
+                                                                              "launches": [c.launch_id]}, "$unset": {CLAIM: ""}})
+                                      for c in claims])
+            self._refresh([(c.fw_id, c.fw) for c in claims], prefetch_all=False)
+        for doc in special:  # FireWorks' own path (dupefinder, trackers, reserved launches)
+            fw, launch_id = lp.checkout_fw(self.fworker, self.launch_dir, fw_id=doc["fw_id"], host=self.host, ip=self.ip)
+            if fw is not None:
+                lp.fireworks.update_one({"fw_id": fw.fw_id}, {"$unset": {CLAIM: ""}})
+                claims.append(Claim(fw, lp.get_launch_by_id(launch_id), bulk=False))
+        return claims
+
+    # ------------------------------------------------------------------ ping
+    def ping(self, claims: Iterable[Claim]) -> None:
+        """``ping_launch`` for every running launch of the batch (one command)."""
+        claims = [c for c in claims]
+        now = _now()
+        bulk = [c for c in claims if c.bulk]
+        for c in bulk:
+            c.launch.touch_history(now)
+        if bulk:  # launches made here have one state-history entry: RUNNING
+            self.lp.launches.update_many({"launch_id": {"$in": [c.launch_id for c in bulk]}, "state": "RUNNING"},
+                                         {"$set": {"state_history.0.updated_on": now}})
+        for c in claims:
+            if not c.bulk:
+                self.lp.ping_launch(c.launch_id)
+
+    # ------------------------------------------------------------------ completion
+    def complete(self, results: list[tuple[Claim, Any, str]]) -> None:
+        """``complete_launch`` for (claim, FWAction, "COMPLETED" | "FIZZLED") triples."""
+        from pymongo import ReplaceOne
+
+        lp = self.lp
+        bulk = [(c, a, s) for c, a, s in results if c.bulk and _simple_action(a)]
+        in_bulk = {c.launch_id for c, _, _ in bulk}
+        for c, a, s in results:
+            if c.launch_id not in in_bulk:
+                lp.complete_launch(c.launch_id, a, s)
+        if not bulk:
+            return
+        now = _now()
+        for c, action, state in bulk:
+            c.launch.touch_history(now)
+            c.launch.state = state
+            c.launch.action = action
+        bulk_write(lp.launches, [ReplaceOne({"launch_id": c.launch_id}, c.launch.to_db_dict()) for c, _, _ in bulk])
+        self._refresh([(c.fw_id, None) for c, _, _ in bulk], prefetch_all=True, launches={c.launch_id: c.launch for c, _, _ in bulk})
+
+    # ------------------------------------------------------------------ workflows
+    def _refresh(self, items: list[tuple[int, Any]], prefetch_all: bool, launches: dict[int, Any] | None = None) -> None:
+        """``_refresh_wf`` for many Fireworks: lock their workflows in bulk, refresh in memory, write back.
+
+        ``items``: (fw_id, Firework object already in memory or None). Workflows another
+        process holds are refreshed through FireWorks' ``_refresh_wf`` (which waits for the lock).
+        """
+        from fireworks.core.firework import Launch, Workflow
+        from fireworks.core.launchpad import LazyFirework, get_action_from_gridfs
+        from pymongo import ReplaceOne, UpdateOne
+
+        lp = self.lp
+        fw_ids = [fid for fid, _ in items]
+        token = f"{LOCK_PREFIX}{_now().isoformat()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        lp.workflows.update_many({"nodes": {"$in": fw_ids}, "locked": {"$exists": False}}, {"$set": {"locked": token}})
+        try:
+            wf_docs = list(lp.workflows.find({"nodes": {"$in": fw_ids}, "locked": token}))
+            node_wf = {n: d for d in wf_docs for n in d["nodes"]}
+            known = {fid: fw for fid, fw in items if fw is not None}
+            fetched: dict[int, Any] = {}
+            want = [n for d in wf_docs for n in d["nodes"]] if prefetch_all else []
+            want = [n for n in want if n not in known]
+            if want:
+                docs = list(lp.fireworks.find({"fw_id": {"$in": want}}, dict.fromkeys(PARTIAL_FIELDS, 1)))
+                need = [lid for d in docs for lid in d.get("launches", []) if not (launches and lid in launches)]
+                by_id = {}
+                if need:
+                    for ld in lp.launches.find({"launch_id": {"$in": need}}):
+                        ld["action"] = get_action_from_gridfs(ld.get("action"), lp.gridfs_fallback)
+                        by_id[ld["launch_id"]] = Launch.from_dict(ld)
+                if launches:
+                    by_id.update(launches)
+                for d in docs:
+                    fetched[d["fw_id"]] = _lean_firework(d, [by_id[lid] for lid in d.get("launches", [])])
+            if launches:  # like complete_launch: refresh only Fireworks that still hold the launch (not rerun meanwhile)
+                holds = {fid for fid, fw in fetched.items() if any(ln.launch_id in launches for ln in fw.launches)}
+                fw_ids = [fid for fid in fw_ids if fid in holds or fid not in node_wf]
+            fw_ops, wf_ops = [], []
+            for wf_doc in wf_docs:
+                nodes = wf_doc["nodes"]
+                fws = []
+                for n in nodes:
+                    fw = known[n] if n in known else fetched.get(n)  # (a task-less Firework is falsy: len 0)
+                    fws.append(fw if fw is not None else LazyFirework(n, lp.fireworks, lp.launches, lp.gridfs_fallback))
+                fw_states = {int(k): v for k, v in wf_doc["fw_states"].items()} if "fw_states" in wf_doc else None
+                wf = Workflow(fws, wf_doc["links"], wf_doc["name"], wf_doc["metadata"], wf_doc["created_on"],
+                              wf_doc["updated_on"], fw_states)
+                updated: set[int] = set()
+                for fid in fw_ids:
+                    if fid in wf.id_fw:
+                        updated |= set(wf.refresh(fid))
+                for fid in sorted(updated):
+                    fw_ops.append(UpdateOne({"fw_id": fid}, {"$set": _changed_fields(wf.id_fw[fid])}))
+                new_doc = wf.to_db_dict()
+                new_doc["_id"] = wf_doc["_id"]
+                wf_ops.append(ReplaceOne({"_id": wf_doc["_id"], "locked": token}, new_doc))  # replace = unlock
+            bulk_write(lp.fireworks, fw_ops)
+            bulk_write(lp.workflows, wf_ops)
+        except BaseException:
+            # never leave workflows locked: the launches stay the record (`lpad detect_lostruns` reads them)
+            lp.workflows.update_many({"locked": token}, {"$unset": {"locked": ""}})
+            raise
+        for fid in fw_ids:
+            if fid not in node_wf:  # its workflow was locked by another process: FireWorks' path waits for it
+                lp._refresh_wf(fid)
+
+    def release_stale(self, older_than_s: float = STALE_AFTER_S) -> None:
+        """Release claims and workflow locks a killed batch left behind (older than ``older_than_s``)."""
+        self._released_at = _now()
+        cutoff = self._released_at - _dt.timedelta(seconds=older_than_s)
+        self.lp.fireworks.update_many({f"{CLAIM}.at": {"$lt": cutoff}, "state": "RESERVED"},
+                                      {"$set": {"state": "READY", "updated_on": _now()}, "$unset": {CLAIM: ""}})
+        self.lp.workflows.update_many({"locked": {"$gte": LOCK_PREFIX, "$lt": f"{LOCK_PREFIX}{cutoff.isoformat()}"}},
+                                      {"$unset": {"locked": ""}})
+
+
+def _simple_action(action: Any) -> bool:
+    """Actions that only touch this workflow's existing Fireworks (no new Fireworks, no GridFS-size data)."""
+    return action is None or not (action.additions or action.detours or getattr(action, "append_wfs", None))
+
+
+def _lean_firework(doc: dict[str, Any], launches: list[Any]) -> Any:
+    """A Firework for state decisions, from a raw document, without deserializing its tasks.
+
+    ``Workflow.refresh`` reads state, spec and launches; the tasks stay raw dicts in
+    ``spec["_tasks"]`` (measured: deserializing and re-serializing them was most of the
+    client-side cost). ``_raw_spec`` keeps the stored spec to write back only what changed.
+    """
+    from fireworks.core.firework import Firework
+
+    fw = Firework([], spec=copy.deepcopy(doc["spec"]), name=doc.get("name"), launches=launches, state=doc.get("state", "WAITING"),
+                  created_on=doc.get("created_on"), fw_id=doc["fw_id"], updated_on=doc.get("updated_on"))
+    fw._raw_spec = doc["spec"]  # refresh (update_spec, mod_spec) changes the deep copy only
+    return fw
+
+
+def _changed_fields(fw: Any) -> dict[str, Any]:
+    """The fields ``_upsert_fws`` would rewrite that a refresh can change: state, updated_on, spec."""
+    from fireworks.utilities.fw_serializers import recursive_dict
+
+    out = {"state": fw.state, "updated_on": recursive_dict(fw.updated_on)}
+    raw = getattr(fw, "_raw_spec", None)
+    if raw is None or fw.spec != raw:
+        out["spec"] = recursive_dict(fw.spec) if raw is not None else fw.to_db_dict()["spec"]
+    return out

@@ -1,0 +1,194 @@
+"""The bulk check-out/completion leaves the database exactly as FireWorks' per-Firework API does.
+
+Two identical LaunchPads get the same workflows (amdflow's candidate and reference
+workflows, plus one predict Firework with a ``_dupefinder`` that must take FireWorks' own
+path). One is driven by ``checkout_fw`` + ``complete_launch`` per Firework (what
+``rlaunch`` does), the other by :class:`amdflow.batch_launch.BatchLauncher`. The
+Firework, launch and workflow documents must then be equal, field by field, apart from
+timestamps and ``_id``s. Runs on the in-process store and on the wire server.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+HOST, IP = "node001", "10.0.0.1"
+
+
+def _workflows():
+    from fireworks import Firework, ScriptTask, Workflow
+    from fireworks.user_objects.dupefinders.dupefinder_exact import DupeFinderExact
+
+    from amdflow.workflows import candidate_workflow, reference_workflow
+
+    wfs = [candidate_workflow(f"cand{k:03d}", "camp", f"Al{k}Ni") for k in range(9)]
+    wfs.append(reference_workflow("camp", "Al", ["fcc", "bcc"]))
+    odd = Firework(ScriptTask.from_str("true"), spec={"_category": "gpu", "amdflow_stage": "predict", "_priority": 1e4,
+                                                      "_dupefinder": DupeFinderExact()}, name="with dupefinder")
+    wfs.append(Workflow([odd, Firework(ScriptTask.from_str("true"), name="child")], {odd: []}, name="odd"))
+    return wfs
+
+
+def _action(fw, k: int):
+    """Pass (children get a priority), defuse the workflow, or fizzle: one of each in turn."""
+    from fireworks import FWAction
+
+    kind = k % 3
+    if kind == 0:
+        return FWAction(stored_data={"passed": True}, update_spec={"_priority": round(0.1 * k, 6)}), "COMPLETED"
+    if kind == 1:
+        return FWAction(stored_data={"passed": False}, defuse_workflow=True), "COMPLETED"
+    return FWAction(stored_data={"_message": f"predict: broken {fw.fw_id}"}), "FIZZLED"
+
+
+def _normalized(lp) -> dict:
+    fws = {d["fw_id"]: d for d in lp.fireworks.find({}, {"_id": 0})}
+    launches = {d["launch_id"]: d for d in lp.launches.find({}, {"_id": 0})}
+    lid_fw = {lid: d["fw_id"] for lid, d in launches.items()}
+    for d in fws.values():
+        d.pop("updated_on", None)
+        d.pop("created_on", None)
+        d["launches"] = sorted(lid_fw[i] for i in d.get("launches", []))
+    norm_launches = {}
+    for d in launches.values():
+        for key in ("launch_id", "time_start", "time_end", "runtime_secs"):
+            d.pop(key, None)
+        d["state_history"] = [h["state"] for h in d["state_history"]]
+        norm_launches[d["fw_id"]] = d
+    wfs = {}
+    for d in lp.workflows.find({}, {"_id": 0}):
+        d.pop("updated_on", None)
+        d.pop("created_on", None)
+        wfs[d["name"]] = d
+    return {"fireworks": fws, "launches": norm_launches, "workflows": wfs}
+
+
+@pytest.fixture(params=["in-process", pytest.param("wire", marks=pytest.mark.multiprocess)])
+def two_launchpads(request, monkeypatch):
+    from fireworks import LaunchPad
+
+    if request.param == "in-process":
+        lp = request.getfixturevalue("lpad")
+        import fireworks.core.launchpad as fw_launchpad
+
+        other = fw_launchpad.LaunchPad(host="localhost", name="amdflow_test_b", strm_lvl="ERROR")
+        other.reset(password=None, require_password=False)
+        yield lp, other
+        return
+    uri = request.getfixturevalue("mongo_uri")
+    names = [f"amdflow_eq_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    lps = [LaunchPad(host=uri, name=n, strm_lvl="ERROR") for n in names]
+    for lp in lps:
+        lp.reset(password=None, require_password=False)
+    yield tuple(lps)
+    import pymongo
+
+    for n in names:
+        pymongo.MongoClient(uri).drop_database(n)
+
+
+def test_bulk_checkout_and_completion_equal_fireworks_api(two_launchpads, tmp_path):
+    from fireworks import FWorker
+
+    from amdflow.batch_launch import BatchLauncher
+
+    per_fw, batched = two_launchpads
+    for lp in (per_fw, batched):
+        for wf in _workflows():
+            lp.add_wf(wf)
+    fworker = FWorker(name="gpu-rocket", category="gpu", query={"spec.amdflow_stage": "predict"})
+
+    # FireWorks' API, one Firework at a time
+    taken = []
+    while True:
+        fw, launch_id = per_fw.checkout_fw(fworker, str(tmp_path), host=HOST, ip=IP)
+        if fw is None:
+            break
+        taken.append((fw, launch_id))
+    rerun = sorted(fw.fw_id for fw, _ in taken)[1]  # rerun by hand while running: its completion must not revive it
+    per_fw.rerun_fw(rerun)
+    for k, (fw, launch_id) in enumerate(sorted(taken, key=lambda t: t[0].fw_id)):
+        per_fw.ping_launch(launch_id)
+        action, state = _action(fw, k)
+        per_fw.complete_launch(launch_id, action, state)
+
+    # the same through the bulk path, in two batches
+    launcher = BatchLauncher(batched, fworker, str(tmp_path), host=HOST, ip=IP)
+    claims = launcher.checkout(6) + launcher.checkout(100)
+    assert launcher.checkout(100) == []
+    assert len(claims) == len(taken) == 10
+    assert sum(not c.bulk for c in claims) == 1  # the _dupefinder Firework took FireWorks' path
+    running = batched.fireworks.count_documents({"state": "RUNNING"})
+    assert running == 10
+    assert all(s == "RUNNING" for wf in batched.workflows.find({"metadata.amdflow": "candidate"}) for s in [wf["state"]])
+    launcher.ping(claims)
+    batched.rerun_fw(rerun)
+    launcher.complete([(c, *_action(c.fw, k)) for k, c in enumerate(sorted(claims, key=lambda c: c.fw_id))])
+
+    a, b = _normalized(per_fw), _normalized(batched)
+    for part in ("fireworks", "launches", "workflows"):
+        assert a[part].keys() == b[part].keys(), part
+        for key in a[part]:
+            assert a[part][key] == b[part][key], (part, key)
+    # the known answer, not only equality: 3 workflows passed (dedup READY with the priority), 3 defused, 3 fizzled
+    states = [wf["state"] for wf in batched.workflows.find({"metadata.amdflow": "candidate"})]
+    assert sorted(states) == ["DEFUSED"] * 2 + ["FIZZLED"] * 3 + ["READY"] + ["RUNNING"] * 3
+    assert batched.fireworks.find_one({"fw_id": rerun})["state"] == "READY"
+    ready = list(batched.fireworks.find({"state": "READY", "spec.amdflow_stage": "dedup"}))
+    assert len(ready) == 3 and all("_priority" in d["spec"] and d["spec"]["_priority"] < 1 for d in ready)
+    assert batched.workflows.count_documents({"locked": {"$exists": True}}) == 0
+    assert batched.fireworks.count_documents({"amdflow_claim": {"$exists": True}}) == 0
+
+
+def test_workflow_locked_by_another_process_waits_for_it(lpad, tmp_path):
+    """A workflow another process holds (FireWorks' WFLock) is refreshed through FireWorks' path once free."""
+    from fireworks import FWAction, FWorker
+
+    from amdflow.batch_launch import BatchLauncher
+    from amdflow.workflows import candidate_workflow
+
+    for k in range(3):
+        lpad.add_wf(candidate_workflow(f"c{k}", "camp", "AlNi"))
+    launcher = BatchLauncher(lpad, FWorker(category="gpu"), str(tmp_path))
+    claims = launcher.checkout(10)
+    assert len(claims) == 3
+    held = claims[0].fw_id
+    lpad.workflows.update_one({"nodes": held}, {"$set": {"locked": True}})
+    release = threading.Timer(0.5, lambda: lpad.workflows.update_one({"nodes": held}, {"$unset": {"locked": True}}))
+    release.start()
+    start = time.perf_counter()
+    launcher.complete([(c, FWAction(update_spec={"_priority": 1.0}), "COMPLETED") for c in claims])
+    assert time.perf_counter() - start >= 0.4  # it waited for the other process's lock
+    assert lpad.fireworks.count_documents({"state": "COMPLETED"}) == 3
+    assert lpad.fireworks.count_documents({"state": "READY", "spec.amdflow_stage": "dedup"}) == 3
+    assert lpad.workflows.count_documents({"locked": {"$exists": True}}) == 0
+
+
+def test_stale_claims_and_locks_are_released(lpad, tmp_path):
+    """A claim (RESERVED, no launch) or batch lock left by a killed rocket returns to READY / unlocked."""
+    import datetime as dt
+
+    from fireworks import FWorker
+
+    from amdflow.batch_launch import CLAIM, LOCK_PREFIX, BatchLauncher
+    from amdflow.workflows import candidate_workflow
+
+    lpad.add_wf(candidate_workflow("c0", "camp", "AlNi"))
+    fw_id = lpad.fireworks.find_one({"spec.amdflow_stage": "predict"})["fw_id"]
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    lpad.fireworks.update_one({"fw_id": fw_id}, {"$set": {"state": "RESERVED", CLAIM: {"token": "dead", "at": old}}})
+    lpad.workflows.update_one({"nodes": fw_id}, {"$set": {"locked": f"{LOCK_PREFIX}{old.isoformat()}:1:dead"}})
+    launcher = BatchLauncher(lpad, FWorker(category="gpu"), str(tmp_path))
+    claims = launcher.checkout(5)
+    assert [c.fw_id for c in claims] == [fw_id]
+    assert lpad.workflows.count_documents({"locked": {"$exists": True}}) == 0
+    # a fresh claim of another rocket is left alone
+    lpad.add_wf(candidate_workflow("c1", "camp", "AlNi"))
+    other = lpad.fireworks.find_one({"spec.amdflow_stage": "predict", "state": "READY"})["fw_id"]
+    lpad.fireworks.update_one({"fw_id": other}, {"$set": {"state": "RESERVED", CLAIM: {"token": "live", "at": dt.datetime.now(dt.UTC)}}})
+    launcher.release_stale()
+    assert lpad.fireworks.find_one({"fw_id": other})["state"] == "RESERVED"
