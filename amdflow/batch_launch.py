@@ -35,11 +35,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from fireworks.utilities.fw_serializers import recursive_dict
+
 from amdflow.db import bulk_write
 
 CLAIM = "amdflow_claim"  # transient field on a Firework between claim and launch (removed at check-out)
 LOCK_PREFIX = "amdflow-batch:"  # value of FireWorks' workflow `locked` field while a batch holds it
-STALE_AFTER_S = 300.0
+STALE_AFTER_S = 300.0  # a claim (RESERVED, no launch) older than this belongs to a dead rocket
+LOCK_STALE_S = 120.0  # a batch holds a workflow lock for a few commands; older ones belong to a dead rocket
 PARTIAL_FIELDS = ("name", "fw_id", "spec", "created_on", "state", "launches")  # LazyFirework's, plus launch ids
 
 
@@ -82,11 +85,11 @@ class BatchLauncher:
         """Check out up to ``n`` READY Fireworks matching the FWorker (highest ``_priority`` first)."""
         from fireworks.core.firework import Launch, Tracker
         from fireworks.fw_config import SORT_FWS
-        from fireworks.utilities.fw_serializers import recursive_dict
         from pymongo import ASCENDING, DESCENDING, UpdateOne
 
         lp = self.lp
-        if self._released_at is None or _now() - self._released_at > _dt.timedelta(seconds=STALE_AFTER_S / 2):
+        if self._released_at is None or _now() - self._released_at > _dt.timedelta(seconds=LOCK_STALE_S / 2):
+            self._released_at = _now()
             self.release_stale()
         query = dict(self.fworker.query)
         query["state"] = "READY"
@@ -100,7 +103,7 @@ class BatchLauncher:
             token = f"{uuid.uuid4().hex}"
             now = _now()
             lp.fireworks.update_many({**query, "fw_id": {"$in": ids}},
-                                     {"$set": {"state": "RESERVED", "updated_on": now, CLAIM: {"token": token, "at": now}}})
+                                     {"$set": {"state": "RESERVED", "updated_on": recursive_dict(now), CLAIM: {"token": token, "at": now}}})
             docs = list(lp.fireworks.find({"fw_id": {"$in": ids}, f"{CLAIM}.token": token}))
             if docs:
                 break
@@ -130,7 +133,7 @@ class BatchLauncher:
             bulk_write(lp.fireworks, [UpdateOne({"fw_id": c.fw_id}, {"$set": {"state": c.fw.state, "updated_on": recursive_dict(c.fw.updated_on),
                                                                               "launches": [c.launch_id]}, "$unset": {CLAIM: ""}})
                                       for c in claims])
-            self._refresh([(c.fw_id, c.fw) for c in claims], prefetch_all=False)
+            self._mark_running(claims)
         for doc in special:  # FireWorks' own path (dupefinder, trackers, reserved launches)
             fw, launch_id = lp.checkout_fw(self.fworker, self.launch_dir, fw_id=doc["fw_id"], host=self.host, ip=self.ip)
             if fw is not None:
@@ -141,14 +144,15 @@ class BatchLauncher:
     # ------------------------------------------------------------------ ping
     def ping(self, claims: Iterable[Claim]) -> None:
         """``ping_launch`` for every running launch of the batch (one command)."""
-        claims = [c for c in claims]
+        claims = list(claims)
         now = _now()
         bulk = [c for c in claims if c.bulk]
         for c in bulk:
             c.launch.touch_history(now)
         if bulk:  # launches made here have one state-history entry: RUNNING
+            # stored as FireWorks stores it (an ISO string: `detect_lostruns` compares strings)
             self.lp.launches.update_many({"launch_id": {"$in": [c.launch_id for c in bulk]}, "state": "RUNNING"},
-                                         {"$set": {"state_history.0.updated_on": now}})
+                                         {"$set": {"state_history.0.updated_on": recursive_dict(now)}})
         for c in claims:
             if not c.bulk:
                 self.lp.ping_launch(c.launch_id)
@@ -175,11 +179,52 @@ class BatchLauncher:
         self._refresh([(c.fw_id, None) for c, _, _ in bulk], prefetch_all=True, launches={c.launch_id: c.launch for c, _, _ in bulk})
 
     # ------------------------------------------------------------------ workflows
+    def _mark_running(self, claims: list[Claim]) -> None:
+        """The check-out's ``_refresh_wf``, without a lock: one atomic conditional update per workflow.
+
+        A check-out changes only the workflow's ``fw_states``, ``state`` and ``updated_on``.
+        Each update applies only if the workflow is unlocked and its ``fw_states`` are still
+        the ones the new state was computed from; any other workflow (locked or changed in
+        between) goes through FireWorks' ``_refresh_wf``. No lock is ever held here, so a
+        rocket killed during a check-out leaves no locked workflow behind.
+        """
+        from fireworks.core.firework import Workflow
+        from fireworks.core.launchpad import LazyFirework
+        from pymongo import UpdateOne
+
+        lp = self.lp
+        known = {c.fw_id: c.fw for c in claims}
+        wf_docs = list(lp.workflows.find({"nodes": {"$in": list(known)}}))
+        ops, mine, later = [], {}, set(known)
+        for doc in wf_docs:
+            if "locked" in doc or "fw_states" not in doc:
+                continue
+            fws = [known[n] if n in known else LazyFirework(n, lp.fireworks, lp.launches, lp.gridfs_fallback) for n in doc["nodes"]]
+            wf = Workflow(fws, doc["links"], doc["name"], doc["metadata"], doc["created_on"], doc["updated_on"],
+                          {int(k): v for k, v in doc["fw_states"].items()})
+            ids = [n for n in doc["nodes"] if n in known]
+            for fid in ids:
+                wf.refresh(fid)
+            new = wf.to_db_dict()
+            ops.append(UpdateOne({"_id": doc["_id"], "locked": {"$exists": False}, "fw_states": doc["fw_states"]},
+                                 {"$set": {"fw_states": new["fw_states"], "state": new["state"], "updated_on": new["updated_on"]}}))
+            mine[doc["_id"]] = (ids, new["fw_states"])
+            later -= set(ids)
+        if bulk_write(lp.workflows, ops) < len(ops):  # some changed in between: find which
+            for doc in lp.workflows.find({"_id": {"$in": list(mine)}}, {"fw_states": 1}):
+                ids, states = mine[doc["_id"]]
+                if doc.get("fw_states") != states:
+                    later |= set(ids)
+        for fid in sorted(later):
+            lp._refresh_wf(fid)
+
     def _refresh(self, items: list[tuple[int, Any]], prefetch_all: bool, launches: dict[int, Any] | None = None) -> None:
         """``_refresh_wf`` for many Fireworks: lock their workflows in bulk, refresh in memory, write back.
 
         ``items``: (fw_id, Firework object already in memory or None). Workflows another
         process holds are refreshed through FireWorks' ``_refresh_wf`` (which waits for the lock).
+        The lock is held for the few commands between taking it and the replace that
+        releases it; one left by a killed rocket is released after ``LOCK_STALE_S``.
         """
         from fireworks.core.firework import Launch, Workflow
         from fireworks.core.launchpad import LazyFirework, get_action_from_gridfs
@@ -240,14 +285,26 @@ class BatchLauncher:
             if fid not in node_wf:  # its workflow was locked by another process: FireWorks' path waits for it
                 lp._refresh_wf(fid)
 
-    def release_stale(self, older_than_s: float = STALE_AFTER_S) -> None:
-        """Release claims and workflow locks a killed batch left behind (older than ``older_than_s``)."""
-        self._released_at = _now()
-        cutoff = self._released_at - _dt.timedelta(seconds=older_than_s)
-        self.lp.fireworks.update_many({f"{CLAIM}.at": {"$lt": cutoff}, "state": "RESERVED"},
-                                      {"$set": {"state": "READY", "updated_on": _now()}, "$unset": {CLAIM: ""}})
-        self.lp.workflows.update_many({"locked": {"$gte": LOCK_PREFIX, "$lt": f"{LOCK_PREFIX}{cutoff.isoformat()}"}},
-                                      {"$unset": {"locked": ""}})
+    def release_stale(self, claims_older_than_s: float = STALE_AFTER_S, locks_older_than_s: float = LOCK_STALE_S) -> tuple[int, int]:
+        """Release claims and workflow locks a killed batch left behind; returns (claims, locks) released."""
+        return release_stale(self.lp, claims_older_than_s, locks_older_than_s)
+
+
+def release_stale(lp: Any, claims_older_than_s: float = STALE_AFTER_S, locks_older_than_s: float = LOCK_STALE_S) -> tuple[int, int]:
+    """Claims (RESERVED, no launch) back to READY and batch workflow locks released, if older than the limits.
+
+    Only amdflow's own claims and locks (the ``amdflow_claim`` field, ``locked`` values
+    starting with ``LOCK_PREFIX`` and the time they were taken) are touched; FireWorks'
+    own locks (``locked: True``) are left to ``lpad admin unlock``.
+    """
+    now = _now()
+    cutoff = now - _dt.timedelta(seconds=claims_older_than_s)
+    claims = lp.fireworks.update_many({f"{CLAIM}.at": {"$lt": cutoff}, "state": "RESERVED"},
+                                      {"$set": {"state": "READY", "updated_on": recursive_dict(now)}, "$unset": {CLAIM: ""}})
+    lock_cutoff = now - _dt.timedelta(seconds=locks_older_than_s)
+    locks = lp.workflows.update_many({"locked": {"$gte": LOCK_PREFIX, "$lt": f"{LOCK_PREFIX}{lock_cutoff.isoformat()}"}},
+                                     {"$unset": {"locked": ""}})
+    return int(claims.modified_count), int(locks.modified_count)
 
 
 def _simple_action(action: Any) -> bool:
@@ -272,8 +329,6 @@ def _lean_firework(doc: dict[str, Any], launches: list[Any]) -> Any:
 
 def _changed_fields(fw: Any) -> dict[str, Any]:
     """The fields ``_upsert_fws`` would rewrite that a refresh can change: state, updated_on, spec."""
-    from fireworks.utilities.fw_serializers import recursive_dict
-
     out = {"state": fw.state, "updated_on": recursive_dict(fw.updated_on)}
     raw = getattr(fw, "_raw_spec", None)
     if raw is None or fw.spec != raw:

@@ -358,18 +358,28 @@ def rerun(
     launchpad: LaunchpadOpt = None,
     fizzled: Annotated[bool, typer.Option("--fizzled", help="Reset FIZZLED Fireworks to run again.")] = False,
     stage: Annotated[str | None, typer.Option(help="Only this stage: predict, dedup, relax, analyze, reference.")] = None,
+    lost: Annotated[bool, typer.Option("--lost", help="Rerun launches of killed rockets (RUNNING, no ping for --lost-after s) "
+                                                      "and release their stale claims and batch locks.")] = False,
+    lost_after: Annotated[float, typer.Option(min=0, help="Seconds without a ping before a RUNNING launch counts as lost "
+                                                          "(FireWorks pings hourly; use a small value only when every rocket is stopped).")] = 14400.0,
+    stale_after: Annotated[float, typer.Option(min=0, help="Seconds after which a batched rocket's claim or workflow lock is stale.")] = 120.0,
 ) -> None:
-    """Reset failed Fireworks of the campaign so that the next run retries them."""
-    from amdflow.ops import rerun_fizzled
+    """Reset failed (--fizzled) or lost (--lost) Fireworks of the campaign so that the next run retries them."""
+    from amdflow.ops import rerun_fizzled, rerun_lost
     from amdflow.workflows import CATEGORIES
 
-    if not fizzled:
-        raise AmdflowError("say what to rerun: --fizzled")
+    if not (fizzled or lost):
+        raise AmdflowError("say what to rerun: --fizzled (failed Fireworks) and/or --lost (launches of killed rockets)")
     if stage is not None and stage not in CATEGORIES:
         raise AmdflowError(f"unknown stage '{stage}': use one of {sorted(CATEGORIES)}")
     with _campaign_db(campaign, launchpad) as (cfg, db):
-        ids = rerun_fizzled(db, cfg.name, stage)
-    console.print(f"reset {len(ids)} FIZZLED Fireworks; run `amdflow run {campaign}` to retry them")
+        if lost:
+            found = rerun_lost(db, cfg.name, lost_after, stale_after)
+            console.print(f"lost launches: {found['lost_launches']} ({found['rerun_fireworks']} Fireworks reset to run again); "
+                          f"released {found['claims_released']} stale claims and {found['locks_released']} stale workflow locks")
+        if fizzled:
+            ids = rerun_fizzled(db, cfg.name, stage)
+            console.print(f"reset {len(ids)} FIZZLED Fireworks; run `amdflow run {campaign}` (or your rockets) to retry them")
 
 
 @app.command()

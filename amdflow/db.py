@@ -208,26 +208,27 @@ class AmdflowDB:
             self.embedded.flush()
 
 
-def bulk_write(coll: Any, ops: list[Any]) -> None:
-    """Unordered bulk write of UpdateOne/ReplaceOne ops: one command on MongoDB.
+def bulk_write(coll: Any, ops: list[Any]) -> int:
+    """Unordered bulk write of UpdateOne/ReplaceOne ops (one command on MongoDB); returns how many matched.
 
     On mongomock the ops run one by one: its bulk_write rejects pymongo >= 4.11's
     ReplaceOne/UpdateOne (their new ``sort`` argument); in-process, that costs nothing.
     """
     if not ops:
-        return
+        return 0
     if not type(coll).__module__.startswith("mongomock"):
-        coll.bulk_write(ops, ordered=False)
-        return
+        return int(coll.bulk_write(ops, ordered=False).matched_count)
     from pymongo import ReplaceOne, UpdateOne
 
+    matched = 0
     for op in ops:
         if isinstance(op, ReplaceOne):
-            coll.replace_one(op._filter, op._doc, upsert=bool(op._upsert))
+            matched += coll.replace_one(op._filter, op._doc, upsert=bool(op._upsert)).matched_count
         elif isinstance(op, UpdateOne):
-            coll.update_one(op._filter, op._doc, upsert=bool(op._upsert))
+            matched += coll.update_one(op._filter, op._doc, upsert=bool(op._upsert)).matched_count
         else:
             raise TypeError(f"bulk_write: unsupported operation {type(op).__name__}")
+    return matched
 
 
 def _init_launchpad(lp: LaunchPad) -> None:

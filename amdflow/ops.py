@@ -361,3 +361,20 @@ def rerun_fizzled(db: AmdflowDB, campaign: str, stage: str | None = None) -> lis
         db.launchpad.rerun_fw(fw_id)
     db.flush()
     return fw_ids
+
+
+def rerun_lost(db: AmdflowDB, campaign: str, lost_after_s: float, stale_after_s: float) -> dict[str, int]:
+    """Recover from killed rockets: release amdflow's stale claims and batch locks, then rerun lost launches.
+
+    A launch is lost when RUNNING without a ping for ``lost_after_s`` seconds (FireWorks'
+    ``detect_lostruns``; its rerun keeps the lost launch as history). Claims and batch
+    workflow locks older than ``stale_after_s`` belong to dead rockets (a live batch holds
+    a lock for a few database commands).
+    """
+    from amdflow.batch_launch import release_stale
+
+    claims, locks = release_stale(db.launchpad, stale_after_s, stale_after_s)
+    lost_launches, lost_fws, _ = db.launchpad.detect_lostruns(expiration_secs=lost_after_s, query={"spec.campaign": campaign},
+                                                              rerun=True)
+    db.flush()
+    return {"claims_released": claims, "locks_released": locks, "lost_launches": len(lost_launches), "rerun_fireworks": len(lost_fws)}

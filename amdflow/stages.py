@@ -106,6 +106,7 @@ def predict_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> 
     from amdflow.screen.predict import get_predictor, predict_sources
 
     settings = get_settings()
+    _failpoint_delay("AMDFLOW_FAILPOINT_PREDICT_DELAY_S")  # tests: a batch that is surely mid-run when killed
     docs = list(db.candidates.find({"candidate_id": {"$in": candidate_ids}}, {"_id": 0, "candidate_id": 1, "campaign": 1, "structure": 1}))
     found = {d["candidate_id"] for d in docs}
     missing = [c for c in candidate_ids if c not in found]

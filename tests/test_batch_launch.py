@@ -46,23 +46,27 @@ def _action(fw, k: int):
 
 
 def _normalized(lp) -> dict:
+    def types(d: dict, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            if key in d:
+                d[key] = type(d[key]).__name__
+
     fws = {d["fw_id"]: d for d in lp.fireworks.find({}, {"_id": 0})}
     launches = {d["launch_id"]: d for d in lp.launches.find({}, {"_id": 0})}
     lid_fw = {lid: d["fw_id"] for lid, d in launches.items()}
     for d in fws.values():
-        d.pop("updated_on", None)
-        d.pop("created_on", None)
+        types(d, ("updated_on", "created_on"))
         d["launches"] = sorted(lid_fw[i] for i in d.get("launches", []))
     norm_launches = {}
     for d in launches.values():
-        for key in ("launch_id", "time_start", "time_end", "runtime_secs"):
-            d.pop(key, None)
-        d["state_history"] = [h["state"] for h in d["state_history"]]
+        d.pop("launch_id")
+        types(d, ("time_start", "time_end", "runtime_secs"))
+        # states in order, and each timestamp's stored type (FireWorks stores ISO strings; detect_lostruns compares them)
+        d["state_history"] = [{k: (v if k == "state" else type(v).__name__) for k, v in h.items()} for h in d["state_history"]]
         norm_launches[d["fw_id"]] = d
     wfs = {}
     for d in lp.workflows.find({}, {"_id": 0}):
-        d.pop("updated_on", None)
-        d.pop("created_on", None)
+        types(d, ("updated_on", "created_on"))
         wfs[d["name"]] = d
     return {"fireworks": fws, "launches": norm_launches, "workflows": wfs}
 
@@ -126,6 +130,9 @@ def test_bulk_checkout_and_completion_equal_fireworks_api(two_launchpads, tmp_pa
     assert running == 10
     assert all(s == "RUNNING" for wf in batched.workflows.find({"metadata.amdflow": "candidate"}) for s in [wf["state"]])
     launcher.ping(claims)
+    # lost-run detection sees every pinged launch (nothing is changed: no fizzle, no rerun)
+    lost_launches, _, inconsistent = batched.detect_lostruns(expiration_secs=-5)
+    assert len(lost_launches) == 10 and not inconsistent
     batched.rerun_fw(rerun)
     launcher.complete([(c, *_action(c.fw, k)) for k, c in enumerate(sorted(claims, key=lambda c: c.fw_id))])
 
@@ -192,3 +199,60 @@ def test_stale_claims_and_locks_are_released(lpad, tmp_path):
     lpad.fireworks.update_one({"fw_id": other}, {"$set": {"state": "RESERVED", CLAIM: {"token": "live", "at": dt.datetime.now(dt.UTC)}}})
     launcher.release_stale()
     assert lpad.fireworks.find_one({"fw_id": other})["state"] == "RESERVED"
+
+
+def test_checkout_never_overwrites_a_workflow_changed_meanwhile(lpad, tmp_path, monkeypatch):
+    """The lock-free check-out update applies only to an unchanged workflow; a changed one takes FireWorks' path."""
+    from fireworks import FWorker
+
+    import amdflow.batch_launch as bl
+    from amdflow.workflows import candidate_workflow
+
+    for k in range(3):
+        lpad.add_wf(candidate_workflow(f"c{k}", "camp", "AlNi"))
+    target = lpad.workflows.find_one({"metadata.candidate_id": "c1"})
+    analyze = min(target["nodes"])  # FireWorks numbers a workflow's Fireworks last-created first
+    real = bl.bulk_write
+
+    def concurrent_pause_first(coll, ops):
+        if coll.name == "workflows" and lpad.fireworks.find_one({"fw_id": analyze})["state"] == "WAITING":  # another process pauses c1's analyze Firework between our read and our write
+            lpad.pause_fw(analyze)
+        return real(coll, ops)
+
+    monkeypatch.setattr(bl, "bulk_write", concurrent_pause_first)
+    claims = bl.BatchLauncher(lpad, FWorker(category="gpu"), str(tmp_path)).checkout(10)
+    assert len(claims) == 3
+    for wf in lpad.workflows.find():
+        predict = max(wf["nodes"])
+        assert wf["fw_states"][str(predict)] == "RUNNING"
+        if wf["metadata"]["candidate_id"] == "c1":  # the pause survived: FireWorks' refresh merged both changes
+            assert wf["fw_states"][str(analyze)] == "PAUSED" and wf["state"] == "PAUSED"
+        else:
+            assert wf["state"] == "RUNNING"
+
+
+def test_rerun_lost_recovers_a_batch_killed_while_completing(db, tmp_path):
+    """A batch killed inside its completion leaves RUNNING launches and a locked workflow; `rerun --lost` frees both.
+
+    FireWorks' own `detect_lostruns --rerun` would wait 5 minutes on such a lock and fail;
+    amdflow's locks carry their time, so `amdflow rerun --lost` releases the stale ones first.
+    """
+    import datetime as dt
+
+    from fireworks import FWorker
+
+    from amdflow.batch_launch import LOCK_PREFIX, BatchLauncher
+    from amdflow.ops import rerun_lost
+    from amdflow.workflows import candidate_workflow
+
+    lp = db.launchpad
+    for k in range(2):
+        lp.add_wf(candidate_workflow(f"c{k}", "camp", "AlNi"))
+    claims = BatchLauncher(lp, FWorker(category="gpu"), str(tmp_path)).checkout(5)
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+    lp.workflows.update_one({"nodes": claims[0].fw_id}, {"$set": {"locked": f"{LOCK_PREFIX}{old.isoformat()}:999:dead"}})
+    found = rerun_lost(db, "camp", lost_after_s=-5, stale_after_s=120)
+    assert found == {"claims_released": 0, "locks_released": 1, "lost_launches": 2, "rerun_fireworks": 2}
+    assert {lp.get_fw_by_id(c.fw_id).state for c in claims} == {"READY"}
+    assert lp.workflows.count_documents({"locked": {"$exists": True}}) == 0
+    assert sorted(ln["state"] for ln in lp.launches.find()) == ["FIZZLED", "FIZZLED"]  # kept as history

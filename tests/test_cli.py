@@ -129,6 +129,9 @@ def test_campaign_cli_kill_and_resume(tmp_path, binary_campaign_dict):
 
     rerun = amdflow("rerun", "campaign.yaml", "--fizzled", cwd=tmp_path)
     assert "reset 0 FIZZLED" in rerun.stderr
+    lost = amdflow("rerun", "campaign.yaml", "--lost", "--lost-after", "0", cwd=tmp_path)  # a finished campaign: nothing lost
+    said = " ".join(lost.stderr.split())  # the console wraps long lines
+    assert "lost launches: 0" in said and "released 0 stale claims and 0 stale workflow locks" in said
 
     lpad = subprocess.run([str(BIN / "lpad"), "-l", "my_launchpad.yaml", "get_wflows", "-d", "ids"], cwd=out,
                           capture_output=True, text=True, timeout=120)

@@ -31,7 +31,15 @@ def test_launchpad_example_is_valid_yaml_with_timeout():
 def test_queue_adapters_load(path):
     adapter = load_object_from_file(str(path))
     assert adapter.q_type in {"SLURM", "PBS"}
-    if "gpu" in path.name:
+    kind = path.stem.split("_")[1]  # slurm_gpu -> gpu
+    if kind == "gpu":
         assert "CUDA_VISIBLE_DEVICES=$g amdflow rocket" in adapter["rocket_launch"]
-    else:
-        assert "rlaunch -w fw_configs/my_fworker_cpu.yaml" in adapter["rocket_launch"]
+    else:  # each category has its own worker file, so a queue's rockets take only their stage's Fireworks
+        assert f"rlaunch -w fw_configs/my_fworker_{kind}.yaml" in adapter["rocket_launch"]
+        assert (REPO / "fw_configs" / f"my_fworker_{kind}.yaml").exists()
+
+
+def test_every_category_has_a_queue_adapter_on_both_schedulers():
+    for scheduler in ("slurm", "pbs"):
+        for kind in set(CATEGORIES.values()):
+            assert (REPO / "queue_adapters" / f"{scheduler}_{kind}.yaml").exists(), (scheduler, kind)

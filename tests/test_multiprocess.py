@@ -333,3 +333,75 @@ def test_batched_rockets_with_a_cpu_rocket(mongo_launchpad_file, tmp_path):
                 assert dedup.state == "COMPLETED"  # the CPU rockets ran it
             else:
                 assert dedup.state == "DEFUSED"
+
+
+def test_kill_9_of_the_batched_rocket_then_four_rockets_finish(mongo_launchpad_file, tmp_path, binary_campaign_dict):
+    """The batched GPU rocket killed with -9 mid-batch -> `lpad detect_lostruns --rerun` -> two batched rockets and
+    two CPU rockets (dedup, relax, analyze) together finish the campaign: every Firework exactly one completed
+    launch, the killed batch's launches kept as FIZZLED history, one task document per relaxation."""
+    import json
+    import signal
+    import time
+
+    import yaml
+
+    (tmp_path / "campaign.yaml").write_text(yaml.safe_dump({**binary_campaign_dict, "output_dir": str(tmp_path / "out")}))
+    env = {**os.environ, "AMDFLOW_LAUNCHPAD_FILE": str(mongo_launchpad_file), "AMDFLOW_PROGRESS": "false"}
+    add = subprocess.run([sys.executable, "-m", "amdflow", "add", "campaign.yaml"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert add.returncode == 0, add.stderr[-2000:]
+    lp = launchpad(mongo_launchpad_file)
+
+    def start(name: str, args: list[str], extra: dict | None = None) -> subprocess.Popen:
+        cwd = tmp_path / name
+        cwd.mkdir()
+        return subprocess.Popen(args, cwd=cwd, env={**env, **(extra or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    gpu = [sys.executable, "-m", "amdflow", "rocket", "-l", str(mongo_launchpad_file), "--batch-size", "4"]
+    victim = start("victim", gpu, {"AMDFLOW_FAILPOINT_PREDICT_DELAY_S": "120"})
+    deadline = time.time() + 120
+    # batch 1 (4) is predicting; the pipeline has already checked out batch 2 (the other 2)
+    while time.time() < deadline and lp.launches.count_documents({"state": "RUNNING"}) < 6:
+        assert victim.poll() is None, victim.stderr.read()[-2000:]
+        time.sleep(0.1)
+    running = sorted(ln["fw_id"] for ln in lp.launches.find({"state": "RUNNING"}, {"fw_id": 1}))
+    assert len(running) == 6, "the batched rocket never held its two batches"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert {lp.get_fw_by_id(i).state for i in running} == {"RUNNING"}  # nobody told the LaunchPad
+    assert lp.workflows.count_documents({"locked": {"$exists": True}}) == 0  # the batch held no workflow lock
+
+    time.sleep(2)
+    lost = subprocess.run([str(BIN / "lpad"), "-l", str(mongo_launchpad_file), "detect_lostruns", "--time", "1", "--rerun"],
+                          capture_output=True, text=True, timeout=120)
+    assert lost.returncode == 0, lost.stderr
+    assert {lp.get_fw_by_id(i).state for i in running} == {"READY"}
+
+    (tmp_path / "cpu.yaml").write_text(yaml.safe_dump({"name": "cpu", "category": ["cpu", "vasp"], "query": "{}"}))
+    cpu = [str(BIN / "rlaunch"), "-l", str(mongo_launchpad_file), "-w", str(tmp_path / "cpu.yaml"), "rapidfire", "--nlaunches", "0",
+           "--sleep", "1"]
+    rockets = [start("gpu_a", gpu), start("gpu_b", gpu), start("cpu_a", cpu), start("cpu_b", cpu)]
+    for r in rockets:
+        _, err = r.communicate(timeout=900)
+        assert r.returncode == 0, err[-2000:]
+
+    states = {fw["fw_id"]: fw["state"] for fw in lp.fireworks.find({}, {"fw_id": 1, "state": 1})}
+    assert set(states.values()) <= {"COMPLETED", "DEFUSED"}, states
+    completed: dict[int, int] = {}
+    for launch in lp.launches.find({"state": "COMPLETED"}, {"fw_id": 1}):
+        completed[launch["fw_id"]] = completed.get(launch["fw_id"], 0) + 1
+    assert set(completed.values()) == {1}  # nothing ran twice
+    assert set(completed) == {i for i, s in states.items() if s == "COMPLETED"}  # nothing lost
+    for i in running:  # the killed launch is history, the rerun completed
+        assert sorted(ln["state"] for ln in lp.launches.find({"fw_id": i})) == ["COMPLETED", "FIZZLED"]
+    predict_workers = {ln["fworker"]["name"].split("@")[0] for ln in lp.launches.find({"state": "COMPLETED", "fw_id": {"$in": running}})}
+    assert predict_workers == {"amdflow-batched-rocket"}
+    relaxed = lp.fireworks.count_documents({"spec.amdflow_stage": {"$in": ["relax", "reference"]}, "state": "COMPLETED"})
+    from pymongo import MongoClient
+
+    spec = yaml.safe_load(mongo_launchpad_file.read_text())
+    tasks = MongoClient(spec["host"])[spec["name"]]["tasks"]
+    assert relaxed >= 3 and tasks.count_documents({}) == relaxed == len(tasks.distinct("task_id"))
+    status = subprocess.run([sys.executable, "-m", "amdflow", "status", "campaign.yaml", "--json"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert json.loads(status.stdout)["thermo"]["stable_candidates"] >= 1
