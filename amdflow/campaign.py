@@ -157,6 +157,70 @@ class RelaxEngine(StrEnum):
     CHGNET = "chgnet"
 
 
+class VaspInputFamily(StrEnum):
+    """pymatgen input-set families: (relax set, static set)."""
+
+    MP = "mp"  # MPRelaxSet / MPStaticSet: PBE(+U), MP's POTCARs, MAGMOMs and U values
+    MP_R2SCAN = "mp_r2scan"  # MPScanRelaxSet / MPScanStaticSet: r2SCAN
+
+
+class VaspJobType(StrEnum):
+    """What Custodian runs for one relaxation."""
+
+    DOUBLE_RELAX_STATIC = "double_relax_static"  # relax, relax again from the result, then a static run
+    DOUBLE_RELAX = "double_relax"
+    RELAX = "relax"
+    STATIC = "static"  # a single point (never used for references unless asked for candidates too)
+
+
+class SpinPolicy(StrEnum):
+    ON = "on"  # ISPIN 2 with the input set's MAGMOMs for every structure (MP's choice)
+    AUTO = "auto"  # ISPIN 2 only when the structure holds a magnetic element
+    OFF = "off"  # ISPIN 1
+
+
+class HubbardPolicy(StrEnum):
+    MP = "mp"  # the input set's +U (MP: only for oxides and fluorides of the listed metals)
+    OFF = "off"
+
+
+class VaspConfig(_Strict):
+    """VASP settings, identical for candidates and elemental references."""
+
+    input_set: VaspInputFamily = Field(VaspInputFamily.MP, description="pymatgen input-set family.")
+    incar: dict[str, Any] = Field(default_factory=dict, description="INCAR overrides (upper-case tags), for every run.")
+    kpoint_density: float = Field(64.0, gt=0, le=10_000, description="k-points per reciprocal Angstrom^3 (pymatgen reciprocal_density).")
+    potcars: dict[str, str] = Field(default_factory=dict, description="POTCAR choice per element, e.g. {Fe: Fe_pv}.")
+    potcar_functional: str | None = Field(None, description="POTCAR set, e.g. PBE_54 (default: the input set's).")
+    spin: SpinPolicy = Field(SpinPolicy.ON, description="Spin polarization policy.")
+    hubbard: HubbardPolicy = Field(HubbardPolicy.MP, description="+U policy.")
+    job: VaspJobType = Field(VaspJobType.DOUBLE_RELAX_STATIC, description="Custodian job sequence.")
+    handlers: list[str] = Field(default_factory=lambda: ["default"], min_length=1,
+                                description="Custodian handler groups or handler names (see amdflow.relax.vasp.HANDLER_GROUPS).")
+    max_errors: int = Field(5, ge=0, le=100, description="Errors Custodian may correct before the run fails.")
+    outputs: Literal["gzip", "keep", "remove_large"] = Field(
+        "gzip", description="After a successful run: gzip the outputs, keep them, or delete WAVECAR/CHGCAR/CHG/PROCAR and gzip the rest.")
+
+    @field_validator("incar")
+    @classmethod
+    def _upper_tags(cls, value: dict[str, Any]) -> dict[str, Any]:
+        bad = [k for k in value if not re.fullmatch(r"[A-Z][A-Z0-9_]*", k)]
+        if bad:
+            raise ValueError(f"INCAR tags are upper-case (got {bad})")
+        return value
+
+    @field_validator("handlers")
+    @classmethod
+    def _known_handlers(cls, value: list[str]) -> list[str]:
+        from amdflow.relax.vasp.run import known_handler_names
+
+        known = known_handler_names()
+        bad = [v for v in value if v not in known]
+        if bad:
+            raise ValueError(f"unknown handler(s) {bad}: use groups or names from {sorted(known)}")
+        return value
+
+
 class RelaxConfig(_Strict):
     """Relaxation of candidates and of the elemental references (same settings for both)."""
 
@@ -164,6 +228,7 @@ class RelaxConfig(_Strict):
     fmax: float = Field(0.05, gt=0, le=5.0, description="Force convergence (eV/Angstrom).")
     max_steps: int = Field(300, ge=1, le=100_000, description="Optimizer step limit.")
     relax_cell: bool = Field(True, description="Relax the cell shape and volume too.")
+    vasp: VaspConfig = Field(default_factory=VaspConfig, description="VASP settings (for the VASP engine; validated now).")
     reference_prototypes: list[str] = Field(
         default_factory=lambda: ["fcc", "bcc", "hcp"],
         min_length=1,
