@@ -155,6 +155,7 @@ class RelaxEngine(StrEnum):
     """Relaxation engines. ``chgnet`` is the laptop stand-in for DFT."""
 
     CHGNET = "chgnet"
+    VASP = "vasp"
 
 
 class VaspInputFamily(StrEnum):

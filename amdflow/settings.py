@@ -76,6 +76,10 @@ class AmdflowSettings(BaseSettings):
         None, ge=1, description="Processes for candidate generation (default: the CPU count, at most 8)."
     )
     mp_api_key: str | None = Field(None, description="Materials Project API key (template source 'mp').", repr=False)
+    vasp_cmd: str | None = Field(None, description="VASP command (e.g. 'srun vasp_std'); a FWorker's env vasp_cmd takes precedence.")
+    vasp_scratch_dir: str | None = Field(None, description="Scratch folder for Custodian (a FWorker's env scratch_dir takes precedence).")
+    custodian_poll_s: float = Field(10.0, gt=0, le=600, description="Seconds between Custodian's checks of a running job.")
+    vasp_potcar_spec: bool = Field(False, description="Write POTCAR.spec (symbols) instead of POTCARs: for the fake VASP in tests only.")
 
     @field_validator("launchpad_file")
     @classmethod

@@ -295,17 +295,18 @@ def _task_doc(kind: str, task_id: str, structure: Structure, result: Any, engine
         input_structure=structure.as_dict(), final_structure=result.final_structure.as_dict(),
         energy=result.energy, energy_per_atom=result.energy_per_atom, converged=result.converged,
         n_steps=result.n_steps, max_force=result.max_force, run_time_s=result.run_time_s,
-        settings=cfg.relax.model_dump(mode="json"), dir_name=str(directory) if directory else None,
+        settings=cfg.relax.model_dump(mode="json"), details=result.details,
+        dir_name=str(directory) if directory else result.details.get("dir_name"),
     )
 
 
-def relax_candidate_stage(db: AmdflowDB, candidate_id: str, directory: Path | None = None) -> str:
-    """Relax a candidate with the campaign's engine; writes a task doc, returns its id."""
+def relax_candidate_stage(db: AmdflowDB, candidate_id: str, directory: Path | None = None, env: dict[str, Any] | None = None) -> str:
+    """Relax a candidate with the campaign's engine; writes a task doc, returns its id. ``env``: the FWorker's env."""
     from amdflow.relax import get_engine
 
     doc = _load_candidate(db, candidate_id)
     cfg, _ = load_campaign_config(db, doc["campaign"])
-    engine = get_engine(cfg.relax, resolve_device(get_settings()))
+    engine = get_engine(cfg.relax, resolve_device(get_settings()), env)
     structure = Structure.from_dict(doc["structure"])
     result = engine.relax(structure, directory)
     task_id = f"{candidate_id}-{engine.name}"
@@ -330,12 +331,12 @@ def reference_structure(element: str, prototype: str) -> Structure:
     raise AmdflowError(f"unknown elemental prototype '{prototype}': use fcc, bcc, hcp, diamond, sc or an AFLOW unary label")
 
 
-def relax_reference_stage(db: AmdflowDB, campaign: str, element: str, prototype: str) -> str:
-    """Relax one elemental reference phase the way candidates are relaxed."""
+def relax_reference_stage(db: AmdflowDB, campaign: str, element: str, prototype: str, env: dict[str, Any] | None = None) -> str:
+    """Relax one elemental reference phase the way candidates are relaxed (same engine, same settings)."""
     from amdflow.relax import get_engine
 
     cfg, _ = load_campaign_config(db, campaign)
-    engine = get_engine(cfg.relax, resolve_device(get_settings()))
+    engine = get_engine(cfg.relax, resolve_device(get_settings()), env)
     structure = reference_structure(element, prototype)
     result = engine.relax(structure)
     ref_id = reference_id(element, prototype, engine.run_type)

@@ -242,3 +242,39 @@ def test_frozen_job_fires_only_when_the_output_is_stale(tmp_path, monkeypatch):
     before = (work / "INCAR").read_text()
     result = handler.correct()
     assert result["errors"] == ["Frozen job"] and (work / "INCAR").read_text() != before
+
+
+def test_fake_vasp_checks_inputs_and_writes_parseable_outputs(tmp_path, monkeypatch):
+    """The fake refuses POTCARs that do not match POSCAR (as VASP does) and otherwise writes what pymatgen reads."""
+    import subprocess
+    import sys
+
+    from pymatgen.io.vasp.outputs import Oszicar, Outcar, Vasprun
+
+    from amdflow.relax.vasp import write_inputs
+
+    monkeypatch.delenv("AMDFLOW_FAKE_VASP_ERROR", raising=False)
+    run = tmp_path / "run"
+    write_inputs(_fein3(), VaspConfig(), run, potcar_spec=True)
+    spec = (run / "POTCAR.spec").read_text().split()
+    (run / "POTCAR.spec").write_text("\n".join(reversed(spec)) + "\n")
+    bad = subprocess.run([sys.executable, "-m", "amdflow.testing.fake_vasp"], cwd=run, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "does not match the POTCAR" in bad.stdout
+    (run / "POTCAR.spec").write_text("\n".join(spec) + "\n")
+    ok = subprocess.run([sys.executable, "-m", "amdflow.testing.fake_vasp"], cwd=run, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    vr = Vasprun(str(run / "vasprun.xml"), parse_potcar_file=False)
+    assert vr.converged and vr.run_type == "GGA" and len(vr.ionic_steps) > 1  # a relaxation towards the model's volume
+    assert vr.final_structure.volume != _fein3().volume and vr.eigenvalue_band_properties[0] == 0.0  # FeIn3: a metal
+    assert Outcar(str(run / "OUTCAR")).run_stats["Elapsed time (sec)"] > 0
+    assert Oszicar(str(run / "OSZICAR")).final_energy == pytest.approx(vr.final_energy)
+
+
+def test_fake_vasp_error_messages_are_the_ones_custodian_looks_for(monkeypatch):
+    from custodian.vasp.handlers import VaspErrorHandler
+
+    from amdflow.testing.fake_vasp import _error_text
+
+    monkeypatch.delenv("AMDFLOW_FAKE_VASP_ERRORS_DIR", raising=False)
+    for name in ("zbrent", "subspacematrix", "too_few_bands", "brmix"):
+        assert all(m in _error_text(name) for m in VaspErrorHandler.error_msgs[name])

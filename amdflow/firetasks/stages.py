@@ -78,7 +78,8 @@ class RelaxTask(_AmdflowTask):
 
     def run_task(self, fw_spec: dict[str, Any]) -> FWAction:
         db = self.db()
-        task_id = self._guarded(db, "relax", lambda: stages.relax_candidate_stage(db, self["candidate_id"], Path(os.getcwd())))
+        env = fw_spec.get("_fw_env", {})  # the FWorker's env: vasp_cmd, scratch_dir
+        task_id = self._guarded(db, "relax", lambda: stages.relax_candidate_stage(db, self["candidate_id"], Path(os.getcwd()), env))
         return FWAction(stored_data={"task_id": task_id}, update_spec=_pass_priority(fw_spec))
 
 
@@ -89,7 +90,7 @@ class RelaxReferenceTask(_AmdflowTask):
     required_params = ["campaign", "element", "prototype"]
 
     def run_task(self, fw_spec: dict[str, Any]) -> FWAction:
-        ref_id = stages.relax_reference_stage(self.db(), self["campaign"], self["element"], self["prototype"])
+        ref_id = stages.relax_reference_stage(self.db(), self["campaign"], self["element"], self["prototype"], fw_spec.get("_fw_env", {}))
         return FWAction(stored_data={"ref_id": ref_id})
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pymatgen.core import Structure
 
@@ -21,6 +21,7 @@ class RelaxResult:
     n_steps: int
     max_force: float
     run_time_s: float
+    details: dict[str, Any] = field(default_factory=dict)  # engine-specific: convergence, magnetization, corrections, inputs
 
     @property
     def energy_per_atom(self) -> float:
@@ -37,10 +38,15 @@ class Engine(Protocol):
     def relax(self, structure: Structure, directory: Path | None = None) -> RelaxResult: ...
 
 
-def get_engine(cfg: RelaxConfig, device: str = "cpu") -> Engine:
-    """The engine a campaign's relax settings ask for."""
-    if RelaxEngine(cfg.engine) is RelaxEngine.CHGNET:
+def get_engine(cfg: RelaxConfig, device: str = "cpu", env: dict[str, Any] | None = None) -> Engine:
+    """The engine a campaign's relax settings ask for (``env``: the FWorker's env, e.g. vasp_cmd)."""
+    engine = RelaxEngine(cfg.engine)
+    if engine is RelaxEngine.CHGNET:
         from amdflow.relax.chgnet_engine import CHGNetEngine
 
         return CHGNetEngine(cfg, device=device)
-    raise NotImplementedError(cfg.engine)  # pragma: no cover - the enum has one member today
+    if engine is RelaxEngine.VASP:
+        from amdflow.relax.vasp.engine import VaspEngine
+
+        return VaspEngine(cfg, env or {})
+    raise AssertionError(f"no engine for {engine}")  # pragma: no cover - every enum member is handled above

@@ -126,6 +126,8 @@ class TaskDoc(_Doc):
     max_force: float = Field(description="Largest residual force, eV/Angstrom.")
     run_time_s: float
     settings: dict[str, Any]
+    details: dict[str, Any] = Field(default_factory=dict, description="Engine-specific results (VASP: convergence of forces and "
+                                    "stress, magnetization, Custodian corrections, INCAR/KPOINTS/POTCARs of the final run).")
     dir_name: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
 

@@ -86,7 +86,8 @@ def build_jobs(job_type: VaspJobType, vasp_cmd: str | Sequence[str], output_file
     return jobs
 
 
-def run_custodian(directory: Path, cfg: VaspConfig, vasp_cmd: str | Sequence[str], scratch_dir: str | None = None) -> list[dict[str, Any]]:
+def run_custodian(directory: Path, cfg: VaspConfig, vasp_cmd: str | Sequence[str], scratch_dir: str | None = None,
+                  poll_s: float = 10.0) -> list[dict[str, Any]]:
     """Run the campaign's job sequence in ``directory`` under Custodian; returns Custodian's run log.
 
     Raises custodian's errors (``MaxCorrectionsError``, ``NonRecoverableError``,
@@ -95,5 +96,6 @@ def run_custodian(directory: Path, cfg: VaspConfig, vasp_cmd: str | Sequence[str
     from custodian import Custodian
 
     c = Custodian(build_handlers(cfg.handlers), build_jobs(cfg.job, vasp_cmd), build_validators(), max_errors=cfg.max_errors,
-                  scratch_dir=scratch_dir, gzipped_output=False, checkpoint=False, directory=str(directory))
+                  scratch_dir=scratch_dir, gzipped_output=False, checkpoint=False, directory=str(directory),
+                  polling_time_step=poll_s, monitor_freq=max(1, int(30 / poll_s)))  # monitors about every 30 s
     return list(c.run())
