@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_WHEELS ?= $(or $(PIP_FIND_LINKS),/opt/wheels)
 DEMO_DIR ?= demo
 
-.PHONY: venv demo test test-fast lint clean
+.PHONY: venv demo test test-fast lint clean cp2k
 
 $(BIN)/amdflow: setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,8 +26,17 @@ demo: venv
 	$(BIN)/amdflow status $(DEMO_DIR)/campaign.yaml
 	$(BIN)/amdflow report $(DEMO_DIR)/campaign.yaml
 
+## cp2k: Debian's CP2K for the CP2K engine's tests (needs root and apt; otherwise those tests skip and say why)
+cp2k:
+	@if command -v cp2k.psmp >/dev/null 2>&1 || command -v cp2k >/dev/null 2>&1; then echo "cp2k: present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q cp2k >/dev/null || \
+	  (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q cp2k >/dev/null) || \
+	  echo "cp2k: could not be installed; its tests will skip"; \
+	else echo "cp2k: not installed (needs root + apt-get install cp2k); its tests will skip"; fi
+
 ## test: set up and run the whole test suite (slow tier included)
-test: venv
+test: venv cp2k
 	$(BIN)/python -m pytest -n 2 -q
 
 test-fast: venv

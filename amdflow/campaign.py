@@ -156,6 +156,7 @@ class RelaxEngine(StrEnum):
 
     CHGNET = "chgnet"
     VASP = "vasp"
+    CP2K = "cp2k"
 
 
 class VaspInputFamily(StrEnum):
@@ -222,6 +223,23 @@ class VaspConfig(_Strict):
         return value
 
 
+class Cp2kConfig(_Strict):
+    """CP2K settings (the open DFT engine), identical for candidates and elemental references."""
+
+    cutoff: float = Field(400.0, gt=50, le=2000, description="Plane-wave cutoff of the finest grid (Ry).")
+    rel_cutoff: float = Field(50.0, gt=10, le=200, description="Relative cutoff (Ry).")
+    kpoint_density: float = Field(64.0, gt=0, le=10_000, description="k-points per reciprocal Angstrom^3 (never Gamma-only for small cells).")
+    basis: str = Field("DZVP-MOLOPT-SR-GTH", description="Basis set name in BASIS_MOLOPT, for every element.")
+    potential: str = Field("GTH-PBE", description="Pseudopotential name in GTH_POTENTIALS, for every element.")
+    spin: SpinPolicy = Field(SpinPolicy.AUTO, description="Spin polarization (pymatgen's sets turn it on unless told).")
+    smearing: bool = Field(True, description="Fermi-Dirac smearing (metals).")
+    eps_scf: float = Field(1e-6, gt=0, le=1e-2, description="SCF convergence (Hartree).")
+    job: Literal["cell_opt", "geo_opt", "static"] = Field("cell_opt", description="CELL_OPT relaxes cell and positions.")
+    max_force: float = Field(4.5e-4, gt=0, le=0.1, description="Force convergence of the optimizer (Hartree/bohr).")
+    max_iter: int = Field(200, ge=1, le=10_000, description="Optimizer steps.")
+    max_errors: int = Field(5, ge=0, le=100, description="Errors Custodian may correct before the run fails.")
+
+
 class RelaxConfig(_Strict):
     """Relaxation of candidates and of the elemental references (same settings for both)."""
 
@@ -229,7 +247,8 @@ class RelaxConfig(_Strict):
     fmax: float = Field(0.05, gt=0, le=5.0, description="Force convergence (eV/Angstrom).")
     max_steps: int = Field(300, ge=1, le=100_000, description="Optimizer step limit.")
     relax_cell: bool = Field(True, description="Relax the cell shape and volume too.")
-    vasp: VaspConfig = Field(default_factory=VaspConfig, description="VASP settings (for the VASP engine; validated now).")
+    vasp: VaspConfig = Field(default_factory=VaspConfig, description="VASP settings (engine: vasp).")
+    cp2k: Cp2kConfig = Field(default_factory=Cp2kConfig, description="CP2K settings (engine: cp2k).")
     reference_prototypes: list[str] = Field(
         default_factory=lambda: ["fcc", "bcc", "hcp"],
         min_length=1,

@@ -78,6 +78,7 @@ class AmdflowSettings(BaseSettings):
     mp_api_key: str | None = Field(None, description="Materials Project API key (template source 'mp').", repr=False)
     vasp_cmd: str | None = Field(None, description="VASP command (e.g. 'srun vasp_std'); a FWorker's env vasp_cmd takes precedence.")
     vasp_scratch_dir: str | None = Field(None, description="Scratch folder for Custodian (a FWorker's env scratch_dir takes precedence).")
+    cp2k_cmd: str | None = Field(None, description="CP2K command (default: cp2k.psmp on PATH); a FWorker's env cp2k_cmd takes precedence.")
     custodian_poll_s: float = Field(10.0, gt=0, le=600, description="Seconds between Custodian's checks of a running job.")
     vasp_potcar_spec: bool = Field(False, description="Write POTCAR.spec (symbols) instead of POTCARs: for the fake VASP in tests only.")
 

@@ -49,4 +49,8 @@ def get_engine(cfg: RelaxConfig, device: str = "cpu", env: dict[str, Any] | None
         from amdflow.relax.vasp.engine import VaspEngine
 
         return VaspEngine(cfg, env or {})
+    if engine is RelaxEngine.CP2K:
+        from amdflow.relax.cp2k import Cp2kEngine
+
+        return Cp2kEngine(cfg, env or {})
     raise AssertionError(f"no engine for {engine}")  # pragma: no cover - every enum member is handled above
