@@ -67,7 +67,7 @@ def test_candidate_and_reference_share_settings_and_bad_basis_is_clear(tmp_path)
 
 @needs_cp2k
 @pytest.mark.slow
-def test_tiny_campaign_relaxed_with_cp2k_through_custodian(db, lpad, tmp_path):
+def test_tiny_campaign_relaxed_with_cp2k_through_custodian(db, lpad, tmp_path, monkeypatch):
     """Si-Ge: zinc-blende SiGe and the diamond references, CELL_OPT with CP2K under Custodian, hull built."""
     from fireworks import FWorker
     from fireworks.core.rocket_launcher import rapidfire
@@ -80,12 +80,14 @@ def test_tiny_campaign_relaxed_with_cp2k_through_custodian(db, lpad, tmp_path):
         "templates": [{"source": "aflow", "prototypes": ["AB_cF8_216_c_a"]}],
         "screen": {"max_formation_energy_per_atom": 2.0},
         "relax": {"engine": "cp2k", "reference_prototypes": ["diamond"],
-                  "cp2k": {"cutoff": 250, "kpoint_density": 20, "max_force": 3e-3, "max_iter": 6, "eps_scf": 1e-5}},
+                  # test settings: at 250 Ry the cell gradient of these cells levels off near 0.01 Ha/bohr (stress
+                  # noise), so the test converges to 0.015; production uses 400 Ry and CP2K's 4.5e-4
+                  "cp2k": {"cutoff": 250, "kpoint_density": 20, "max_force": 1.5e-2, "max_iter": 10, "eps_scf": 1e-5}},
         "output_dir": str(tmp_path / "out"),
     })
     report = add_campaign(db, cfg)
     assert report.new_candidates == 1
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # CP2K's threads (one process, both cores)
     cwd = os.getcwd()
     (tmp_path / "launches").mkdir()
     try:
@@ -99,7 +101,11 @@ def test_tiny_campaign_relaxed_with_cp2k_through_custodian(db, lpad, tmp_path):
     assert len(tasks) == 3 and {t["engine"] for t in tasks} == {"cp2k"} and len({t["run_type"] for t in tasks}) == 1
     by_formula = {t["formula"]: t for t in tasks}
     assert set(by_formula) == {"Si", "Ge", "SiGe"}
-    assert all(not t["details"]["spin_polarized"] for t in tasks)
+    assert all(not t["details"]["spin_polarized"] for t in tasks)  # spin off (pymatgen's default would be on)
+    # the diamond references converge (pressure and gradients) within 10 CELL_OPT steps at these test settings; the
+    # SiGe cell's pressure oscillates at 250 Ry and its task says converged: false (recorded, not hidden)
+    assert by_formula["Si"]["converged"] and by_formula["Ge"]["converged"]
+    assert by_formula["SiGe"]["n_steps"] >= 1
     # GTH-PBE energies per atom: about -107 eV (Si, 4 valence electrons) and -108 eV (Ge)
     assert -112 < by_formula["Si"]["energy_per_atom"] < -102 and -113 < by_formula["Ge"]["energy_per_atom"] < -103
     thermo = db.thermo.find_one({"formula": "SiGe"})

@@ -137,6 +137,34 @@ def _error_cases() -> list[tuple[str, str, list[str]]]:
     return cases
 
 
+def _quiet_cases() -> list[tuple[str, str]]:
+    """(folder, handler call) for README rows whose plain handler call does NOT fire (check() False)."""
+    readme = SHARED / "vasp" / "README.md"
+    if not readme.exists():
+        return []
+    text = readme.read_text()
+    table = text[text.index("## Errors - summary"):text.index("## Runs - details")]
+    out = []
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and cells[2] == "False" and (m := re.fullmatch(r"`(\w+\([^()]*\))`", cells[1])):
+            out.append((cells[0], m.group(1)))
+    return out
+
+
+@pytest.mark.parametrize("folder,call", _quiet_cases() or [pytest.param("-", "-", marks=pytest.mark.skip(
+    reason="needs ../shared/vasp (reference data, present in CI, absent in a fresh clone)"))])
+def test_shared_case_where_the_handler_must_stay_quiet(folder, call, tmp_path, monkeypatch):
+    """The known negatives of the README: these handler calls must not fire on these outputs."""
+    from custodian.vasp import handlers as vh
+
+    work = tmp_path / folder
+    shutil.copytree(shared_path("vasp", "errors", folder), work)
+    monkeypatch.chdir(work)
+    handler = eval(call, {k: getattr(vh, k) for k in dir(vh) if k.endswith("Handler")})
+    assert not handler.check()
+
+
 def test_every_shared_error_case_is_listed():
     shared_path("vasp", "errors")
     assert len(_error_cases()) >= 40
@@ -279,3 +307,21 @@ def test_fake_vasp_error_messages_are_the_ones_custodian_looks_for(monkeypatch):
     monkeypatch.delenv("AMDFLOW_FAKE_VASP_ERRORS_DIR", raising=False)
     for name in ("zbrent", "subspacematrix", "too_few_bands", "brmix"):
         assert all(m in _error_text(name) for m in VaspErrorHandler.error_msgs[name])
+
+
+@pytest.mark.parametrize("policy", ["gzip", "keep", "remove_large"])
+def test_output_policies(tmp_path, policy):
+    from amdflow.relax.vasp.engine import finish_outputs
+
+    for name in ("vasprun.xml.static", "OUTCAR.static", "WAVECAR", "CHGCAR.static", "custodian.json"):
+        (tmp_path / name).write_text("x" * 100)
+    finish_outputs(tmp_path, policy)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    if policy == "keep":
+        assert names == sorted(["vasprun.xml.static", "OUTCAR.static", "WAVECAR", "CHGCAR.static", "custodian.json"])
+    elif policy == "gzip":
+        assert names == sorted(["vasprun.xml.static.gz", "OUTCAR.static.gz", "WAVECAR.gz", "CHGCAR.static.gz", "custodian.json.gz"])
+    else:  # the large volumetric files go, the rest is gzipped and still parseable (the parser reads .gz)
+        assert names == sorted(["vasprun.xml.static.gz", "OUTCAR.static.gz", "custodian.json.gz"])
+        with gzip.open(tmp_path / "OUTCAR.static.gz", "rt") as fh:
+            assert fh.read() == "x" * 100

@@ -83,9 +83,14 @@ def input_set(structure: Structure, cfg: Cp2kConfig) -> Any:
                      smearing=cfg.smearing, spin_polarized=spin, eps_scf=cfg.eps_scf, override_default_params=override)
     if cfg.job != "static":  # the set adds MOTION after the overrides: set the optimizer's limits on the result
         section = "CELL_OPT" if cfg.job == "cell_opt" else "GEO_OPT"
-        limits: dict[str, Any] = {"MAX_FORCE": cfg.max_force, "MAX_ITER": cfg.max_iter}
+        # every criterion scales with max_force, in CP2K's own ratios (defaults: 4.5e-4 Ha/bohr, RMS 3e-4,
+        # steps 3e-3/1.5e-3 bohr, 100 bar): CP2K converges only when all of them hold
+        f = cfg.max_force / 4.5e-4
+        limits: dict[str, Any] = {"MAX_FORCE": cfg.max_force, "RMS_FORCE": 3e-4 * f, "MAX_DR": 3e-3 * f, "RMS_DR": 1.5e-3 * f,
+                                  "MAX_ITER": cfg.max_iter}
         if cfg.job == "cell_opt":
             limits["KEEP_SYMMETRY"] = True  # like VASP's ISIF=3 with symmetry on: the prototype's symmetry is kept
+            limits["PRESSURE_TOLERANCE"] = 100.0 * f  # bar
         cp2k_input.update({"MOTION": {section: limits}})
     return cp2k_input
 
