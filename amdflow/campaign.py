@@ -262,6 +262,36 @@ class RelaxConfig(_Strict):
         return [REFERENCE_PROTOTYPES.get(v, v) for v in value]
 
 
+class KnownEnergies(StrEnum):
+    """How imported known phases enter the hull."""
+
+    RELAX = "relax"  # relax their structures with the campaign's engine: same run type as candidates
+    AS_IS = "as_is"  # use the imported energies: they count only in hulls of `run_type`
+
+
+class KnownPhasesConfig(_Strict):
+    """Known phases, so that "new" means new with respect to what is known."""
+
+    source: Literal["folder", "mp"] = Field(description="folder: pymatgen ComputedEntry / ComputedStructureEntry JSON "
+                                            "files; mp: the Materials Project (`amdflow[mp]`, AMDFLOW_MP_API_KEY).")
+    path: Path | None = Field(None, description="folder source: the folder (searched recursively for *.json, *.json.gz).")
+    energies: KnownEnergies = Field(KnownEnergies.RELAX, description="relax (default): recompute with the campaign's "
+                                    "engine; as_is: trust the imported energies (they must come from the same settings).")
+    run_type: str | None = Field(None, description="as_is: the run type the imported energies belong to; they are "
+                                 "mixed only with entries of that run type.")
+    max_e_above_hull: float | None = Field(0.1, ge=0.0, le=10.0, description="Import only phases at most this far "
+                                           "above the imported set's own hull (eV/atom); null: all.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> KnownPhasesConfig:
+        if self.source == "folder" and self.path is None:
+            raise ValueError("a folder source of known phases needs a path")
+        if self.energies == KnownEnergies.AS_IS and not self.run_type:
+            raise ValueError("energies: as_is needs run_type (the run type the imported energies were computed "
+                             "with; `amdflow status` shows the campaign's)")
+        return self
+
+
 class AnalyzeConfig(_Strict):
     """Hull analysis."""
 
@@ -270,6 +300,13 @@ class AnalyzeConfig(_Strict):
         ge=0.0,
         le=5.0,
         description="Candidates at most this far above the hull (eV/atom) are copied to promising/.",
+    )
+    include_unconverged: bool = Field(
+        False, description="Let unconverged relaxations shape the hull (default: they are placed on it only)."
+    )
+    known_phases: KnownPhasesConfig | None = Field(None, description="Optional import of known phases.")
+    plot_max_e_above_hull: float = Field(
+        0.3, ge=0.0, le=10.0, description="Plots show unstable phases up to this far above the hull (eV/atom)."
     )
 
 
@@ -381,6 +418,9 @@ def campaign_from_dict(data: dict[str, Any], base_dir: Path | None = None, sourc
     for tmpl in cfg.templates:
         if isinstance(tmpl, FolderTemplates) and not tmpl.path.is_absolute():
             tmpl.path = (base / tmpl.path).resolve()
+    known = cfg.analyze.known_phases
+    if known is not None and known.path is not None and not known.path.is_absolute():
+        known.path = (base / known.path).resolve()
     cfg.output_dir = (base / (cfg.output_dir or cfg.name)).resolve()
     return cfg
 
@@ -446,6 +486,13 @@ relax:
 
 analyze:
   promising_e_above_hull: 0.05            # eV/atom: at most this far above the hull -> promising/
+  include_unconverged: false              # unconverged relaxations are placed on the hull, never shape it
+  plot_max_e_above_hull: 0.3              # plots show unstable phases up to this far above the hull
+# known_phases:                           # so that "new" means new with respect to what is known
+#   source: folder                        # folder (pymatgen entry JSON) | mp (AMDFLOW_MP_API_KEY)
+#   path: known/
+#   energies: relax                       # relax: recompute with this campaign's engine | as_is
+#   max_e_above_hull: 0.1                 # import phases up to this far above their own hull
 
 # output_dir: CeFeIn         # campaign folder; default: <this file's folder>/<name>
 """

@@ -129,6 +129,13 @@ def add(
         f"{report.new_reference_workflows} reference workflows added in {time.perf_counter() - start:.1f} s",
         highlight=False,
     )
+    if report.known:
+        k = report.known
+        console.print(f"known phases: {k['read']} read, {k['kept']} for {cfg.chemsys} ({k['imported']} new or changed), "
+                      f"{k['relaxations']} to relax; {len(k['skipped'])} unusable" + (f"; {k['note']}" if k["note"] else ""),
+                      highlight=False)
+        for where, why in k["skipped"][:10]:
+            console.print(f"  skipped {where}: {why}", highlight=False)
     print(json.dumps(report.as_dict()))
 
 

@@ -187,6 +187,14 @@ class AmdflowDB:
     def thermo(self) -> Any:
         return self.coll("thermo")
 
+    @property
+    def thermo_builds(self) -> Any:
+        return self.coll("thermo_builds")
+
+    @property
+    def known(self) -> Any:
+        return self.coll("known")
+
     def ensure_indexes(self) -> None:
         """Create the indexes every CLI query uses (idempotent)."""
         if self._indexed:

@@ -33,6 +33,7 @@ class AddReport:
     new_candidates: int = 0
     new_workflows: int = 0
     new_reference_workflows: int = 0
+    known: dict[str, Any] = field(default_factory=dict)
     templates_read: int = 0
     templates_skipped: list[tuple[str, str]] = field(default_factory=list)
     generate: dict[str, Any] = field(default_factory=dict)
@@ -40,7 +41,7 @@ class AddReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "generated": self.generated, "new_candidates": self.new_candidates, "new_workflows": self.new_workflows,
-            "new_reference_workflows": self.new_reference_workflows, "templates_read": self.templates_read,
+            "new_reference_workflows": self.new_reference_workflows, "known": self.known, "templates_read": self.templates_read,
             "templates_skipped": len(self.templates_skipped), "generate": self.generate,
         }
 
@@ -183,6 +184,21 @@ def add_reference_workflows(db: AmdflowDB, cfg: CampaignConfig, run_type: str, r
         db.references.insert_many([r.to_mongo() for r in pending], ordered=False)
 
 
+def add_known_phases(db: AmdflowDB, cfg: CampaignConfig, run_type: str, report: AddReport) -> None:
+    """Import the campaign's known phases; relax mode: one workflow relaxing those not relaxed yet."""
+    from amdflow.stages import import_known_phases
+    from amdflow.workflows import known_workflow
+
+    if cfg.analyze.known_phases is None:
+        return
+    known = import_known_phases(db, cfg, run_type)
+    report.known = {"read": known.read, "kept": known.kept, "imported": known.imported, "skipped": known.skipped,
+                    "note": known.note, "relaxations": len(known.pending)}
+    if known.pending:
+        db.launchpad.add_wf(known_workflow(cfg.name, [(r.prototype, r.element) for r in known.pending]))
+        db.references.insert_many([r.to_mongo() for r in known.pending], ordered=False)
+
+
 def add_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = False, progress: Progress | None = None,
                  workflows: bool = True, workers: int | None = None) -> AddReport:
     """Generate candidates and add their workflows; running it twice adds nothing."""
@@ -191,6 +207,7 @@ def add_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = False
     insert_candidates(db, cfg, report, progress, workers)
     if workflows:
         add_reference_workflows(db, cfg, doc["run_type"], report)
+        add_known_phases(db, cfg, doc["run_type"], report)
         add_workflows(db, cfg, report, progress)
     db.flush()
     return report

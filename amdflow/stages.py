@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pymatgen.core import Structure
-from pymongo import UpdateOne
+from pymongo import ReplaceOne, UpdateOne
 
 from amdflow import __version__
 from amdflow.campaign import CampaignConfig, campaign_from_dict
@@ -285,7 +285,8 @@ def _decided_unique(db: AmdflowDB, doc: dict[str, Any]) -> set[str]:
 
 # ---------------------------------------------------------------- relax
 def _task_doc(kind: str, task_id: str, structure: Structure, result: Any, engine: Any, cfg: CampaignConfig,
-              directory: Path | None, candidate_id: str | None = None, campaign: str | None = None) -> TaskDoc:
+              directory: Path | None, candidate_id: str | None = None, campaign: str | None = None,
+              **extra: Any) -> TaskDoc:
     comp = result.final_structure.composition
     return TaskDoc(
         task_id=task_id, kind=kind, candidate_id=candidate_id, campaign=campaign,
@@ -296,7 +297,7 @@ def _task_doc(kind: str, task_id: str, structure: Structure, result: Any, engine
         energy=result.energy, energy_per_atom=result.energy_per_atom, converged=result.converged,
         n_steps=result.n_steps, max_force=result.max_force, run_time_s=result.run_time_s,
         settings=cfg.relax.model_dump(mode="json"), details=result.details,
-        dir_name=str(directory) if directory else result.details.get("dir_name"),
+        dir_name=str(directory) if directory else result.details.get("dir_name"), **extra,
     )
 
 
@@ -349,6 +350,78 @@ def relax_reference_stage(db: AmdflowDB, campaign: str, element: str, prototype:
     return ref_id
 
 
+# ---------------------------------------------------------------- known phases
+@dataclass
+class KnownReport:
+    """What an import of known phases did."""
+
+    read: int = 0
+    imported: int = 0  # new or changed known docs
+    kept: int = 0  # for the campaign's elements, after the own-hull filter
+    note: str = ""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    pending: list[ReferenceDoc] = field(default_factory=list)  # relax mode: relaxations to add
+
+
+def import_known_phases(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> KnownReport:
+    """Import the campaign's known phases (idempotent); relax mode: the relaxations still to run."""
+    from amdflow.campaign import KnownEnergies
+    from amdflow.thermo import known as kn
+
+    report = KnownReport()
+    spec = cfg.analyze.known_phases
+    if spec is None:
+        return report
+    if spec.source == "folder":
+        read = kn.read_entry_folder(spec.path)
+        label = f"folder:{spec.path.name}"
+    else:
+        read = kn.mp_entries(cfg.chemsys)
+        label = "mp"
+    report.read, report.skipped = len(read.entries), read.skipped
+    entries = kn.for_elements(read.entries, cfg.elements)
+    entries, report.note = kn.within_own_hull(entries, spec.max_e_above_hull)
+    as_is = spec.energies == KnownEnergies.AS_IS
+    docs = [kn.known_doc(label, key, entry, spec.run_type if as_is else None) for key, entry in entries]
+    if not as_is:
+        kn.require_structures(docs)
+    report.kept = len(docs)
+    stored = {d["known_id"]: d for d in db.known.find({"known_id": {"$in": [d["known_id"] for d in docs]}}, {"_id": 0})}
+    now = utcnow()
+    changed = [d for d in docs if {k: v for k, v in stored.get(d["known_id"], {}).items() if k != "created_at"} != d]
+    bulk_write(db.known, [ReplaceOne({"known_id": d["known_id"]}, {**d, "created_at": now}, upsert=True) for d in changed])
+    report.imported = len(changed)
+    if not as_is:
+        wanted = [ReferenceDoc(ref_id=known_reference_id(d["known_id"], run_type), element=d["formula"],
+                               prototype=d["known_id"], run_type=run_type, kind="known") for d in docs]
+        have = {r["ref_id"] for r in db.references.find({"ref_id": {"$in": [w.ref_id for w in wanted]}}, {"ref_id": 1})}
+        report.pending = [w for w in wanted if w.ref_id not in have]
+    return report
+
+
+def known_reference_id(known_id: str, run_type: str) -> str:
+    return f"known-{known_id}-{run_type}"
+
+
+def relax_known_stage(db: AmdflowDB, campaign: str, known_id: str, env: dict[str, Any] | None = None) -> str:
+    """Relax an imported known phase with the campaign's engine and settings (task kind 'known')."""
+    from amdflow.relax import get_engine
+
+    cfg, _ = load_campaign_config(db, campaign)
+    known = db.known.find_one({"known_id": known_id}, {"_id": 0})
+    if known is None or not known.get("structure"):
+        raise AmdflowError(f"known phase {known_id} not found or without a structure: re-run `amdflow add`")
+    engine = get_engine(cfg.relax, resolve_device(get_settings()), env)
+    structure = Structure.from_dict(known["structure"])
+    result = engine.relax(structure)
+    task_id = known_reference_id(known_id, engine.run_type)
+    task = _task_doc("known", task_id, structure, result, engine, cfg, None, None, None,
+                     known_id=known_id, source=known["source"])
+    db.tasks.replace_one({"task_id": task_id}, task.to_mongo(), upsert=True)
+    db.references.update_one({"ref_id": task_id}, {"$set": {"state": "relaxed", "energy_per_atom": result.energy_per_atom, "task_id": task_id}})
+    return task_id
+
+
 def pending_references(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> list[ReferenceDoc]:
     """Reference docs this campaign needs that are not in the database yet."""
     wanted = [
@@ -385,13 +458,12 @@ def campaign_training_data(db: AmdflowDB, campaign: str) -> tuple[list[str], lis
 # ---------------------------------------------------------------- analyze
 def analyze_stage(db: AmdflowDB, campaign: str, candidate_id: str | None = None, plot: bool = True) -> dict[str, Any]:
     """Formation energy of the candidate, hull of the campaign's system, refreshed outputs."""
-    from maggma.stores import MongoStore
-
     from amdflow.builders.thermo import ThermoBuilder, run_builder
 
     cfg, doc = load_campaign_config(db, campaign)
     run_type = doc["run_type"]
-    builder = ThermoBuilder(MongoStore.from_collection(db.tasks), MongoStore.from_collection(db.thermo), run_type, chemsys=[cfg.chemsys])
+    builder = ThermoBuilder.from_db(db, run_types=[run_type], chemsys=[cfg.chemsys],
+                                    include_unconverged=cfg.analyze.include_unconverged)
     run_builder(builder)
     summary = refresh_outputs(db, cfg, run_type, plot=plot)
     # The candidate itself, or (campaign-level run) every relaxed candidate now on a hull:

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 from fireworks import Firework, Workflow
 
-from amdflow.firetasks import AnalyzeTask, DedupTask, PredictTask, RelaxReferenceTask, RelaxTask
+from amdflow.firetasks import (
+    AnalyzeTask,
+    DedupTask,
+    PredictTask,
+    RelaxKnownTask,
+    RelaxReferenceTask,
+    RelaxTask,
+)
 
 PREDICT_PRIORITY = 10_000.0
 REFERENCE_PRIORITY = 1_000.0
 STAGES = ("predict", "dedup", "relax", "analyze")
-CATEGORIES = {"predict": "gpu", "dedup": "cpu", "relax": "vasp", "analyze": "cpu", "reference": "vasp"}
+CATEGORIES = {"predict": "gpu", "dedup": "cpu", "relax": "vasp", "analyze": "cpu", "reference": "vasp", "known": "vasp"}
 
 
 def _spec(stage: str, campaign: str, priority: float, **extra: object) -> dict[str, object]:
@@ -47,3 +54,19 @@ def reference_workflow(campaign: str, element: str, prototypes: list[str]) -> Wo
     analyze = Firework(AnalyzeTask(campaign=campaign), spec=_spec("analyze", campaign, REFERENCE_PRIORITY), name=f"analyze references {element}")
     return Workflow([*relax, analyze], {fw: [analyze] for fw in relax}, name=f"{campaign} references {element}",
                     metadata={"campaign": campaign, "element": element, "amdflow": "reference"})
+
+
+def known_workflow(campaign: str, known: list[tuple[str, str]]) -> Workflow:
+    """Relax imported known phases ((known_id, formula) pairs) the campaign's way, then rebuild its hull.
+
+    The analyze step runs even if some relaxations fizzle: one bad known phase blocks nothing.
+    """
+    relax = [
+        Firework(RelaxKnownTask(campaign=campaign, known_id=known_id),
+                 spec=_spec("known", campaign, REFERENCE_PRIORITY, known_id=known_id), name=f"known {formula} {known_id}")
+        for known_id, formula in known
+    ]
+    analyze = Firework(AnalyzeTask(campaign=campaign), spec=_spec("analyze", campaign, REFERENCE_PRIORITY, _allow_fizzled_parents=True),
+                       name="analyze known phases")
+    return Workflow([*relax, analyze], {fw: [analyze] for fw in relax}, name=f"{campaign} known phases",
+                    metadata={"campaign": campaign, "amdflow": "known"})

@@ -1,9 +1,23 @@
-"""ThermoBuilder: relaxed tasks -> hull documents, grouped by chemical system.
+"""ThermoBuilder: relaxed tasks (and imported known phases) -> hull documents per chemical system.
 
-For every chemical system to build (the largest systems among the tasks, or the ones
-asked for), all tasks of that run type whose chemsys is a subsystem go into one
-PhaseDiagram (elemental reference relaxations included); each material gets a thermo
-doc keyed by (material_id, hull_chemsys). Run types are never mixed.
+A *hull system* is a chemical system whose PhaseDiagram is built from every entry of
+that run type in the system or any of its subsystems (elemental references included).
+The systems built are every chemical system of two or more elements among the entries,
+those asked for, and every system built before; the system set follows from the data,
+so an incremental build and a build from scratch agree. Each material gets one
+``thermo`` doc per hull system it belongs to (Al-Ni phases in Al-Ni and in Al-Fe-Ni,
+with the same e_above_hull: a face of a hull is the hull of the face), keyed by
+(material_id, hull_chemsys); run types are never mixed.
+
+Incremental: ``thermo_builds`` keeps, per (run type, hull system), a digest of its
+sources: per chemical system, the number of entries and the newest ``created_at``. A
+system is rebuilt only when that digest changed, so a new task in Ce-In rebuilds Ce-In
+and every stored super-system (Ce-Fe-In, ...) and nothing else; a task replaced, added
+late with an old time stamp, or deleted changes the count or the time and is seen too.
+The digest comes from one aggregation per run type, so the check costs no document reads.
+
+Runs with ``mrun`` (the builder is MSONable: give it MongoStores) and from
+``amdflow hull`` / the analyze stage (:func:`run_builder`, on the LaunchPad's own client).
 """
 
 from __future__ import annotations
@@ -13,87 +27,196 @@ from collections.abc import Iterator
 from typing import Any
 
 from maggma.core import Builder, Store
+from pymatgen.analysis.phase_diagram import PhaseDiagramError
+from pymongo import ReplaceOne
 
+from amdflow.db import bulk_write
 from amdflow.errors import AmdflowError
 from amdflow.schemas import ThermoDoc, utcnow
-from amdflow.thermo.hull import HullEntry, hull_analysis, subsystems
+from amdflow.thermo.hull import EntryKind, HullEntry, hull_analysis, subsystems
 
 logger = logging.getLogger(__name__)
 
-TASK_FIELDS = ["task_id", "formula", "chemsys", "energy_per_atom", "kind", "candidate_id", "campaign", "run_type"]
+TASK_FIELDS = ["task_id", "formula", "chemsys", "energy_per_atom", "kind", "candidate_id", "campaign", "run_type",
+               "converged", "known_id", "source"]
+KNOWN_FIELDS = ["known_id", "formula", "chemsys", "energy_per_atom", "run_type", "source", "source_id"]
+KNOWN_PREFIX = "known:"  # digest keys of imported known phases, beside the tasks' chemsys keys
+
+
+def _collection(store: Store) -> Any:
+    """The pymongo (or mongomock) collection behind a maggma store."""
+    coll = getattr(store, "_coll", None)
+    if coll is None:
+        store.connect()
+        coll = store._collection
+    return coll
+
+
+def source_digest(coll: Any, run_type: str, time_field: str = "created_at", extra: dict[str, Any] | None = None) -> dict[str, list[Any]]:
+    """{chemsys: [number of entries, newest time stamp as ISO text]} of one run type (one aggregation)."""
+    match = {"run_type": run_type, **(extra or {})}
+    pipeline = [{"$match": match}, {"$group": {"_id": "$chemsys", "n": {"$sum": 1}, "last": {"$max": f"${time_field}"}}}]
+    out = {}
+    for row in coll.aggregate(pipeline):
+        last = row.get("last")
+        out[row["_id"]] = [int(row["n"]), last.isoformat() if hasattr(last, "isoformat") else str(last)]
+    return out
+
+
+def hull_entries(tasks: list[dict[str, Any]], known: list[dict[str, Any]], include_unconverged: bool = False) -> list[HullEntry]:
+    """Hull entries from task docs and imported known-phase docs.
+
+    Unconverged relaxations are placed on the hull but do not shape it unless
+    ``include_unconverged``.
+    """
+    entries = []
+    for d in tasks:
+        kind = EntryKind(d.get("kind", "candidate"))
+        in_hull = include_unconverged or d.get("converged", True) is not False
+        entries.append(HullEntry(d["task_id"], d["formula"], float(d["energy_per_atom"]), kind=kind, in_hull=in_hull))
+    for d in known:
+        entries.append(HullEntry(d["known_id"], d["formula"], float(d["energy_per_atom"]), kind=EntryKind.KNOWN))
+    return entries
+
+
+def build_system(item: dict[str, Any], include_unconverged: bool = False) -> dict[str, Any]:
+    """Pure: the thermo docs and the build record of one hull system (no database access)."""
+    system, run_type = item["chemsys"], item["run_type"]
+    now = utcnow()
+    record: dict[str, Any] = {"run_type": run_type, "hull_chemsys": system, "sources": item["sources"], "built_at": now,
+                              "n_entries": len(item["tasks"]) + len(item["known"]), "error": None}
+    tasks = {d["task_id"]: d for d in item["tasks"]}
+    known = {d["known_id"]: d for d in item["known"]}
+    entries = hull_entries(item["tasks"], item["known"], include_unconverged)
+    try:
+        results = hull_analysis(entries, system.split("-"))
+    except (AmdflowError, PhaseDiagramError, ValueError) as err:
+        logger.warning("hull %s (%s) not built: %s", system, run_type, err)
+        record["error"] = str(err)
+        return {"docs": [], "build": record}
+    docs = []
+    for r in results:
+        src = tasks.get(r.entry_id) or known[r.entry_id]
+        docs.append(ThermoDoc(
+            material_id=r.entry_id, candidate_id=src.get("candidate_id"), campaign=src.get("campaign"),
+            kind=r.kind.value, source=src.get("source"), formula=r.formula, chemsys=src["chemsys"],
+            hull_chemsys=system, run_type=run_type, energy_per_atom=r.energy_per_atom,
+            formation_energy_per_atom=r.formation_energy_per_atom, e_above_hull=r.e_above_hull,
+            e_above_known_hull=r.e_above_known_hull, is_stable=r.is_stable, in_hull=r.in_hull,
+            decomposes_to=r.decomposes_to, built_at=now,
+        ).to_mongo())
+    record["n_stable"] = sum(d["is_stable"] for d in docs)
+    return {"docs": docs, "build": record}
 
 
 class ThermoBuilder(Builder):
-    """Builds ``thermo`` from ``tasks`` for one run type."""
+    """Builds ``thermo`` (and its build records, ``builds``) from ``tasks`` and optional ``known`` phases.
 
-    def __init__(self, tasks: Store, thermo: Store, run_type: str, chemsys: list[str] | None = None, **kwargs: Any) -> None:
+    Parameters
+    ----------
+    tasks, thermo, builds:
+        Stores of relaxed task docs, hull docs and build records.
+    known:
+        Optional store of imported known phases whose energies are used as they are
+        (``known_id``, formula, chemsys, energy_per_atom, run_type, created_at).
+    run_types:
+        Only these run types (default: every run type among the sources).
+    chemsys:
+        Only these hull systems (default: every system present plus every stored one).
+    full:
+        Rebuild every selected system, changed or not.
+    include_unconverged:
+        Let unconverged relaxations shape the hull (default: placed on it only).
+    """
+
+    def __init__(self, tasks: Store, thermo: Store, builds: Store, known: Store | None = None,
+                 run_types: list[str] | None = None, chemsys: list[str] | None = None, full: bool = False,
+                 include_unconverged: bool = False, **kwargs: Any) -> None:
         self.tasks = tasks
         self.thermo = thermo
-        self.run_type = run_type
+        self.builds = builds
+        self.known = known
+        self.run_types = run_types
         self.chemsys = chemsys
-        super().__init__(sources=[tasks], targets=[thermo], **kwargs)
+        self.full = full
+        self.include_unconverged = include_unconverged
+        self.rebuilt: list[tuple[str, str]] = []
+        sources = [tasks] + ([known] if known is not None else [])
+        super().__init__(sources=sources, targets=[thermo, builds], **kwargs)
+
+    @classmethod
+    def from_db(cls, db: Any, **kwargs: Any) -> ThermoBuilder:
+        """A builder over an :class:`~amdflow.db.AmdflowDB`'s collections (the LaunchPad's client)."""
+        from maggma.stores import MongoStore
+
+        return cls(MongoStore.from_collection(db.tasks), MongoStore.from_collection(db.thermo),
+                   MongoStore.from_collection(db.thermo_builds), known=MongoStore.from_collection(db.known), **kwargs)
 
     def ensure_indexes(self) -> None:
         self.tasks.ensure_index("run_type")
         self.tasks.ensure_index("chemsys")
         self.thermo.ensure_index("material_id")
         self.thermo.ensure_index("hull_chemsys")
+        self.builds.ensure_index("hull_chemsys")
 
-    def systems_to_build(self) -> list[str]:
-        present = set(self.tasks.distinct("chemsys", {"run_type": self.run_type}))
-        wanted = set(self.chemsys) if self.chemsys else present
-        sets = {s: frozenset(s.split("-")) for s in wanted}
-        return sorted(s for s, els in sets.items() if len(els) > 1 and not any(els < o for o in sets.values()))
+    # ------------------------------------------------------------ what to build
+    def _run_types(self) -> list[str]:
+        if self.run_types:
+            return list(self.run_types)
+        found = set(_collection(self.tasks).distinct("run_type"))
+        if self.known is not None:
+            found |= set(_collection(self.known).distinct("run_type"))
+        return sorted(found)
+
+    def _digest(self, run_type: str) -> dict[str, list[Any]]:
+        digest = source_digest(_collection(self.tasks), run_type)
+        if self.known is not None:
+            digest.update({KNOWN_PREFIX + k: v for k, v in source_digest(_collection(self.known), run_type).items()})
+        return digest
+
+    def plan(self) -> list[dict[str, Any]]:
+        """The (run type, system, sources digest) of every system that needs a build."""
+        todo = []
+        builds = _collection(self.builds)
+        for run_type in self._run_types():
+            digest = self._digest(run_type)
+            stored = {b["hull_chemsys"]: b.get("sources") for b in builds.find({"run_type": run_type}, {"hull_chemsys": 1, "sources": 1})}
+            present = {k.removeprefix(KNOWN_PREFIX) for k in digest if "-" in k}
+            systems = set(self.chemsys) if self.chemsys else present | set(stored)
+            for system in sorted(systems):
+                subs = subsystems(system)
+                sources = {k: v for k, v in digest.items() if k.removeprefix(KNOWN_PREFIX) in subs}
+                if not sources:
+                    continue
+                if self.full or stored.get(system) != sources:
+                    todo.append({"run_type": run_type, "chemsys": system, "sources": sources})
+        return todo
 
     def get_items(self) -> Iterator[dict[str, Any]]:
-        for system in self.systems_to_build():
-            docs = list(self.tasks.query({"run_type": self.run_type, "chemsys": {"$in": subsystems(system)}}, properties=TASK_FIELDS))
-            yield {"chemsys": system, "tasks": docs}
+        for job in self.plan():
+            subs = subsystems(job["chemsys"])
+            query = {"run_type": job["run_type"], "chemsys": {"$in": subs}}
+            tasks = list(_collection(self.tasks).find(query, {"_id": 0, **dict.fromkeys(TASK_FIELDS, 1)}))
+            known = []
+            if self.known is not None:
+                known = list(_collection(self.known).find(query, {"_id": 0, **dict.fromkeys(KNOWN_FIELDS, 1)}))
+            yield {**job, "tasks": tasks, "known": known}
 
-    def process_item(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        system = item["chemsys"]
-        by_id = {d["task_id"]: d for d in item["tasks"]}
-        entries = [HullEntry(d["task_id"], d["formula"], d["energy_per_atom"]) for d in item["tasks"]]
-        try:
-            results = hull_analysis(entries, system.split("-"))
-        except AmdflowError as err:
-            logger.warning("hull %s skipped: %s", system, err)
-            return []
-        now = utcnow()
-        docs = []
-        for r in results:
-            task = by_id[r.entry_id]
-            docs.append(
-                ThermoDoc(
-                    material_id=r.entry_id,
-                    candidate_id=task.get("candidate_id"),
-                    campaign=task.get("campaign"),
-                    formula=r.formula,
-                    chemsys=task["chemsys"],
-                    hull_chemsys=system,
-                    run_type=self.run_type,
-                    energy_per_atom=r.energy_per_atom,
-                    formation_energy_per_atom=r.formation_energy_per_atom,
-                    e_above_hull=r.e_above_hull,
-                    is_stable=r.is_stable,
-                    decomposes_to=r.decomposes_to,
-                    built_at=now,
-                ).to_mongo()
-            )
-        return docs
+    def process_item(self, item: dict[str, Any]) -> dict[str, Any]:
+        return build_system(item, self.include_unconverged)
 
-    def update_targets(self, items: list[list[dict[str, Any]]]) -> None:
-        docs = [d for group in items for d in group]
-        if not docs:
-            return
-        coll = getattr(self.thermo, "_coll", None)
-        if coll is not None and type(coll).__module__.startswith("mongomock"):
-            # mongomock's bulk_write rejects pymongo >= 4.11 ReplaceOne (its new `sort`
-            # argument), which MongoStore.update uses: upsert one by one on mongomock.
-            for d in docs:
-                coll.replace_one({"material_id": d["material_id"], "hull_chemsys": d["hull_chemsys"]}, d, upsert=True)
-        else:
-            self.thermo.update(docs, key=["material_id", "hull_chemsys"])
+    def update_targets(self, items: list[dict[str, Any]]) -> None:
+        thermo, builds = _collection(self.thermo), _collection(self.builds)
+        for item in items:
+            record = item["build"]
+            key = {"run_type": record["run_type"], "hull_chemsys": record["hull_chemsys"]}
+            ids = [d["material_id"] for d in item["docs"]]
+            bulk_write(thermo, [ReplaceOne({"material_id": d["material_id"], "hull_chemsys": d["hull_chemsys"]}, d, upsert=True)
+                                for d in item["docs"]])
+            # Materials no longer in the system (a task deleted) leave no stale doc behind.
+            thermo.delete_many({**key, "material_id": {"$nin": ids}})
+            builds.replace_one(key, record, upsert=True)
+            self.rebuilt.append((record["run_type"], record["hull_chemsys"]))
 
 
 def run_builder(builder: Builder) -> int:

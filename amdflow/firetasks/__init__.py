@@ -7,6 +7,7 @@ are permanent; never rename or move a class without leaving an alias at the old 
 * ``{{amdflow.firetasks.stages.DedupTask}}``
 * ``{{amdflow.firetasks.stages.RelaxTask}}``
 * ``{{amdflow.firetasks.stages.RelaxReferenceTask}}``
+* ``{{amdflow.firetasks.stages.RelaxKnownTask}}``
 * ``{{amdflow.firetasks.stages.AnalyzeTask}}``
 """
 
@@ -14,8 +15,9 @@ from amdflow.firetasks.stages import (
     AnalyzeTask,
     DedupTask,
     PredictTask,
+    RelaxKnownTask,
     RelaxReferenceTask,
     RelaxTask,
 )
 
-__all__ = ["AnalyzeTask", "DedupTask", "PredictTask", "RelaxReferenceTask", "RelaxTask"]
+__all__ = ["AnalyzeTask", "DedupTask", "PredictTask", "RelaxKnownTask", "RelaxReferenceTask", "RelaxTask"]

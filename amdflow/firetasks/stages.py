@@ -95,6 +95,17 @@ class RelaxReferenceTask(_AmdflowTask):
 
 
 @explicit_serialize
+class RelaxKnownTask(_AmdflowTask):
+    """Relax one imported known phase with the campaign's engine and settings."""
+
+    required_params = ["campaign", "known_id"]
+
+    def run_task(self, fw_spec: dict[str, Any]) -> FWAction:
+        task_id = stages.relax_known_stage(self.db(), self["campaign"], self["known_id"], fw_spec.get("_fw_env", {}))
+        return FWAction(stored_data={"task_id": task_id})
+
+
+@explicit_serialize
 class AnalyzeTask(_AmdflowTask):
     """Hull of the campaign's system (maggma ThermoBuilder), promising/ and the plot."""
 

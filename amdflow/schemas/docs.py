@@ -107,7 +107,7 @@ class TaskDoc(_Doc):
     """A relaxation result (atomate-like task document)."""
 
     task_id: str
-    kind: str = Field(description="'candidate' or 'reference'.")
+    kind: str = Field(description="'candidate', 'reference' or 'known'.")
     candidate_id: str | None = None
     campaign: str | None = None
     formula: str
@@ -129,16 +129,20 @@ class TaskDoc(_Doc):
     details: dict[str, Any] = Field(default_factory=dict, description="Engine-specific results (VASP: convergence of forces and "
                                     "stress, magnetization, Custodian corrections, INCAR/KPOINTS/POTCARs of the final run).")
     dir_name: str | None = None
+    known_id: str | None = Field(None, description="kind 'known': the imported known phase relaxed.")
+    source: str | None = Field(None, description="kind 'known': where the phase was imported from (e.g. 'mp:mp-1234').")
     created_at: datetime = Field(default_factory=utcnow)
 
 
 class ReferenceDoc(_Doc):
-    """One elemental reference relaxation (the lowest per element and run type is used)."""
+    """One comparison relaxation: an elemental reference (the lowest per element and run type
+    is used) or an imported known phase recomputed the campaign's way (kind 'known')."""
 
     ref_id: str
-    element: str
-    prototype: str
+    element: str = Field(description="The element, or a known phase's formula.")
+    prototype: str = Field(description="The elemental prototype, or the known phase's known_id.")
     run_type: str
+    kind: str = Field("element", description="'element' or 'known'.")
     state: str = Field("pending", description="'pending', 'relaxed' or 'failed'.")
     energy_per_atom: float | None = None
     task_id: str | None = None
@@ -151,6 +155,8 @@ class ThermoDoc(_Doc):
     material_id: str = Field(description="task_id of the relaxation.")
     candidate_id: str | None = None
     campaign: str | None = None
+    kind: str = Field("candidate", description="'candidate', 'reference' or 'known' (imported known phase).")
+    source: str | None = Field(None, description="Known phases: where they were imported from (e.g. 'mp:mp-1234').")
     formula: str
     chemsys: str = Field(description="The material's own chemical system.")
     hull_chemsys: str = Field(description="The system whose hull was built.")
@@ -158,7 +164,10 @@ class ThermoDoc(_Doc):
     energy_per_atom: float
     formation_energy_per_atom: float = Field(description="vs the elemental references, eV/atom.")
     e_above_hull: float = Field(description="vs the hull of all computed phases, eV/atom.")
+    e_above_known_hull: float | None = Field(
+        None, description="vs the hull of the references and known phases only, eV/atom; negative = below all known phases.")
     is_stable: bool
+    in_hull: bool = Field(True, description="False: placed on the hull but not shaping it (an unconverged relaxation).")
     decomposes_to: list[dict[str, Any]] = Field(default_factory=list)
     built_at: datetime = Field(default_factory=utcnow)
 
@@ -184,5 +193,12 @@ COLLECTIONS: dict[str, list[tuple[list[tuple[str, int]], bool]]] = {
         ([("material_id", 1), ("hull_chemsys", 1)], True),
         ([("campaign", 1), ("e_above_hull", 1)], False),
         ([("run_type", 1), ("hull_chemsys", 1)], False),
+    ],
+    # one record per (run type, hull system): the sources digest of its last build
+    "thermo_builds": [([("run_type", 1), ("hull_chemsys", 1)], True)],
+    # imported known phases (pymatgen entries / Materials Project)
+    "known": [
+        ([("known_id", 1)], True),
+        ([("run_type", 1), ("chemsys", 1)], False),
     ],
 }

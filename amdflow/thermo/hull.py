@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from pymatgen.analysis.phase_diagram import PhaseDiagram
-from pymatgen.core import Composition
+from pymatgen.core import Composition, Element
 from pymatgen.entries.computed_entries import ComputedEntry
 
 from amdflow.errors import AmdflowError
@@ -18,13 +19,27 @@ from amdflow.errors import AmdflowError
 STABLE_TOL = 1e-8  # eV/atom: at most this far above the hull counts as on it
 
 
+class EntryKind(StrEnum):
+    """Where a phase came from. Only candidates are left out of the 'known' hull."""
+
+    CANDIDATE = "candidate"  # relaxed amdflow candidate
+    REFERENCE = "reference"  # elemental reference relaxed by amdflow
+    KNOWN = "known"  # imported known phase (relaxed by amdflow, or energy imported as is)
+
+
 @dataclass(frozen=True)
 class HullEntry:
-    """One phase: an id, a formula and an energy per atom (eV/atom)."""
+    """One phase: an id, a formula and an energy per atom (eV/atom).
+
+    ``in_hull=False`` places the entry against the hull without letting it shape the
+    hull (an unconverged relaxation, say).
+    """
 
     entry_id: str
     formula: str
     energy_per_atom: float
+    kind: EntryKind = EntryKind.CANDIDATE
+    in_hull: bool = True
     data: Mapping[str, object] = field(default_factory=dict)
 
     def to_computed_entry(self) -> ComputedEntry:
@@ -34,7 +49,12 @@ class HullEntry:
 
 @dataclass(frozen=True)
 class HullResult:
-    """Hull position of one entry."""
+    """Hull position of one entry (energies eV/atom).
+
+    ``e_above_hull`` is measured against the hull of every computed phase (candidates
+    lower it for each other); ``e_above_known_hull`` against the references and known
+    phases only, so a negative value means below everything known: a new stable phase.
+    """
 
     entry_id: str
     formula: str
@@ -43,6 +63,9 @@ class HullResult:
     e_above_hull: float
     is_stable: bool
     decomposes_to: list[dict[str, object]]
+    kind: EntryKind = EntryKind.CANDIDATE
+    in_hull: bool = True
+    e_above_known_hull: float | None = None
 
 
 def reference_energies(entries: Iterable[HullEntry]) -> dict[str, float]:
@@ -66,21 +89,39 @@ def formation_energy_per_atom(formula: str, energy_per_atom: float, refs: Mappin
     return energy_per_atom - sum(frac[el] * refs[el.symbol] for el in comp.elements)
 
 
+def _clean(e_hull: float) -> float:
+    return max(float(e_hull), 0.0) if abs(e_hull) < STABLE_TOL else float(e_hull)
+
+
 def hull_analysis(entries: Iterable[HullEntry], elements: Iterable[str] | None = None) -> list[HullResult]:
-    """Build one PhaseDiagram over ``entries`` and place every entry on it."""
+    """Build one PhaseDiagram over ``entries`` and place every entry on it.
+
+    Entries with ``in_hull=False`` are placed but do not shape the hull (their
+    e_above_hull may be negative). A second diagram over the references and known
+    phases gives ``e_above_known_hull``.
+    """
     entries = list(entries)
     computed = [e.to_computed_entry() for e in entries]
     els = sorted(set(elements) if elements else {el.symbol for c in computed for el in c.composition.elements})
-    refs = reference_energies(entries)
+    shaping = [e for e in entries if e.in_hull]
+    refs = reference_energies(shaping)
     missing = [el for el in els if el not in refs]
     if missing:
         raise AmdflowError(f"no elemental reference for {missing} in {'-'.join(els)}: relax the reference workflow first")
-    pd = PhaseDiagram(computed)
+    elements_obj = [Element(el) for el in els]
+    pd = PhaseDiagram([c for e, c in zip(entries, computed, strict=True) if e.in_hull], elements=elements_obj)
+    known_pd = None
+    known = [c for e, c in zip(entries, computed, strict=True) if e.in_hull and e.kind != EntryKind.CANDIDATE]
+    if not [el for el in els if el not in reference_energies(e for e in shaping if e.kind != EntryKind.CANDIDATE)]:
+        known_pd = PhaseDiagram(known, elements=elements_obj)
     stable_ids = {e.entry_id for e in pd.stable_entries}
     results = []
     for hull_entry, entry in zip(entries, computed, strict=True):
         decomp, e_hull = pd.get_decomp_and_e_above_hull(entry, allow_negative=True)
-        e_hull = max(float(e_hull), 0.0) if abs(e_hull) < STABLE_TOL else float(e_hull)
+        e_hull = _clean(e_hull)
+        e_known = None
+        if known_pd is not None:
+            e_known = _clean(known_pd.get_decomp_and_e_above_hull(entry, allow_negative=True)[1])
         results.append(
             HullResult(
                 entry_id=hull_entry.entry_id,
@@ -88,11 +129,14 @@ def hull_analysis(entries: Iterable[HullEntry], elements: Iterable[str] | None =
                 energy_per_atom=hull_entry.energy_per_atom,
                 formation_energy_per_atom=float(pd.get_form_energy_per_atom(entry)),
                 e_above_hull=e_hull,
-                is_stable=entry.entry_id in stable_ids or e_hull <= STABLE_TOL,
+                is_stable=hull_entry.in_hull and (entry.entry_id in stable_ids or e_hull <= STABLE_TOL),
                 decomposes_to=[
                     {"material_id": d.entry_id, "formula": d.composition.reduced_formula, "fraction": float(x)}
                     for d, x in sorted(decomp.items(), key=lambda kv: -kv[1])
                 ],
+                kind=hull_entry.kind,
+                in_hull=hull_entry.in_hull,
+                e_above_known_hull=e_known,
             )
         )
     return results
