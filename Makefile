@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_WHEELS ?= $(or $(PIP_FIND_LINKS),/opt/wheels)
 DEMO_DIR ?= demo
 
-.PHONY: venv demo test test-fast lint clean cp2k
+.PHONY: venv demo test test-fast lint clean cp2k chromium
 
 $(BIN)/amdflow: setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,8 +35,17 @@ cp2k:
 	  echo "cp2k: could not be installed; its tests will skip"; \
 	else echo "cp2k: not installed (needs root + apt-get install cp2k); its tests will skip"; fi
 
+## chromium: Debian's headless browser for the HTML-report test (needs root and apt; otherwise that test skips and says why)
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then echo "chromium: present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null || \
+	  (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null) || \
+	  echo "chromium: could not be installed; the report's browser test will skip"; \
+	else echo "chromium: not installed (needs root + apt-get install chromium); the report's browser test will skip"; fi
+
 ## test: set up and run the whole test suite (slow tier included)
-test: venv cp2k
+test: venv cp2k chromium
 	$(BIN)/python -m pytest -n 2 -q
 
 test-fast: venv

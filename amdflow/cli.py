@@ -302,20 +302,58 @@ def report(
     campaign: CampaignArg = Path("campaign.yaml"),
     launchpad: LaunchpadOpt = None,
 ) -> None:
-    """Rebuild the hull, refresh promising/ and the plot, and print the best candidates."""
-    from amdflow.stages import analyze_stage
+    """Rebuild the hull, refresh promising/ and the plots, write report.html and print the best candidates."""
+    from amdflow.ops import write_campaign_report
 
     with _campaign_db(campaign, launchpad) as (cfg, db):
-        summary = analyze_stage(db, cfg.name, plot=True)
+        path, summary = write_campaign_report(db, cfg)
         run_type = db.campaigns.find_one({"name": cfg.name})["run_type"]
         rows = list(db.thermo.find({"hull_chemsys": cfg.chemsys, "run_type": run_type, "campaign": cfg.name}, {"_id": 0}).sort("e_above_hull", 1).limit(15))
     table = Table(title=f"{cfg.name}: lowest e_above_hull ({run_type}; eV/atom)")
-    for col in ("candidate", "formula", "E_f", "e_above_hull", "stable"):
+    for col in ("candidate", "formula", "E_f", "e_above_hull", "vs known", "stable"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["candidate_id"], r["formula"], f"{r['formation_energy_per_atom']:.3f}", f"{r['e_above_hull']:.3f}", "yes" if r["is_stable"] else "")
+        known = r.get("e_above_known_hull")
+        table.add_row(r["candidate_id"], r["formula"], f"{r['formation_energy_per_atom']:.3f}", f"{r['e_above_hull']:.3f}",
+                      "" if known is None else f"{known:.3f}", "yes" if r["is_stable"] else "")
     out.print(table)
-    console.print(f"promising: {summary.get('promising', 0)} -> {Path(cfg.output_dir or '.') / 'promising'}; plot: {summary.get('plot')}", highlight=False)
+    plots = ", ".join(p for p in (summary.get("plot"), summary.get("plot_html")) if p) or summary.get("plot_note") or "none"
+    console.print(f"promising: {summary.get('promising', 0)} -> {Path(cfg.output_dir or '.') / 'promising'}; plots: {plots}",
+                  highlight=False)
+    console.print(f"report: {path}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def hull(
+    campaign: Annotated[Path | None, typer.Argument(help="Campaign file: its store and run type (default: every run type and system).")] = None,
+    launchpad: LaunchpadOpt = None,
+    full: Annotated[bool, typer.Option(help="Rebuild every system, changed or not.")] = False,
+    chemsys: Annotated[list[str] | None, typer.Option(help="Only this hull system (repeatable), e.g. Ce-Fe-In.")] = None,
+) -> None:
+    """Run the ThermoBuilder: rebuild the hulls of systems with new tasks (and their stored super-systems)."""
+    from amdflow.builders.thermo import ThermoBuilder, run_builder
+    from amdflow.campaign import load_campaign
+    from amdflow.db import open_db
+
+    settings = _settings(launchpad)
+    cfg = load_campaign(campaign) if campaign is not None else None
+    folder = cfg.output_dir if cfg is not None else None
+    start = time.perf_counter()
+    with open_db(folder, settings) as db:
+        run_types = None
+        if cfg is not None:
+            doc = db.campaigns.find_one({"name": cfg.name}, {"run_type": 1})
+            if doc is None:
+                raise AmdflowError(f"campaign '{cfg.name}' is not in the database: add it with `amdflow add {campaign}`")
+            run_types = [doc["run_type"]]
+        builder = ThermoBuilder.from_db(db, run_types=run_types, chemsys=chemsys or None, full=full,
+                                        include_unconverged=bool(cfg and cfg.analyze.include_unconverged))
+        run_builder(builder)
+        db.flush()
+    for run_type, system in builder.rebuilt:
+        console.print(f"rebuilt {system} ({run_type})", highlight=False)
+    console.print(f"{len(builder.rebuilt)} hull system(s) rebuilt in {time.perf_counter() - start:.1f} s", highlight=False)
 
 
 @app.command()

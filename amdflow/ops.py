@@ -395,3 +395,61 @@ def rerun_lost(db: AmdflowDB, campaign: str, lost_after_s: float, stale_after_s:
                                                               rerun=True)
     db.flush()
     return {"claims_released": claims, "locks_released": locks, "lost_launches": len(lost_launches), "rerun_fireworks": len(lost_fws)}
+
+
+def _templates_text(cfg: CampaignConfig) -> str:
+    parts = []
+    for t in cfg.templates:
+        if t.source == "aflow":
+            parts.append(f"AFLOW library ({len(t.prototypes)} prototypes)" if t.prototypes else "AFLOW library (all that fit)")
+        elif t.source == "folder":
+            parts.append(f"folder {t.path}")
+        else:
+            parts.append(f"Materials Project {', '.join(t.chemsys or t.material_ids or [])}")
+    return "; ".join(parts)
+
+
+def write_campaign_report(db: AmdflowDB, cfg: CampaignConfig) -> tuple[Path, dict[str, Any]]:
+    """Rebuild the hull, refresh promising/ and the plots, and write ``report.html``; returns (path, analyze summary)."""
+    from amdflow.report.html import ReportData, write_report
+    from amdflow.stages import PLOT_FILE, PLOT_HTML, analyze_stage, campaign_thermo, promising_rows
+
+    summary = analyze_stage(db, cfg.name, plot=True)
+    doc = db.campaigns.find_one({"name": cfg.name}, {"_id": 0})
+    status = campaign_status(db, cfg.name)
+    thermo = campaign_thermo(db, cfg, doc["run_type"])
+    rows, _ = promising_rows(db, cfg, thermo)
+    known = sorted((t for t in thermo if t.get("kind") == "known"), key=lambda t: (t["e_above_hull"], t["formula"]))
+    engine_note = (db.tasks.find_one({"run_type": doc["run_type"]}, {"engine_note": 1}) or {}).get("engine_note", "")
+    screen = cfg.screen
+    known_cfg = cfg.analyze.known_phases
+    info = {
+        "elements": ", ".join(cfg.elements),
+        "templates": _templates_text(cfg),
+        "model (CGCNN)": f"{screen.checkpoint} (sha256 {str(doc.get('model_id') or '?')[:12]})",
+        "screening": f"{screen.mode}: predicted E_f <= {screen.max_formation_energy_per_atom} eV/atom"
+                     + (f", <= {screen.max_e_above_hull} eV/atom above the hull" if screen.mode == "hull" else "")
+                     + (f", top {screen.top_k} per formula" if screen.mode == "top_k" else ""),
+        "relaxation engine": f"{cfg.relax.engine}" + (f" ({engine_note})" if engine_note else ""),
+        "run type": doc["run_type"],
+        "elemental references": ", ".join(cfg.relax.reference_prototypes),
+        "known phases": "none" if known_cfg is None else f"{known_cfg.source} ({known_cfg.energies}), {len(known)} on this hull",
+        "promising": f"e_above_hull <= {cfg.analyze.promising_e_above_hull} eV/atom -> {Path(cfg.output_dir or '.') / 'promising'}",
+        "amdflow version": doc.get("code_version", "?"),
+        "settings hash": doc["config_hash"][:16],
+        "added": str(doc.get("created_at", ""))[:19],
+    }
+    counts = {
+        "candidates": {k: v for k, v in status["candidates"].items() if v},
+        "fireworks": status["fireworks"],
+        "references": status["references"],
+        "hull": status["thermo"],
+    }
+    out = Path(cfg.output_dir or ".")
+    data = ReportData(
+        campaign=cfg.name, chemsys=cfg.chemsys, summary=info, counts=counts, rows=rows,
+        promising_threshold=cfg.analyze.promising_e_above_hull, known=known,
+        plot_png=PLOT_FILE if summary.get("plot") else None, plot_html=PLOT_HTML if summary.get("plot_html") else None,
+        plot_note=summary.get("plot_note", ""),
+    )
+    return write_report(out, data), summary

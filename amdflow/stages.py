@@ -8,6 +8,8 @@ Firetasks in :mod:`amdflow.firetasks` translate outcomes into ``FWAction``s.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 PROMISING_DIR = "promising"
 SCREENED_BY_TOP_K = "top_k"  # dedup_stage's answer when the top-k screen removed the candidate
 PLOT_FILE = "phase_diagram.png"
+PLOT_HTML = "phase_diagram.html"
 
 
 # ---------------------------------------------------------------- campaign documents
@@ -386,9 +389,12 @@ def import_known_phases(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> Kn
     if not as_is:
         kn.require_structures(docs)
     report.kept = len(docs)
-    stored = {d["known_id"]: d for d in db.known.find({"known_id": {"$in": [d["known_id"] for d in docs]}}, {"_id": 0})}
+    for d in docs:  # what decides "changed" (Mongo gives tuples back as lists: compare hashes of JSON)
+        d["content_hash"] = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+    stored = {d["known_id"]: d.get("content_hash") for d in db.known.find({"known_id": {"$in": [d["known_id"] for d in docs]}},
+                                                                          {"known_id": 1, "content_hash": 1})}
     now = utcnow()
-    changed = [d for d in docs if {k: v for k, v in stored.get(d["known_id"], {}).items() if k != "created_at"} != d]
+    changed = [d for d in docs if stored.get(d["known_id"]) != d["content_hash"]]
     bulk_write(db.known, [ReplaceOne({"known_id": d["known_id"]}, {**d, "created_at": now}, upsert=True) for d in changed])
     report.imported = len(changed)
     if not as_is:
@@ -481,20 +487,15 @@ def analyze_stage(db: AmdflowDB, campaign: str, candidate_id: str | None = None,
     return summary
 
 
-def refresh_outputs(db: AmdflowDB, cfg: CampaignConfig, run_type: str, plot: bool = True) -> dict[str, Any]:
-    """Rewrite promising/ and the phase-diagram PNG from the thermo collection."""
+def promising_rows(db: AmdflowDB, cfg: CampaignConfig, thermo: list[dict[str, Any]]) -> tuple[list[Any], dict[str, Structure]]:
+    """The campaign's candidates at most ``promising_e_above_hull`` above the hull, best first, with structures."""
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-    from amdflow.report import PromisingRow, plot_phase_diagram, write_promising
-    from amdflow.thermo import HullEntry
+    from amdflow.report import PromisingRow
 
-    out = Path(cfg.output_dir or ".")
-    thermo = list(db.thermo.find({"hull_chemsys": cfg.chemsys, "run_type": run_type}, {"_id": 0}))
-    if not thermo:
-        return {"thermo": 0, "promising": 0, "plot": None}
     threshold = cfg.analyze.promising_e_above_hull
     chosen = [t for t in thermo if t.get("campaign") == cfg.name and t.get("candidate_id") and t["e_above_hull"] <= threshold]
-    chosen.sort(key=lambda t: (t["e_above_hull"], t["formation_energy_per_atom"]))
+    chosen.sort(key=lambda t: (t["e_above_hull"], t["formation_energy_per_atom"], t["material_id"]))
     tasks = {t["task_id"]: t for t in db.tasks.find({"task_id": {"$in": [c["material_id"] for c in chosen]}}, {"_id": 0, "task_id": 1, "final_structure": 1})}
     cands = {c["candidate_id"]: c for c in db.candidates.find({"candidate_id": {"$in": [c["candidate_id"] for c in chosen]}}, {"_id": 0, "candidate_id": 1, "template": 1, "prediction": 1})}
     rows, structures = [], {}
@@ -506,18 +507,41 @@ def refresh_outputs(db: AmdflowDB, cfg: CampaignConfig, run_type: str, plot: boo
             sg = SpacegroupAnalyzer(s, symprec=0.1).get_space_group_symbol()
         except Exception:  # spglib can fail on distorted cells; the symbol is cosmetic
             sg = "?"
+        known = t.get("e_above_known_hull")
         rows.append(PromisingRow(
             candidate_id=t["candidate_id"], formula=t["formula"], spacegroup=sg,
             formation_energy_per_atom=round(t["formation_energy_per_atom"], 6), e_above_hull=round(t["e_above_hull"], 6),
+            e_above_known_hull=None if known is None else round(known, 6),
             is_stable=t["is_stable"],
             decomposes_to=" + ".join(f"{d['fraction']:.3f} {d['formula']}" for d in t["decomposes_to"]),
             predicted_formation_energy_per_atom=(cand.get("prediction") or {}).get("formation_energy_per_atom"),
             template=f"{cand.get('template', {}).get('source')}:{cand.get('template', {}).get('template_id')}",
             material_id=t["material_id"],
         ))
+    return rows, structures
+
+
+def campaign_thermo(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> list[dict[str, Any]]:
+    """Thermo docs of the campaign's hull system (its run type only)."""
+    return list(db.thermo.find({"hull_chemsys": cfg.chemsys, "run_type": run_type}, {"_id": 0}))
+
+
+def refresh_outputs(db: AmdflowDB, cfg: CampaignConfig, run_type: str, plot: bool = True) -> dict[str, Any]:
+    """Rewrite promising/ (nothing stale survives) and the phase-diagram plots from the thermo collection."""
+    from amdflow.report import PlotPoint, plot_phase_diagram, write_promising
+
+    out = Path(cfg.output_dir or ".")
+    thermo = campaign_thermo(db, cfg, run_type)
+    if not thermo:
+        return {"thermo": 0, "promising": 0, "plot": None}
+    rows, structures = promising_rows(db, cfg, thermo)
     write_promising(out / PROMISING_DIR, rows, structures)
-    plot_path = None
+    summary: dict[str, Any] = {"thermo": len(thermo), "promising": len(rows), "stable": sum(t["is_stable"] for t in thermo),
+                               "plot": None, "plot_html": None}
     if plot:
-        entries = [HullEntry(t["material_id"], t["formula"], t["energy_per_atom"]) for t in thermo]
-        plot_path = str(plot_phase_diagram(entries, out / PLOT_FILE, title=f"{cfg.name} ({run_type})"))
-    return {"thermo": len(thermo), "promising": len(rows), "stable": sum(t["is_stable"] for t in thermo), "plot": plot_path}
+        points = [PlotPoint.from_thermo(t) for t in thermo]
+        files = plot_phase_diagram(points, cfg.elements, out / PLOT_FILE, out / PLOT_HTML, title=f"{cfg.name} ({run_type})",
+                                   max_e_above_hull=cfg.analyze.plot_max_e_above_hull)
+        summary.update(plot=str(files.png) if files.png else None, plot_html=str(files.html) if files.html else None,
+                       plot_note=files.note)
+    return summary

@@ -123,6 +123,17 @@ def test_campaign_cli_kill_and_resume(tmp_path, binary_campaign_dict):
     assert "AlNi" in report.stdout
     assert (out / "promising" / "summary.csv").exists() and (out / "phase_diagram.png").exists()
     assert not any(p.name.startswith(".promising") for p in out.iterdir())  # no temp folders left
+    assert "report: " in report.stderr and (out / "report.html").exists() and (out / "phase_diagram.html").exists()
+    page = (out / "report.html").read_text()
+    assert "AlNi-test" in page and page.count('<tr class="stable">') == status["thermo"]["stable_candidates"]
+    from tests.test_report import CHROMIUM, chromium_check
+
+    if CHROMIUM:
+        chromium_check(out / "report.html", tmp_path)
+    hull = amdflow("hull", "campaign.yaml", cwd=tmp_path)
+    assert "0 hull system(s) rebuilt" in hull.stderr  # the report just built it: nothing changed
+    full = amdflow("hull", "campaign.yaml", "--full", cwd=tmp_path)
+    assert "rebuilt Al-Ni" in full.stderr
 
     watched = amdflow("status", "campaign.yaml", "--watch", "--interval", "0.2", cwd=tmp_path)
     assert "COMPLETED" in watched.stdout  # finished campaign: one refresh, then exit

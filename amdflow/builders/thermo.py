@@ -91,7 +91,7 @@ def build_system(item: dict[str, Any], include_unconverged: bool = False) -> dic
     try:
         results = hull_analysis(entries, system.split("-"))
     except (AmdflowError, PhaseDiagramError, ValueError) as err:
-        logger.warning("hull %s (%s) not built: %s", system, run_type, err)
+        logger.info("hull %s (%s) not built: %s", system, run_type, err)
         record["error"] = str(err)
         return {"docs": [], "build": record}
     docs = []

@@ -1,40 +1,282 @@
-"""Phase-diagram plot (PNG) with pymatgen's PDPlotter on the matplotlib backend."""
+"""Phase-diagram plots: PNG (matplotlib) and interactive HTML (plotly), binary to quaternary.
+
+The hull is rebuilt from the stable phases' formation energies (pymatgen PhaseDiagram; its
+facets give the tie lines). Compositions are drawn in the usual Gibbs simplex: binary as
+formation energy against composition, ternary in a triangle, quaternary in a tetrahedron.
+Stable phases are black and labelled; candidates are coloured by energy above the hull
+(stable candidates: red stars, labelled); other known or reference phases above the hull
+are grey. Systems of five or more elements are not drawn (each quaternary subsystem can be).
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from amdflow.thermo.hull import HullEntry
+import numpy as np
+from pymatgen.core import Composition
+
+MAX_PLOT_ELEMENTS = 4
+STABLE_TOL = 1e-8
 
 
-def plot_phase_diagram(entries: list[HullEntry], path: Path, title: str = "", show_unstable: float = 0.2) -> Path:
-    """Write a PNG of the hull over ``entries`` (unstable ones up to ``show_unstable`` eV/atom)."""
+@dataclass(frozen=True)
+class PlotPoint:
+    """One phase to draw (energies eV/atom)."""
+
+    material_id: str
+    formula: str
+    formation_energy_per_atom: float
+    e_above_hull: float
+    is_stable: bool
+    kind: str = "candidate"  # candidate | reference | known
+
+    @classmethod
+    def from_thermo(cls, doc: dict) -> PlotPoint:
+        return cls(doc["material_id"], doc["formula"], float(doc["formation_energy_per_atom"]), float(doc["e_above_hull"]),
+                   bool(doc["is_stable"]), doc.get("kind", "candidate"))
+
+
+@dataclass(frozen=True)
+class PlotFiles:
+    png: Path | None
+    html: Path | None
+    note: str = ""
+
+
+def simplex_coords(formula: str, elements: list[str]) -> np.ndarray:
+    """Cartesian position of a composition in the Gibbs simplex of ``elements`` (2 to 4)."""
+    comp = Composition(formula).fractional_composition
+    x = np.array([comp[el] for el in elements], dtype=float)
+    n = len(elements)
+    if n == 2:
+        return np.array([x[1]])
+    if n == 3:
+        corners = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3) / 2]])
+    elif n == 4:
+        corners = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.5, math.sqrt(3) / 2, 0.0],
+                            [0.5, math.sqrt(3) / 6, math.sqrt(2.0 / 3.0)]])
+    else:
+        raise ValueError(f"cannot draw a {n}-element system")
+    return x @ corners
+
+
+def hull_edges(points: list[PlotPoint], elements: list[str]) -> list[tuple[PlotPoint, PlotPoint]]:
+    """Tie lines: the edges of the hull facets among the stable phases."""
+    from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+
+    stable = [p for p in points if p.is_stable]
+    entries = []
+    for p in stable:
+        comp = Composition(p.formula)
+        entries.append(PDEntry(comp, p.formation_energy_per_atom * comp.num_atoms, name=p.material_id))
+    pd = PhaseDiagram(entries)
+    by_name = {p.material_id: p for p in stable}
+    edges = set()
+    for facet in pd.facets:
+        for i, j in itertools.combinations(facet, 2):
+            a, b = pd.qhull_entries[i], pd.qhull_entries[j]
+            if a in pd.stable_entries and b in pd.stable_entries:
+                edges.add(tuple(sorted((a.name, b.name))))
+    return [(by_name[a], by_name[b]) for a, b in sorted(edges) if a in by_name and b in by_name]
+
+
+def _coords(p: PlotPoint, elements: list[str]) -> np.ndarray:
+    c = simplex_coords(p.formula, elements)
+    return np.array([c[0], p.formation_energy_per_atom]) if len(elements) == 2 else c
+
+
+def _atomic_write(path: Path, write: object) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)  # type: ignore[operator]
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _select(points: Iterable[PlotPoint], max_e_above_hull: float) -> tuple[list[PlotPoint], int]:
+    points = list(points)
+    shown = [p for p in points if p.is_stable or p.e_above_hull <= max_e_above_hull]
+    return shown, len(points) - len(shown)
+
+
+def _label_offset(xy: np.ndarray, centre: np.ndarray, scale: float) -> np.ndarray:
+    d = xy - centre
+    n = float(np.linalg.norm(d))
+    return xy + (d / n * scale if n > 1e-9 else 0.0)
+
+
+def plot_png(points: list[PlotPoint], elements: list[str], path: Path, title: str = "", max_e_above_hull: float = 0.3) -> Path:
+    """Write a PNG of the phase diagram."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    from pymatgen.analysis.phase_diagram import PDPlotter, PhaseDiagram
+    from pymatgen.util.string import latexify
 
-    pd = PhaseDiagram([e.to_computed_entry() for e in entries])
-    plotter = PDPlotter(pd, backend="matplotlib", show_unstable=show_unstable)
-    # PDPlotter fixes an equal aspect ratio, and matplotlib logs a harmless warning about it
-    # on every plot; keep that one logger quiet while we plot.
-    mpl_logger = logging.getLogger("matplotlib.axes._base")
+    elements = sorted(elements)
+    n = len(elements)
+    shown, hidden = _select(points, max_e_above_hull)
+    edges = hull_edges(shown, elements)
+    cmap = plt.get_cmap("viridis")
+    norm = matplotlib.colors.Normalize(vmin=0.0, vmax=max(max_e_above_hull, 1e-3))
+    three_d = n == 4
+    fig = plt.figure(figsize=(7.5, 6.5))
+    ax = fig.add_subplot(projection="3d") if three_d else fig.add_subplot()
+    for a, b in edges:
+        xy = np.array([_coords(a, elements), _coords(b, elements)])
+        ax.plot(*xy.T, color="black", lw=1.0, zorder=1)
+    if n == 3:
+        corners = np.array([simplex_coords(el, elements) for el in [*elements, elements[0]]])
+        ax.plot(*corners.T, color="black", lw=1.0)
+    unstable_other = [p for p in shown if not p.is_stable and p.kind != "candidate"]
+    cands = [p for p in shown if p.kind == "candidate" and not p.is_stable]
+    if unstable_other:
+        xy = np.array([_coords(p, elements) for p in unstable_other])
+        ax.scatter(*xy.T, s=18, facecolors="none", edgecolors="grey", label="known / reference, above hull", zorder=2)
+    if cands:
+        xy = np.array([_coords(p, elements) for p in cands])
+        sc = ax.scatter(*xy.T, s=34, c=[p.e_above_hull for p in cands], cmap=cmap, norm=norm, edgecolors="black",
+                        linewidths=0.3, label="candidate, above hull", zorder=3)
+        fig.colorbar(sc, ax=ax, shrink=0.7, label="E above hull (eV/atom)")
+    stable = [p for p in shown if p.is_stable]
+    centre = np.mean([_coords(p, elements) for p in stable], axis=0) if stable else None
+    for kind, marker, color, size, label in (("other", "o", "black", 30, "stable"), ("candidate", "*", "red", 140, "stable candidate (new)")):
+        group = [p for p in stable if (p.kind == "candidate") == (kind == "candidate")]
+        if not group:
+            continue
+        xy = np.array([_coords(p, elements) for p in group])
+        ax.scatter(*xy.T, s=size, marker=marker, color=color, edgecolors="black", linewidths=0.4, label=label, zorder=4)
+    labelled: set[str] = set()
+    for p in stable:
+        if p.formula in labelled:
+            continue
+        labelled.add(p.formula)
+        xy = _coords(p, elements)
+        if n == 2:
+            ax.annotate(latexify(p.formula), xy, textcoords="offset points", xytext=(0, -12), ha="center", fontsize=8,
+                        annotation_clip=False)
+        elif n == 3:
+            ax.text(*_label_offset(xy, centre, 0.045), latexify(p.formula), ha="center", va="center", fontsize=8, clip_on=False)
+        else:
+            ax.text(*_label_offset(xy, centre, 0.06), latexify(p.formula), fontsize=7)
+    if n == 2:
+        ax.set_xlabel(f"x in {elements[0]}$_{{1-x}}${elements[1]}$_x$")
+        ax.set_ylabel("formation energy (eV/atom)")
+        ax.axhline(0.0, color="grey", lw=0.5)
+    elif n == 3:
+        ax.set_aspect("equal")
+        ax.axis("off")
+    else:
+        ax.set_axis_off()
+        ax.view_init(elev=18, azim=-62)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08 if n == 2 else 0.0), ncol=2, fontsize=7, frameon=False)
+    note = f"; {hidden} above {max_e_above_hull} eV/atom not shown" if hidden else ""
+    ax.set_title(f"{title}{note}", fontsize=9)
+
+    def save(tmp: Path) -> None:
+        fig.savefig(tmp, dpi=150, bbox_inches="tight", format="png")
+
+    mpl_logger = logging.getLogger("matplotlib")
     previous = mpl_logger.level
     mpl_logger.setLevel(logging.ERROR)
     try:
-        ax = plotter.get_plot()
+        return _atomic_write(path, save)
     finally:
         mpl_logger.setLevel(previous)
-    fig = ax.figure if hasattr(ax, "figure") else plt.gcf()
-    if title:
-        fig.suptitle(title, y=1.04)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+        plt.close(fig)
+
+
+def plot_html(points: list[PlotPoint], elements: list[str], path: Path, title: str = "", max_e_above_hull: float = 0.3) -> Path:
+    """Write an interactive plotly page (hover: formula, id, kind, energies); plotly.js lies beside it."""
+    import plotly.graph_objects as go
+    from pymatgen.util.string import htmlify
+
+    elements = sorted(elements)
+    n = len(elements)
+    shown, hidden = _select(points, max_e_above_hull)
+    edges = hull_edges(shown, elements)
+    three_d = n == 4
+    scatter = go.Scatter3d if three_d else go.Scatter
+    axes = ("x", "y", "z") if three_d else ("x", "y")
+
+    def xyz(group: list[PlotPoint]) -> dict:
+        arr = np.array([_coords(p, elements) for p in group]) if group else np.zeros((0, len(axes)))
+        return {a: arr[:, i].tolist() for i, a in enumerate(axes)}
+
+    def hover(group: list[PlotPoint]) -> list[str]:
+        return [f"{htmlify(p.formula)}<br>{p.material_id}<br>{p.kind}<br>E_f {p.formation_energy_per_atom:.3f} eV/atom"
+                f"<br>E above hull {p.e_above_hull:.3f} eV/atom" for p in group]
+
+    fig = go.Figure()
+    line_xyz: dict[str, list] = {a: [] for a in axes}
+    for a, b in edges:
+        for p in (a, b):
+            for i, ax_name in enumerate(axes):
+                line_xyz[ax_name].append(float(_coords(p, elements)[i]))
+        for ax_name in axes:
+            line_xyz[ax_name].append(None)
+    if n == 3:
+        for el in [*elements, elements[0]]:
+            c = simplex_coords(el, elements)
+            line_xyz["x"].append(float(c[0]))
+            line_xyz["y"].append(float(c[1]))
+    fig.add_trace(scatter(**line_xyz, mode="lines", line={"color": "black", "width": 2}, name="hull", hoverinfo="skip"))
+    other = [p for p in shown if not p.is_stable and p.kind != "candidate"]
+    cands = [p for p in shown if not p.is_stable and p.kind == "candidate"]
+    stable = [p for p in shown if p.is_stable and p.kind != "candidate"]
+    new = [p for p in shown if p.is_stable and p.kind == "candidate"]
+    fig.add_trace(scatter(**xyz(other), mode="markers", name="known / reference, above hull", text=hover(other), hoverinfo="text",
+                          marker={"color": "white", "line": {"color": "grey", "width": 1}, "size": 6}))
+    fig.add_trace(scatter(**xyz(cands), mode="markers", name="candidate, above hull", text=hover(cands), hoverinfo="text",
+                          marker={"color": [p.e_above_hull for p in cands], "colorscale": "Viridis", "cmin": 0.0,
+                                  "cmax": max(max_e_above_hull, 1e-3), "size": 7, "showscale": True,
+                                  "colorbar": {"title": {"text": "E above hull (eV/atom)"}}}))
+    fig.add_trace(scatter(**xyz(stable), mode="markers+text", name="stable", text=[htmlify(p.formula) for p in stable],
+                          textposition="top center", hovertext=hover(stable), hoverinfo="text",
+                          marker={"color": "black", "size": 7}))
+    fig.add_trace(scatter(**xyz(new), mode="markers+text", name="stable candidate (new)", text=[htmlify(p.formula) for p in new],
+                          textposition="bottom center", hovertext=hover(new), hoverinfo="text",
+                          marker={"color": "red", "size": 10, "symbol": "diamond" if three_d else "star"}))
+    note = f"; {hidden} above {max_e_above_hull} eV/atom not shown" if hidden else ""
+    layout: dict = {"title": {"text": f"{title}{note}"}, "template": "plotly_white", "height": 700,
+                    "legend": {"orientation": "h", "yanchor": "top", "y": -0.05, "xanchor": "center", "x": 0.5}}
+    if n == 2:
+        layout.update(xaxis={"title": {"text": f"x in {elements[0]}(1-x){elements[1]}(x)"}}, yaxis={"title": {"text": "formation energy (eV/atom)"}})
+    elif n == 3:
+        layout.update(xaxis={"visible": False}, yaxis={"visible": False, "scaleanchor": "x"})
+        for el in elements:
+            c = simplex_coords(el, elements)
+            fig.add_annotation(x=float(c[0]), y=float(c[1]), text=f"<b>{el}</b>", showarrow=False, yshift=-14 if c[1] < 0.1 else 14)
+    else:
+        blank = {"visible": False}
+        layout.update(scene={"xaxis": blank, "yaxis": blank, "zaxis": blank, "aspectmode": "data"})
+    fig.update_layout(**layout)
+
+    def save(tmp: Path) -> None:
+        # plotly.min.js is written once beside the page: it opens offline (no CDN on a cluster)
+        fig.write_html(tmp, include_plotlyjs="directory", full_html=True)
+
+    return _atomic_write(path, save)
+
+
+def plot_phase_diagram(points: list[PlotPoint], elements: list[str], png: Path | None, html: Path | None,
+                       title: str = "", max_e_above_hull: float = 0.3) -> PlotFiles:
+    """Both plots of one system; systems of more than four elements are not drawn (the note says so)."""
+    if not 2 <= len(elements) <= MAX_PLOT_ELEMENTS:
+        return PlotFiles(None, None, f"{'-'.join(sorted(elements))}: a {len(elements)}-element system is not drawn "
+                                     "(phase diagrams are drawn for 2 to 4 elements)")
+    if not any(p.is_stable for p in points):
+        return PlotFiles(None, None, "no hull yet")
+    out_png = plot_png(points, elements, png, title, max_e_above_hull) if png else None
+    out_html = plot_html(points, elements, html, title, max_e_above_hull) if html else None
+    return PlotFiles(out_png, out_html)
