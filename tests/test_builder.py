@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import random
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from pymatgen.core import Composition, Structure
@@ -40,8 +41,16 @@ def references() -> list[dict]:
 
 
 def thermo_state(db) -> dict:
-    return {(d["material_id"], d["hull_chemsys"]): {k: v for k, v in d.items() if k != "built_at"}
-            for d in db.thermo.find({}, {"_id": 0})}
+    return {(d["material_id"], d["hull_chemsys"]): d for d in db.thermo.find({}, {"_id": 0})}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Equal thermo collections: same documents, values equal to 1e-9 eV/atom, build times aside."""
+    from amdflow.builders.thermo import same_values
+
+    assert set(a) == set(b)
+    for key in a:
+        assert same_values(a[key], b[key]), (key, a[key], b[key])
 
 
 def build(db, **kwargs) -> list[tuple[str, str]]:
@@ -91,7 +100,7 @@ def test_incremental_builds_only_changed_systems_and_equals_full_rebuild(db, lpa
     db.thermo.delete_many({})
     db.thermo_builds.delete_many({})
     assert build(db, full=True) == ["Al-Fe", "Al-Fe-Ni", "Al-Ni", "Cu-Zn", "Fe-Ni"]
-    assert thermo_state(db) == incremental
+    assert_same_state(thermo_state(db), incremental)
     assert {(b["hull_chemsys"]): b["sources"] for b in db.thermo_builds.find()} == records
     # every material of Al-Ni has the same hull position in Al-Ni and in Al-Fe-Ni
     for (mid, system), doc in incremental.items():
@@ -217,3 +226,41 @@ def test_sc_al_c_through_folder_import_and_builder(db, tmp_path):
     within, _ = kn.within_own_hull(read.entries, 0.1)
     expected = {r["material_id"] for r in rows if float(r["e_above_hull_eV_per_atom_pymatgen"]) <= 0.1}
     assert {k for k, _ in within} == expected
+
+
+@pytest.mark.multiprocess
+def test_mrun_runs_the_serialized_builder(mongo_uri, tmp_path):
+    """maggma's `mrun` runs the builder from its JSON, on MongoDB stores, in its own process."""
+    import subprocess
+    import sys
+    import uuid
+
+    import pymongo
+    from maggma.stores import MongoStore
+    from pymongo.uri_parser import parse_uri
+    from monty.serialization import dumpfn
+
+    name = f"mrun_{uuid.uuid4().hex[:8]}"
+    client = pymongo.MongoClient(mongo_uri)
+    try:
+        db = client[name]
+        db.tasks.insert_many([{k: v for k, v in t.items()} for t in references()[:2]])
+        db.tasks.insert_many([task("a", "AlNi", -5.0), task("b", "AlNi3", -5.2)])
+
+        host, port = parse_uri(mongo_uri)["nodelist"][0]
+
+        def store(coll: str) -> MongoStore:
+            return MongoStore(database=name, collection_name=coll, host=host, port=port)
+
+        builder = ThermoBuilder(store("tasks"), store("thermo"), store("thermo_builds"), known=store("known"))
+        dumpfn(builder, tmp_path / "thermo_builder.json")
+        mrun = Path(sys.executable).with_name("mrun")
+        proc = subprocess.run([str(mrun), "--no_bars", str(tmp_path / "thermo_builder.json")], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        docs = {d["material_id"]: d for d in db.thermo.find({"hull_chemsys": "Al-Ni"})}
+        assert set(docs) == {"ref-Al", "ref-Ni", "a", "b"}
+        assert docs["a"]["is_stable"] and docs["a"]["formation_energy_per_atom"] == pytest.approx(-5.0 + (3.7 + 5.5) / 2)
+        assert db.thermo_builds.count_documents({"hull_chemsys": "Al-Ni", "error": None}) == 1
+    finally:
+        client.drop_database(name)
+        client.close()

@@ -206,17 +206,42 @@ class ThermoBuilder(Builder):
         return build_system(item, self.include_unconverged)
 
     def update_targets(self, items: list[dict[str, Any]]) -> None:
+        """Write only the thermo docs whose values changed, delete those of vanished materials, record the build.
+
+        A new phase usually moves few others on the hull, so an incremental build writes a
+        handful of documents, not the whole system (measured in scripts/bench_hull.py).
+        """
         thermo, builds = _collection(self.thermo), _collection(self.builds)
         for item in items:
             record = item["build"]
             key = {"run_type": record["run_type"], "hull_chemsys": record["hull_chemsys"]}
-            ids = [d["material_id"] for d in item["docs"]]
+            stored = {d["material_id"]: d for d in thermo.find(key, {"_id": 0})}
+            new = {d["material_id"]: d for d in item["docs"]}
+            changed = [d for mid, d in new.items() if mid not in stored or not same_values(stored[mid], d)]
             bulk_write(thermo, [ReplaceOne({"material_id": d["material_id"], "hull_chemsys": d["hull_chemsys"]}, d, upsert=True)
-                                for d in item["docs"]])
+                                for d in changed])
             # Materials no longer in the system (a task deleted) leave no stale doc behind.
-            thermo.delete_many({**key, "material_id": {"$nin": ids}})
+            gone = sorted(set(stored) - set(new))
+            if gone:
+                thermo.delete_many({**key, "material_id": {"$in": gone}})
+            record["n_written"] = len(changed)
             builds.replace_one(key, record, upsert=True)
             self.rebuilt.append((record["run_type"], record["hull_chemsys"]))
+
+
+VALUE_TOL = 1e-9  # eV/atom: hull values closer than this count as unchanged (qhull round-off)
+
+
+def same_values(a: Any, b: Any) -> bool:
+    """Equal thermo values, ignoring ``built_at`` and float round-off below VALUE_TOL."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = (set(a) | set(b)) - {"built_at"}
+        return all(same_values(a.get(k), b.get(k)) for k in keys)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool) and not isinstance(b, bool):
+        return abs(a - b) <= VALUE_TOL
+    return a == b
 
 
 def run_builder(builder: Builder) -> int:
