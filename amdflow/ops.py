@@ -338,7 +338,7 @@ def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: P
     report.fw_states = fw_state_counts(db, cfg.name)
     if progress:
         progress(sum(report.fw_states.get(s, 0) for s in DONE_STATES), total, "building hull")
-    report.outputs = analyze_stage(db, cfg.name, plot=True)
+    report.outputs = analyze_stage(db, cfg.name, plot=True, always_refresh=False)
     db.flush()
     return report
 

@@ -462,8 +462,13 @@ def campaign_training_data(db: AmdflowDB, campaign: str) -> tuple[list[str], lis
 
 
 # ---------------------------------------------------------------- analyze
-def analyze_stage(db: AmdflowDB, campaign: str, candidate_id: str | None = None, plot: bool = True) -> dict[str, Any]:
-    """Formation energy of the candidate, hull of the campaign's system, refreshed outputs."""
+def analyze_stage(db: AmdflowDB, campaign: str, candidate_id: str | None = None, plot: bool = True,
+                  always_refresh: bool = True) -> dict[str, Any]:
+    """Hull of the campaign's system (incremental builder), candidates' hull summaries, refreshed outputs.
+
+    ``always_refresh=False`` skips rewriting promising/ and the plots when the build changed
+    nothing and they exist (a campaign-level analyze after every candidate's own).
+    """
     from amdflow.builders.thermo import ThermoBuilder, run_builder
 
     cfg, doc = load_campaign_config(db, campaign)
@@ -471,18 +476,33 @@ def analyze_stage(db: AmdflowDB, campaign: str, candidate_id: str | None = None,
     builder = ThermoBuilder.from_db(db, run_types=[run_type], chemsys=[cfg.chemsys],
                                     include_unconverged=cfg.analyze.include_unconverged)
     run_builder(builder)
-    summary = refresh_outputs(db, cfg, run_type, plot=plot)
-    # The candidate itself, or (campaign-level run) every relaxed candidate now on a hull:
-    # one analyzed before its references were relaxed is placed when they are.
-    if candidate_id is not None:
-        ids = [candidate_id]
+    out = Path(cfg.output_dir or ".")
+    if always_refresh or builder.changed or not (out / PROMISING_DIR).exists():
+        summary = refresh_outputs(db, cfg, run_type, plot=plot)
     else:
-        ids = [c["candidate_id"] for c in db.candidates.find({"campaign": campaign, "state": CandidateState.RELAXED.value}, {"candidate_id": 1})]
-    for thermo in db.thermo.find({"candidate_id": {"$in": ids}, "hull_chemsys": cfg.chemsys, "run_type": run_type}, {"_id": 0}):
-        _set_state(db, thermo["candidate_id"], CandidateState.ANALYZED, thermo={
-            "formation_energy_per_atom": thermo["formation_energy_per_atom"],
-            "e_above_hull": thermo["e_above_hull"], "is_stable": thermo["is_stable"]})
-    if candidate_id is not None and db.thermo.count_documents({"candidate_id": candidate_id}) == 0:
+        q = {"hull_chemsys": cfg.chemsys, "run_type": run_type}
+        summary = {"thermo": db.thermo.count_documents(q), "stable": db.thermo.count_documents({**q, "is_stable": True}),
+                   "promising": db.thermo.count_documents({**q, "campaign": cfg.name, "candidate_id": {"$ne": None},
+                                                           "e_above_hull": {"$lte": cfg.analyze.promising_e_above_hull}}),
+                   "unchanged": True}
+    # Hull summaries on the candidate docs: the candidate itself (or, campaign-level, every
+    # relaxed one: one analyzed before its references were relaxed is placed when they are),
+    # and every candidate of the campaign whose hull position this build changed.
+    if candidate_id is not None:
+        ids = {candidate_id}
+    else:
+        ids = {c["candidate_id"] for c in db.candidates.find({"campaign": campaign, "state": CandidateState.RELAXED.value}, {"candidate_id": 1})}
+    ids |= {d["candidate_id"] for d in builder.changed
+            if d.get("candidate_id") and d.get("campaign") == campaign and d["hull_chemsys"] == cfg.chemsys}
+    now = utcnow()
+    ops = [UpdateOne({"candidate_id": t["candidate_id"],
+                      "state": {"$in": [CandidateState.RELAXED.value, CandidateState.ANALYZED.value]}},
+                     {"$set": {"state": CandidateState.ANALYZED.value, "updated_at": now, "thermo": {
+                         "formation_energy_per_atom": t["formation_energy_per_atom"], "e_above_hull": t["e_above_hull"],
+                         "e_above_known_hull": t.get("e_above_known_hull"), "is_stable": t["is_stable"]}}})
+           for t in db.thermo.find({"candidate_id": {"$in": sorted(ids)}, "hull_chemsys": cfg.chemsys, "run_type": run_type}, {"_id": 0})]
+    bulk_write(db.candidates, ops)
+    if candidate_id is not None and not ops:
         logger.info("candidate %s: no hull yet (elemental references pending)", candidate_id)
     return summary
 

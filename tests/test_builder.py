@@ -237,8 +237,8 @@ def test_mrun_runs_the_serialized_builder(mongo_uri, tmp_path):
 
     import pymongo
     from maggma.stores import MongoStore
-    from pymongo.uri_parser import parse_uri
     from monty.serialization import dumpfn
+    from pymongo.uri_parser import parse_uri
 
     name = f"mrun_{uuid.uuid4().hex[:8]}"
     client = pymongo.MongoClient(mongo_uri)

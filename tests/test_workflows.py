@@ -11,7 +11,14 @@ from fireworks.core.rocket_launcher import rapidfire
 from pymatgen.core import Structure
 
 from amdflow.campaign import campaign_from_dict
-from amdflow.firetasks import AnalyzeTask, DedupTask, PredictTask, RelaxReferenceTask, RelaxTask
+from amdflow.firetasks import (
+    AnalyzeTask,
+    DedupTask,
+    PredictTask,
+    RelaxKnownTask,
+    RelaxReferenceTask,
+    RelaxTask,
+)
 from amdflow.ops import add_campaign, campaign_status
 from amdflow.workflows import PREDICT_PRIORITY, candidate_workflow
 
@@ -20,13 +27,14 @@ CONTRACT = {
     DedupTask: "{{amdflow.firetasks.stages.DedupTask}}",
     RelaxTask: "{{amdflow.firetasks.stages.RelaxTask}}",
     RelaxReferenceTask: "{{amdflow.firetasks.stages.RelaxReferenceTask}}",
+    RelaxKnownTask: "{{amdflow.firetasks.stages.RelaxKnownTask}}",
     AnalyzeTask: "{{amdflow.firetasks.stages.AnalyzeTask}}",
 }
 
 
 @pytest.mark.parametrize(("cls", "name"), CONTRACT.items())
 def test_firetask_names_are_the_database_contract(cls, name):
-    params = {"candidate_id": "x", "campaign": "c", "element": "Fe", "prototype": "p"}
+    params = {"candidate_id": "x", "campaign": "c", "element": "Fe", "prototype": "p", "known_id": "k"}
     task = cls(**{k: v for k, v in params.items() if k in cls.required_params + (cls.optional_params or [])})
     assert task.to_dict()["_fw_name"] == name
     fw = Firework(task)
@@ -138,3 +146,17 @@ def test_candidate_analyzed_before_references_is_placed_later(db, lpad, binary_c
     assert doc["state"] == "analyzed"
     # L1_2 Ni3Al is a stable phase (DFT E_f ~ -0.4 to -0.45 eV/atom); with only fcc Al/Ni it is on the hull
     assert doc["thermo"]["is_stable"] and -0.7 < doc["thermo"]["formation_energy_per_atom"] < -0.2
+    # a later phase that lowers the hull updates the earlier candidate's summary (the thermo docs are the truth)
+    from pymatgen.entries.computed_entries import ComputedEntry
+
+    from amdflow.schemas import utcnow
+    from amdflow.thermo.known import known_doc
+
+    run_type = db.campaigns.find_one({"name": cfg.name})["run_type"]
+    before = db.thermo.find_one({"candidate_id": cid})
+    low = ComputedEntry("AlNi3", 4 * (before["energy_per_atom"] - 0.05))
+    db.known.insert_one({**known_doc("test", "low-AlNi3", low, run_type), "created_at": utcnow()})
+    stages.analyze_stage(db, cfg.name, plot=False)
+    doc = db.candidates.find_one({"candidate_id": cid})
+    assert not doc["thermo"]["is_stable"] and doc["thermo"]["e_above_hull"] == pytest.approx(0.05, abs=1e-6)
+    assert doc["thermo"]["e_above_known_hull"] == pytest.approx(0.05, abs=1e-6)

@@ -140,7 +140,8 @@ class ThermoBuilder(Builder):
         self.chemsys = chemsys
         self.full = full
         self.include_unconverged = include_unconverged
-        self.rebuilt: list[tuple[str, str]] = []
+        self.rebuilt: list[tuple[str, str]] = []  # (run type, hull system) of every system built
+        self.changed: list[dict[str, Any]] = []  # thermo docs written (new or changed values)
         sources = [tasks] + ([known] if known is not None else [])
         super().__init__(sources=sources, targets=[thermo, builds], **kwargs)
 
@@ -225,6 +226,7 @@ class ThermoBuilder(Builder):
             if gone:
                 thermo.delete_many({**key, "material_id": {"$in": gone}})
             record["n_written"] = len(changed)
+            self.changed.extend(changed)
             builds.replace_one(key, record, upsert=True)
             self.rebuilt.append((record["run_type"], record["hull_chemsys"]))
 
