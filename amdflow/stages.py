@@ -475,7 +475,10 @@ def analyze_stage(db: AmdflowDB, campaign: str, candidate_id: str | None = None,
     run_type = doc["run_type"]
     builder = ThermoBuilder.from_db(db, run_types=[run_type], chemsys=[cfg.chemsys],
                                     include_unconverged=cfg.analyze.include_unconverged)
-    run_builder(builder)
+    # One build of a system at a time: a builder that waited finds the other's record and,
+    # when its own task was included, has nothing to do (concurrent analyze Fireworks batch up).
+    with claim(db, f"hull:{run_type}:{cfg.chemsys}"):
+        run_builder(builder)
     out = Path(cfg.output_dir or ".")
     if always_refresh or builder.changed or not (out / PROMISING_DIR).exists():
         summary = refresh_outputs(db, cfg, run_type, plot=plot)

@@ -264,3 +264,17 @@ def test_mrun_runs_the_serialized_builder(mongo_uri, tmp_path):
     finally:
         client.drop_database(name)
         client.close()
+
+
+def test_result_of_an_older_snapshot_never_overwrites_a_newer_one(db):
+    """Two analyze steps build at once: the one that read before a new task arrived writes nothing."""
+    db.tasks.insert_many([*references()[:2], task("a", "AlNi", -5.0)])
+    slow = ThermoBuilder.from_db(db)
+    items = [slow.process_item(item) for item in slow.get_items()]  # read and computed: without "late"
+    db.tasks.insert_one(task("late", "AlNi3", -6.0))
+    assert build(db) == ["Al-Ni"]  # the newer snapshot, written first
+    slow.update_targets(items)  # the older one arrives last
+    assert slow.superseded == [(RT, "Al-Ni")] and slow.rebuilt == []
+    assert db.thermo.find_one({"material_id": "late"})["is_stable"]  # not deleted by the stale result
+    assert not db.thermo.find_one({"material_id": "a"})["is_stable"]
+    assert build(db) == []

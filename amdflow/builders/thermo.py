@@ -142,6 +142,7 @@ class ThermoBuilder(Builder):
         self.include_unconverged = include_unconverged
         self.rebuilt: list[tuple[str, str]] = []  # (run type, hull system) of every system built
         self.changed: list[dict[str, Any]] = []  # thermo docs written (new or changed values)
+        self.superseded: list[tuple[str, str]] = []  # systems whose sources changed during their build
         sources = [tasks] + ([known] if known is not None else [])
         super().__init__(sources=sources, targets=[thermo, builds], **kwargs)
 
@@ -193,6 +194,14 @@ class ThermoBuilder(Builder):
                     todo.append({"run_type": run_type, "chemsys": system, "sources": sources})
         return todo
 
+    def _sources_now(self, run_type: str, system: str) -> dict[str, list[Any]]:
+        subs = subsystems(system)
+        digest = source_digest(_collection(self.tasks), run_type, extra={"chemsys": {"$in": subs}})
+        if self.known is not None:
+            digest.update({KNOWN_PREFIX + k: v for k, v in
+                           source_digest(_collection(self.known), run_type, extra={"chemsys": {"$in": subs}}).items()})
+        return digest
+
     def get_items(self) -> Iterator[dict[str, Any]]:
         for job in self.plan():
             subs = subsystems(job["chemsys"])
@@ -216,6 +225,14 @@ class ThermoBuilder(Builder):
         for item in items:
             record = item["build"]
             key = {"run_type": record["run_type"], "hull_chemsys": record["hull_chemsys"]}
+            if self._sources_now(record["run_type"], record["hull_chemsys"]) != record["sources"]:
+                # New entries arrived while this system was being built: a result for an older
+                # snapshot must not overwrite a newer one. The analyze Firework that follows
+                # every new task builds the newer snapshot.
+                logger.info("hull %s (%s): sources changed during the build; left to the next build",
+                            record["hull_chemsys"], record["run_type"])
+                self.superseded.append((record["run_type"], record["hull_chemsys"]))
+                continue
             stored = {d["material_id"]: d for d in thermo.find(key, {"_id": 0})}
             new = {d["material_id"]: d for d in item["docs"]}
             changed = [d for mid, d in new.items() if mid not in stored or not same_values(stored[mid], d)]
