@@ -204,10 +204,11 @@ def add_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = False
     """Generate candidates and add their workflows; running it twice adds nothing."""
     report = AddReport()
     doc = register_campaign(db, cfg, allow_changed)
+    if workflows:  # first: a bad known-phases source stops here, before anything is generated
+        add_known_phases(db, cfg, doc["run_type"], report)
     insert_candidates(db, cfg, report, progress, workers)
     if workflows:
         add_reference_workflows(db, cfg, doc["run_type"], report)
-        add_known_phases(db, cfg, doc["run_type"], report)
         add_workflows(db, cfg, report, progress)
     db.flush()
     return report

@@ -103,3 +103,43 @@ def test_known_phases_relaxed_the_campaign_way(db, lpad, binary_campaign_dict, k
     assert cand["e_above_known_hull"] == pytest.approx(0.0, abs=2e-3)
     known_b2 = next(t for t in thermo.values() if t.get("source") == "folder:known:mp-1487")
     assert known_b2["energy_per_atom"] == pytest.approx(cand["energy_per_atom"], abs=2e-3)
+
+
+def test_materials_project_source_through_mp_api(db, binary_campaign_dict, monkeypatch):
+    """source: mp asks mp-api for the campaign's system and imports its entries (the client is faked: no network)."""
+    import sys
+    import types
+
+    asked = {}
+
+    class FakeRester:
+        def __init__(self, key):
+            asked["key"] = key
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def get_entries_in_chemsys(self, elements):
+            asked["elements"] = sorted(elements)
+            return [ComputedStructureEntry(_b2_nial(), -12.0, entry_id="mp-1487"),
+                    ComputedStructureEntry(_l12_ni3al(), -22.0, entry_id="mp-2593")]
+
+    module = types.ModuleType("mp_api.client")
+    module.MPRester = FakeRester
+    monkeypatch.setitem(sys.modules, "mp_api", types.ModuleType("mp_api"))
+    monkeypatch.setitem(sys.modules, "mp_api.client", module)
+    cfg = campaign_from_dict({**binary_campaign_dict, "analyze": {"known_phases": {"source": "mp", "max_e_above_hull": None}}})
+    monkeypatch.delenv("MP_API_KEY", raising=False)
+    monkeypatch.delenv("AMDFLOW_MP_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="need an API key: set AMDFLOW_MP_API_KEY"):
+        add_campaign(db, cfg)
+    assert db.candidates.count_documents({}) == 0  # stopped before generating anything
+    monkeypatch.setenv("AMDFLOW_MP_API_KEY", "secret-key")
+    report = add_campaign(db, cfg)
+    assert asked == {"key": "secret-key", "elements": ["Al", "Ni"]}
+    assert report.known["kept"] == 2 and report.known["relaxations"] == 2
+    assert {d["source"] for d in db.known.find()} == {"mp:mp-1487", "mp:mp-2593"}
+    assert "secret-key" not in str(list(db.known.find({}, {"_id": 0, "structure": 0})))
