@@ -258,6 +258,13 @@ def _client_class(factory: Any) -> Iterator[None]:
         fw_launchpad.MongoClient = original
 
 
+def redact(text: str) -> str:
+    """``text`` with the password of any MongoDB URI in it replaced by ``***``."""
+    import re
+
+    return re.sub(r"(mongodb(?:\+srv)?://[^:/@\s]*):[^/\s]*@", r"\1:***@", str(text))
+
+
 def _mongo_launchpad(path: Path, log_level: str) -> LaunchPad:
     import pymongo
     import yaml
@@ -286,11 +293,11 @@ def _mongo_launchpad(path: Path, log_level: str) -> LaunchPad:
         lp.db.list_collection_names()
     except OperationFailure as err:
         raise AmdflowError(
-            f"MongoDB at {lp.host} refused access to database '{lp.name}' ({err.code}): check username/password/authsource in {path}"
+            f"MongoDB at {redact(lp.host)} refused access to database '{lp.name}' ({err.code}): check username/password/authsource in {path}"
         ) from None
     except PyMongoError as err:
         raise AmdflowError(
-            f"cannot reach MongoDB at {lp.host} ({type(err).__name__}): start the server or fix host/port in {path}"
+            f"cannot reach MongoDB at {redact(lp.host)} ({type(err).__name__}): start the server or fix host/port in {path}"
         ) from None
     return lp
 

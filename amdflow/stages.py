@@ -479,15 +479,6 @@ def analyze_stage(db: AmdflowDB, campaign: str, candidate_id: str | None = None,
     # when its own task was included, has nothing to do (concurrent analyze Fireworks batch up).
     with claim(db, f"hull:{run_type}:{cfg.chemsys}"):
         run_builder(builder)
-    out = Path(cfg.output_dir or ".")
-    if always_refresh or builder.changed or not (out / PROMISING_DIR).exists():
-        summary = refresh_outputs(db, cfg, run_type, plot=plot)
-    else:
-        q = {"hull_chemsys": cfg.chemsys, "run_type": run_type}
-        summary = {"thermo": db.thermo.count_documents(q), "stable": db.thermo.count_documents({**q, "is_stable": True}),
-                   "promising": db.thermo.count_documents({**q, "campaign": cfg.name, "candidate_id": {"$ne": None},
-                                                           "e_above_hull": {"$lte": cfg.analyze.promising_e_above_hull}}),
-                   "unchanged": True}
     # Hull summaries on the candidate docs: the candidate itself (or, campaign-level, every
     # relaxed one: one analyzed before its references were relaxed is placed when they are),
     # and every candidate of the campaign whose hull position this build changed.
@@ -505,6 +496,16 @@ def analyze_stage(db: AmdflowDB, campaign: str, candidate_id: str | None = None,
                          "e_above_known_hull": t.get("e_above_known_hull"), "is_stable": t["is_stable"]}}})
            for t in db.thermo.find({"candidate_id": {"$in": sorted(ids)}, "hull_chemsys": cfg.chemsys, "run_type": run_type}, {"_id": 0})]
     bulk_write(db.candidates, ops)
+    # outputs last: a failed write (disk full) loses nothing that is in the database
+    out = Path(cfg.output_dir or ".")
+    if always_refresh or builder.changed or not (out / PROMISING_DIR).exists():
+        summary = refresh_outputs(db, cfg, run_type, plot=plot)
+    else:
+        q = {"hull_chemsys": cfg.chemsys, "run_type": run_type}
+        summary = {"thermo": db.thermo.count_documents(q), "stable": db.thermo.count_documents({**q, "is_stable": True}),
+                   "promising": db.thermo.count_documents({**q, "campaign": cfg.name, "candidate_id": {"$ne": None},
+                                                           "e_above_hull": {"$lte": cfg.analyze.promising_e_above_hull}}),
+                   "unchanged": True}
     if candidate_id is not None and not ops:
         logger.info("candidate %s: no hull yet (elemental references pending)", candidate_id)
     return summary

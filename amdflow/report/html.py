@@ -140,6 +140,10 @@ def write_report(folder: Path, data: ReportData) -> Path:
     try:
         tmp.write_text(render_report(data), encoding="utf-8")
         os.replace(tmp, path)
+    except OSError as err:
+        from amdflow.report.export import output_error
+
+        raise output_error(path, err) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -98,6 +98,10 @@ def _atomic_write(path: Path, write: object) -> Path:
     try:
         write(tmp)  # type: ignore[operator]
         os.replace(tmp, path)
+    except OSError as err:
+        from amdflow.report.export import output_error
+
+        raise output_error(path, err) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
