@@ -150,3 +150,64 @@ def test_hostile_template_names_cannot_escape_the_output_folder(tmp_path):
     new = {p for p in tmp_path.rglob("*")} - before
     assert new and all(p.resolve().is_relative_to((tmp_path / "out").resolve()) for p in new), sorted(map(str, new))
     assert not (tmp_path / "pwned").exists() and not Path(os.getcwd(), "pwned").exists()
+
+
+@pytest.mark.slow
+def test_relax_engine_raising_fizzles_alone_with_its_reason_and_reruns(db, lpad, binary_campaign_dict, tmp_path, monkeypatch):
+    from fireworks import FWorker
+    from fireworks.core.rocket_launcher import rapidfire
+
+    from amdflow.campaign import campaign_from_dict
+    from amdflow.ops import add_campaign, rerun_fizzled
+    from amdflow.relax.chgnet_engine import CHGNetEngine
+
+    original = CHGNetEngine.relax
+
+    def flaky(self, structure, directory=None):
+        if structure.composition.reduced_formula == "AlNi3":
+            raise RuntimeError("simulated engine crash (segfault in the potential)")
+        return original(self, structure, directory)
+
+    monkeypatch.setattr(CHGNetEngine, "relax", flaky)
+    cfg = campaign_from_dict(binary_campaign_dict)
+    add_campaign(db, cfg)
+    cwd = os.getcwd()
+    (tmp_path / "launches").mkdir()
+    os.chdir(tmp_path / "launches")
+    try:
+        rapidfire(lpad, FWorker(category=["gpu", "cpu", "vasp"]), strm_lvl="ERROR")
+        bad = db.candidates.find_one({"formula": "AlNi3", "state": "failed"})
+        assert bad["error"] == "relax: RuntimeError: simulated engine crash (segfault in the potential)"
+        relax_fw = lpad.get_fw_by_id(bad["fw_ids"]["relax"])
+        assert relax_fw.state == "FIZZLED"
+        assert "simulated engine crash" in relax_fw.launches[-1].action.stored_data["_exception"]["_stacktrace"]
+        assert lpad.get_fw_by_id(bad["fw_ids"]["analyze"]).state == "WAITING"
+        others = {fw["state"] for fw in lpad.fireworks.find({"fw_id": {"$nin": [bad["fw_ids"]["relax"], bad["fw_ids"]["analyze"]]}})}
+        assert others <= {"COMPLETED", "DEFUSED"}  # nobody else blocked
+        assert db.thermo.count_documents({"hull_chemsys": "Al-Ni", "kind": "candidate"}) >= 2
+        # the engine is fixed: rerun the fizzled Firework, the candidate finishes, nothing else runs twice
+        monkeypatch.setattr(CHGNetEngine, "relax", original)
+        assert rerun_fizzled(db, cfg.name) == [bad["fw_ids"]["relax"]]
+        rapidfire(lpad, FWorker(category=["gpu", "cpu", "vasp"]), strm_lvl="ERROR")
+    finally:
+        os.chdir(cwd)
+    assert db.candidates.find_one({"candidate_id": bad["candidate_id"]})["state"] == "analyzed"
+    assert {fw["state"] for fw in lpad.fireworks.find({}, {"state": 1})} <= {"COMPLETED", "DEFUSED"}
+    for fw in lpad.fireworks.find({"state": "COMPLETED"}):
+        assert lpad.launches.count_documents({"fw_id": fw["fw_id"], "state": "COMPLETED"}) == 1
+
+
+def test_missing_cp2k_executable_is_one_clear_error(binary_campaign_dict, tmp_path):
+    from amdflow.campaign import campaign_from_dict
+    from amdflow.relax import get_engine
+    from amdflow.relax.base import require_executable
+    from amdflow.stages import reference_structure
+
+    cfg = campaign_from_dict({**binary_campaign_dict, "relax": {"engine": "cp2k", "reference_prototypes": ["fcc"]}})
+    engine = get_engine(cfg.relax, env={"cp2k_cmd": "mpirun -np 2 no-such-cp2k.psmp"})
+    with pytest.raises(AmdflowError, match=r"CP2K command .*'no-such-cp2k.psmp' not found or not executable"):
+        engine.relax(reference_structure("Al", "A_cF4_225_a"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    require_executable("python -m amdflow.testing.fake_vasp", "VASP", "x")  # python -m module: python is checked
+    with pytest.raises(AmdflowError, match="cannot be parsed"):
+        require_executable("srun 'vasp_std", "VASP", "x")

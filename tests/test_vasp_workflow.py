@@ -94,3 +94,14 @@ def test_no_vasp_command_is_one_clear_error(db, lpad, binary_campaign_dict, tmp_
     engine = get_engine(cfg.relax, env={})
     with pytest.raises(AmdflowError, match="no VASP command"):
         engine.relax(reference_structure("Al", "A_cF4_225_a"), tmp_path / "run")
+    # a command that cannot run here is named, with the fix, before anything is written
+    launcher = tmp_path / "bin" / "srun"  # a launcher that exists; the program it launches does not
+    launcher.parent.mkdir()
+    launcher.write_text("#!/bin/sh\nexec \"$@\"\n")
+    launcher.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{launcher.parent}{os.pathsep}{os.environ['PATH']}")
+    for cmd, prog in (("no_such_vasp_std", "no_such_vasp_std"), ("srun -n 4 --cpu-bind=cores /nonexistent/vasp_std", "/nonexistent/vasp_std")):
+        engine = get_engine(cfg.relax, env={"vasp_cmd": cmd})
+        with pytest.raises(AmdflowError, match=f"VASP command .*'{prog}' not found or not executable.*pre_rocket"):
+            engine.relax(reference_structure("Al", "A_cF4_225_a"), tmp_path / "run2")
+        assert not (tmp_path / "run2").exists()

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from pymatgen.core import Structure
 
 from amdflow.campaign import RelaxConfig, RelaxEngine
+from amdflow.errors import AmdflowError
 
 
 @dataclass
@@ -54,3 +55,34 @@ def get_engine(cfg: RelaxConfig, device: str = "cpu", env: dict[str, Any] | None
 
         return Cp2kEngine(cfg, env or {})
     raise AssertionError(f"no engine for {engine}")  # pragma: no cover - every enum member is handled above
+
+
+LAUNCHERS = {"srun", "mpirun", "mpiexec", "aprun", "ibrun", "jsrun", "orterun"}
+
+
+def require_executable(cmd: str, what: str, setting: str) -> None:
+    """Fail early, in one line, when a DFT command cannot run here (instead of a Custodian traceback).
+
+    Checks the program, and for MPI launchers (``srun vasp_std``, ``mpirun -np 4 vasp_std``)
+    also the program they launch.
+    """
+    import os
+    import shlex
+    import shutil
+
+    try:
+        parts = shlex.split(cmd)
+    except ValueError as err:
+        raise AmdflowError(f"{what} command {cmd!r} cannot be parsed ({err}): fix {setting}") from None
+    if not parts:
+        raise AmdflowError(f"{what} command is empty: fix {setting}")
+    programs = [parts[0]]
+    if os.path.basename(parts[0]) in LAUNCHERS:
+        rest = [p for p in parts[1:] if not p.startswith("-") and not p.replace(".", "").isdigit()]
+        if rest:
+            programs.append(rest[-1])
+    for prog in programs:
+        found = shutil.which(prog) if os.sep not in prog else (prog if os.access(prog, os.X_OK) and os.path.isfile(prog) else None)
+        if found is None:
+            raise AmdflowError(f"{what} command {cmd!r}: {prog!r} not found or not executable on {os.uname().nodename}: "
+                               f"load its module in the queue adapter's pre_rocket, or fix {setting}")

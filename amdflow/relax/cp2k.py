@@ -171,6 +171,9 @@ class Cp2kEngine:
         if not cmd:
             raise AmdflowError("no CP2K command: install CP2K (Debian: apt-get install cp2k) or set cp2k_cmd in the FWorker's env "
                                "or AMDFLOW_CP2K_CMD")
+        from amdflow.relax.base import require_executable
+
+        require_executable(cmd, "CP2K", "cp2k_cmd in the FWorker's env or AMDFLOW_CP2K_CMD")
         if directory is None:
             tag = hashlib.sha256(json.dumps(structure.as_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
             directory = Path.cwd() / f"cp2k-{structure.composition.reduced_formula}-{tag}"

@@ -47,6 +47,9 @@ class VaspEngine:
         if not cmd:
             raise AmdflowError("no VASP command: set vasp_cmd in the FWorker's env (fw_configs/my_fworker_vasp.yaml) "
                                "or AMDFLOW_VASP_CMD, e.g. 'srun vasp_std'")
+        from amdflow.relax.base import require_executable
+
+        require_executable(cmd, "VASP", "vasp_cmd in the FWorker's env or AMDFLOW_VASP_CMD")
         return cmd, self.env.get("scratch_dir") or settings.vasp_scratch_dir, settings.vasp_potcar_spec, settings.custodian_poll_s
 
     def relax(self, structure: Structure, directory: Path | None = None) -> RelaxResult:
