@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 from amdflow.errors import AmdflowError, StoreBusyError
 from amdflow.schemas import COLLECTIONS
 from amdflow.settings import AmdflowSettings, get_settings
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from fireworks import LaunchPad
@@ -265,6 +268,16 @@ def redact(text: str) -> str:
     return re.sub(r"(mongodb(?:\+srv)?://[^:/@\s]*):[^/\s]*@", r"\1:***@", str(text))
 
 
+def _warn_if_readable_by_others(path: Path, spec: dict[str, Any]) -> None:
+    """A LaunchPad file holding a password should be readable by its owner only."""
+    import re
+    import stat
+
+    has_secret = bool(spec.get("password")) or bool(re.search(r"//[^/@\s]*:[^/\s]*@", str(spec.get("host", ""))))
+    if has_secret and path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        logger.warning("%s holds a MongoDB password and is readable by other users: chmod 600 %s", path, path)
+
+
 def _mongo_launchpad(path: Path, log_level: str) -> LaunchPad:
     import pymongo
     import yaml
@@ -279,6 +292,7 @@ def _mongo_launchpad(path: Path, log_level: str) -> LaunchPad:
             raise TypeError("not a mapping")
     except Exception as err:
         raise AmdflowError(f"LaunchPad file {path} is invalid ({type(err).__name__}): compare with fw_configs/my_launchpad.yaml") from None
+    _warn_if_readable_by_others(path, spec)
     kwargs = dict(spec.get("mongoclient_kwargs") or {})
     kwargs.setdefault("serverSelectionTimeoutMS", MONGO_TIMEOUT_MS)
     spec = {**spec, "mongoclient_kwargs": kwargs, "strm_lvl": log_level}

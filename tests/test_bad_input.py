@@ -211,3 +211,11 @@ def test_missing_cp2k_executable_is_one_clear_error(binary_campaign_dict, tmp_pa
     require_executable("python -m amdflow.testing.fake_vasp", "VASP", "x")  # python -m module: python is checked
     with pytest.raises(AmdflowError, match="cannot be parsed"):
         require_executable("srun 'vasp_std", "VASP", "x")
+
+
+def test_template_with_more_elements_than_targets_is_skipped_with_reason():
+    from tests.test_generate import aflow, cfg, run
+
+    docs, report = run(cfg(["Fe", "Al"], aflow("AB2C_cF16_225_a_c_b", "AB_cP2_221_b_a")))
+    assert dict(report.templates.skipped) == {"aflow:AB2C_cF16_225_a_c_b": "more elements than targets (3 > 2)"}
+    assert {d["formula"] for d in docs} == {"AlFe"}  # the binary template still gives its candidate

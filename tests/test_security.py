@@ -1,0 +1,142 @@
+"""MongoDB authentication and TLS against the wire server, and no credentials anywhere they could leak.
+
+The server (secantusdb, SCRAM-SHA-256 + TLS) is started on a file-backed store, a user is
+created, and it is restarted with ``--auth`` and a self-signed certificate, as a MongoDB
+would be configured for a cluster campaign.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import _free_port
+
+pytestmark = [pytest.mark.multiprocess,
+              pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a test certificate")]
+
+PASSWORD = "s3cret-Pa55"
+BIN = Path(sys.executable).parent
+
+
+def _start(port: int, storage: Path, *extra: str, log: Path) -> subprocess.Popen:
+    import pymongo
+
+    proc = subprocess.Popen([sys.executable, "-m", "amdflow.testing.wire_server", "--host", "127.0.0.1", "--port", str(port),
+                             "--storage-path", str(storage), *extra], stdout=log.open("a"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:  # the handshake answers before authentication, plain or TLS
+            kw = {"tls": True, "tlsAllowInvalidCertificates": True} if "--tls-cert-file" in extra else {}
+            pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/", serverSelectionTimeoutMS=300, **kw).admin.command("ping")
+            return proc
+        except pymongo.errors.PyMongoError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"wire server did not start: {log.read_text()[-500:]}")
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    """(port, CA file) of a server that requires SCRAM auth (user alice) and TLS."""
+    import pymongo
+
+    root = tmp_path_factory.mktemp("secured")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(root / "key.pem"), "-out",
+                    str(root / "cert.pem"), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    port = _free_port()
+    log = root / "server.log"
+    proc = _start(port, root / "data", log=log)
+    pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/").admin.command(
+        "createUser", "alice", pwd=PASSWORD, roles=[{"role": "root", "db": "admin"}])
+    proc.terminate()
+    proc.wait(30)
+    proc = _start(port, root / "data", "--auth", "--tls-cert-file", str(root / "cert.pem"), "--tls-key-file", str(root / "key.pem"), log=log)
+    yield port, root / "cert.pem"
+    proc.terminate()
+    proc.wait(30)
+
+
+def _lp_file(path: Path, port: int, ca: Path | None, password: str | None = PASSWORD, uri: bool = False) -> Path:
+    kwargs: dict = {"serverSelectionTimeoutMS": 3000}
+    if ca is not None:
+        kwargs.update(tls=True, tlsCAFile=str(ca))
+    spec: dict = {"name": "amdflow_secure", "mongoclient_kwargs": kwargs, "strm_lvl": "ERROR"}
+    if uri:
+        spec["host"] = f"mongodb://alice:{password}@127.0.0.1:{port}/amdflow_secure?authSource=admin"
+        spec["uri_mode"] = True
+    else:
+        spec.update(host="127.0.0.1", port=port, authsource="admin")
+        if password is not None:
+            spec.update(username="alice", password=password)
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _amdflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "amdflow", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "AMDFLOW_PROGRESS": "false"})
+
+
+def test_auth_and_tls_against_the_wire_server(secured, tmp_path):
+    port, ca = secured
+    good = _lp_file(tmp_path / "good.yaml", port, ca)
+    good.chmod(0o644)
+    ok = _amdflow("hull", "--launchpad", str(good), cwd=tmp_path)
+    assert ok.returncode == 0 and "0 hull system(s) rebuilt" in ok.stderr, ok.stderr
+    assert "readable by other users: chmod 600" in " ".join(ok.stderr.split())
+    good.chmod(0o600)
+    assert "chmod 600" not in _amdflow("hull", "--launchpad", str(good), cwd=tmp_path).stderr
+    ok_uri = _amdflow("hull", "--launchpad", str(_lp_file(tmp_path / "uri.yaml", port, ca, uri=True)), cwd=tmp_path)
+    assert ok_uri.returncode == 0, ok_uri.stderr
+
+    cases = [
+        (_lp_file(tmp_path / "wrong.yaml", port, ca, password="not-the-password"), "refused access", "not-the-password"),
+        (_lp_file(tmp_path / "wrong-uri.yaml", port, ca, password="not-the-password", uri=True), "refused access", "not-the-password"),
+        (_lp_file(tmp_path / "anon.yaml", port, ca, password=None), "refused access", PASSWORD),
+        (_lp_file(tmp_path / "notls.yaml", port, None), "cannot reach MongoDB", PASSWORD),
+    ]
+    for lp_file, message, secret in cases:
+        start = time.perf_counter()
+        proc = _amdflow("hull", "--launchpad", str(lp_file), cwd=tmp_path)
+        took = time.perf_counter() - start
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and message in " ".join(out.split()), (lp_file.name, out)
+        assert "Traceback" not in out and secret not in out and PASSWORD not in out
+        assert took < 10 + 5, took  # a clear answer within the server-selection timeout, plus start-up
+
+
+def test_no_credentials_in_documents_logs_or_launch_folders(secured, tmp_path):
+    """Run a Firework through rlaunch on the authenticated server: the password appears in no
+    document of any collection, no log and no file in the launch folder."""
+    import pymongo
+    from fireworks import Firework, LaunchPad, ScriptTask
+
+    port, ca = secured
+    lp_file = _lp_file(tmp_path / "my_launchpad.yaml", port, ca)
+    lp = LaunchPad.from_file(str(lp_file))
+    lp.reset(password=None, require_password=False)
+    lp.add_wf(Firework(ScriptTask.from_str("echo hello"), name="probe"))
+    (tmp_path / "launches").mkdir()
+    proc = subprocess.run([str(BIN / "rlaunch"), "-l", str(lp_file), "singleshot"], cwd=tmp_path / "launches",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert lp.fireworks.find_one({"name": "probe"})["state"] == "COMPLETED"
+    status = _amdflow("hull", "--launchpad", str(lp_file), cwd=tmp_path)
+    assert PASSWORD not in proc.stdout + proc.stderr + status.stdout + status.stderr
+    client = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/", username="alice", password=PASSWORD, authSource="admin",
+                                 tls=True, tlsCAFile=str(ca))
+    for name in client.list_database_names():
+        for coll in client[name].list_collection_names():
+            for doc in client[name][coll].find():
+                assert PASSWORD not in str(doc), (name, coll)
+    for path in (tmp_path / "launches").rglob("*"):
+        if path.is_file():
+            assert PASSWORD not in path.read_text(errors="ignore"), path
