@@ -8,7 +8,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -392,6 +392,9 @@ def rerun_lost(db: AmdflowDB, campaign: str, lost_after_s: float, stale_after_s:
     from amdflow.batch_launch import release_stale
 
     claims, locks = release_stale(db.launchpad, stale_after_s, stale_after_s)
+    # amdflow's own claims (dedup per formula, hull per system) left by dead processes
+    cutoff = datetime.fromtimestamp(utcnow().timestamp() - stale_after_s, UTC)
+    claims += db.coll("locks").delete_many({"at": {"$lt": cutoff}}).deleted_count
     lost_launches, lost_fws, _ = db.launchpad.detect_lostruns(expiration_secs=lost_after_s, query={"spec.campaign": campaign},
                                                               rerun=True)
     db.flush()

@@ -175,17 +175,23 @@ def top_k_rank(db: AmdflowDB, campaign: str, formula: str, candidate_id: str, en
 
 # ---------------------------------------------------------------- claims
 CLAIM_STALE_S = 300.0  # a claim older than this belongs to a dead rocket and may be taken over
+HULL_CLAIM_STALE_S = 120.0  # hull builds take seconds; a claim this old was left by a dead process
 
 
 @contextlib.contextmanager
-def claim(db: AmdflowDB, key: str, timeout_s: float = 600.0) -> Iterator[None]:
-    """Hold an exclusive claim on ``key`` across processes (MongoDB's unique _id makes the insert atomic)."""
+def claim(db: AmdflowDB, key: str, timeout_s: float = 600.0, stale_s: float = CLAIM_STALE_S) -> Iterator[None]:
+    """Hold an exclusive claim on ``key`` across processes (MongoDB's unique _id makes the insert atomic).
+
+    A claim older than ``stale_s`` belongs to a dead process and is taken over. Releasing
+    is retried for a while, so a database restart during the claim does not leave it
+    behind (``amdflow rerun --lost`` also clears stale claims).
+    """
     import os
     import random
     import socket
     import time
 
-    from pymongo.errors import DuplicateKeyError
+    from pymongo.errors import DuplicateKeyError, PyMongoError
 
     locks = db.coll("locks")
     owner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32)}"
@@ -195,15 +201,24 @@ def claim(db: AmdflowDB, key: str, timeout_s: float = 600.0) -> Iterator[None]:
             locks.insert_one({"_id": key, "owner": owner, "at": utcnow()})
             break
         except DuplicateKeyError:
-            stale = utcnow().timestamp() - CLAIM_STALE_S
+            stale = utcnow().timestamp() - stale_s
             locks.delete_one({"_id": key, "at": {"$lt": datetime.fromtimestamp(stale, UTC)}})
             if time.monotonic() > deadline:
-                raise AmdflowError(f"could not claim '{key}' within {timeout_s:.0f} s: is a rocket stuck? remove it from the 'locks' collection") from None
+                raise AmdflowError(f"could not claim '{key}' within {timeout_s:.0f} s: is a rocket stuck? "
+                                   "`amdflow rerun CAMPAIGN --lost` clears stale claims") from None
             time.sleep(0.02 + random.random() * 0.05)
     try:
         yield
     finally:
-        locks.delete_one({"_id": key, "owner": owner})
+        for attempt in range(8):  # about 30 s: a restarting server comes back
+            try:
+                locks.delete_one({"_id": key, "owner": owner})
+                break
+            except PyMongoError:
+                if attempt == 7:
+                    logger.warning("claim %s could not be released (database unreachable); it expires after %.0f s", key, stale_s)
+                    break
+                time.sleep(0.25 * 2**attempt)
 
 
 # ---------------------------------------------------------------- dedup
@@ -477,7 +492,7 @@ def analyze_stage(db: AmdflowDB, campaign: str, candidate_id: str | None = None,
                                     include_unconverged=cfg.analyze.include_unconverged)
     # One build of a system at a time: a builder that waited finds the other's record and,
     # when its own task was included, has nothing to do (concurrent analyze Fireworks batch up).
-    with claim(db, f"hull:{run_type}:{cfg.chemsys}"):
+    with claim(db, f"hull:{run_type}:{cfg.chemsys}", stale_s=HULL_CLAIM_STALE_S):
         run_builder(builder)
     # Hull summaries on the candidate docs: the candidate itself (or, campaign-level, every
     # relaxed one: one analyzed before its references were relaxed is placed when they are),
