@@ -322,16 +322,28 @@ def _task_doc(kind: str, task_id: str, structure: Structure, result: Any, engine
 def relax_candidate_stage(db: AmdflowDB, candidate_id: str, directory: Path | None = None, env: dict[str, Any] | None = None) -> str:
     """Relax a candidate with the campaign's engine; writes a task doc, returns its id. ``env``: the FWorker's env."""
     from amdflow.relax import get_engine
+    from amdflow.relax.base import WalltimeStop
 
     doc = _load_candidate(db, candidate_id)
     cfg, _ = load_campaign_config(db, doc["campaign"])
     engine = get_engine(cfg.relax, resolve_device(get_settings()), env)
     structure = Structure.from_dict(doc["structure"])
-    result = engine.relax(structure, directory)
+    resume = doc.get("resume") or {}
+    start = Structure.from_dict(resume["structure"]) if resume.get("structure") else structure
+    try:
+        result = engine.relax(start, directory)
+    except WalltimeStop as stop:  # keep the last structure: the rerun continues from it
+        db.candidates.update_one({"candidate_id": candidate_id}, {"$set": {"resume": {
+            "structure": stop.structure.as_dict(), "dir": str(stop.directory), "at": utcnow()}}})
+        raise
+    if resume:
+        result.details["resumed_from"] = resume.get("dir")
     task_id = f"{candidate_id}-{engine.name}"
     task = _task_doc("candidate", task_id, structure, result, engine, cfg, directory, candidate_id, doc["campaign"])
     db.tasks.replace_one({"task_id": task_id}, task.to_mongo(), upsert=True)
     _set_state(db, candidate_id, CandidateState.RELAXED, task_id=task_id, error=None)
+    if resume:
+        db.candidates.update_one({"candidate_id": candidate_id}, {"$unset": {"resume": ""}})
     return task_id
 
 

@@ -14,6 +14,7 @@ import sys
 import pytest
 from fireworks import FWorker
 from fireworks.core.rocket_launcher import rapidfire
+from pymatgen.core import Structure
 
 from amdflow.campaign import campaign_from_dict
 from amdflow.ops import add_campaign
@@ -105,3 +106,44 @@ def test_no_vasp_command_is_one_clear_error(db, lpad, binary_campaign_dict, tmp_
         with pytest.raises(AmdflowError, match=f"VASP command .*'{prog}' not found or not executable.*pre_rocket"):
             engine.relax(reference_structure("Al", "A_cF4_225_a"), tmp_path / "run2")
         assert not (tmp_path / "run2").exists()
+
+
+def test_walltime_stop_is_unfinished_and_the_rerun_continues(db, lpad, binary_campaign_dict, tmp_path, monkeypatch):
+    """Custodian's WalltimeHandler stops VASP cleanly and ends the job sequence without an error: amdflow
+    must not take that run's energy as the result. The candidate fizzles with the reason, keeps its last
+    structure, and the rerun starts from it."""
+    import sys
+
+    from amdflow import stages
+    from amdflow.relax.base import WalltimeStop
+
+    monkeypatch.setenv("AMDFLOW_VASP_POTCAR_SPEC", "true")
+    monkeypatch.setenv("AMDFLOW_CUSTODIAN_POLL_S", "0.2")
+    monkeypatch.setenv("AMDFLOW_FAKE_VASP_STEP_S", "0.4")  # slow ionic steps ...
+    monkeypatch.setenv("PBS_WALLTIME", "2")  # ... and a queue walltime already (almost) over
+    monkeypatch.setenv("AMDFLOW_VASP_CMD", f"{sys.executable} -m amdflow.testing.fake_vasp")
+    cfg = campaign_from_dict(_vasp_campaign(binary_campaign_dict, handlers=["default", "walltime"]))
+    add_campaign(db, cfg)
+    cid = next(c["candidate_id"] for c in db.candidates.find({"formula": "AlNi"}))
+    original = Structure.from_dict(db.candidates.find_one({"candidate_id": cid})["structure"])
+    db.candidates.update_one({"candidate_id": cid}, {"$set": {"state": "unique"}})
+    with pytest.raises(WalltimeStop, match=r"stopped before the queue's walltime after .* ionic steps.*--fizzled` continues"):
+        stages.relax_candidate_stage(db, cid, tmp_path / "first")
+    doc = db.candidates.find_one({"candidate_id": cid})
+    assert doc["resume"]["dir"] == str(tmp_path / "first")
+    stopped_at = Structure.from_dict(doc["resume"]["structure"])
+    assert abs(stopped_at.volume - original.volume) > 1e-3  # it had relaxed some way
+    assert db.tasks.count_documents({}) == 0  # no result from an unfinished run
+    assert (tmp_path / "first" / "STOPCAR.gz").exists() or (tmp_path / "first" / "STOPCAR").exists()
+
+    monkeypatch.delenv("PBS_WALLTIME")  # a longer job: the rerun continues and finishes
+    monkeypatch.setenv("AMDFLOW_FAKE_VASP_STEP_S", "0")
+    task_id = stages.relax_candidate_stage(db, cid, tmp_path / "second")
+    task = db.tasks.find_one({"task_id": task_id})
+    assert task["details"]["resumed_from"] == str(tmp_path / "first")
+    assert Structure.from_dict(task["input_structure"]) == original  # the candidate is still the candidate
+    from pymatgen.io.vasp import Vasprun
+
+    first_step = Vasprun(tmp_path / "second" / "vasprun.xml.relax1.gz", parse_potcar_file=False).ionic_steps[0]["structure"]
+    assert first_step.volume == pytest.approx(stopped_at.volume, rel=1e-6)  # VASP started from where it stopped
+    assert "resume" not in db.candidates.find_one({"candidate_id": cid})

@@ -86,3 +86,16 @@ def require_executable(cmd: str, what: str, setting: str) -> None:
         if found is None:
             raise AmdflowError(f"{what} command {cmd!r}: {prog!r} not found or not executable on {os.uname().nodename}: "
                                f"load its module in the queue adapter's pre_rocket, or fix {setting}")
+
+
+class WalltimeStop(AmdflowError):
+    """The DFT code was stopped cleanly before the queue's walltime (Custodian's WalltimeHandler).
+
+    The run is not finished: its last structure (``structure``, from CONTCAR) is kept so a
+    rerun continues from it instead of starting again.
+    """
+
+    def __init__(self, message: str, structure: Structure, directory: Path) -> None:
+        super().__init__(message)
+        self.structure = structure
+        self.directory = directory

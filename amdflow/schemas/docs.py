@@ -98,6 +98,8 @@ class CandidateDoc(_Doc):
     task_id: str | None = None
     thermo: dict[str, Any] | None = Field(None, description="Hull summary after analyze (eV/atom).")
     error: str | None = None
+    resume: dict[str, Any] | None = Field(None, description="Relaxation stopped at the walltime: its last structure and "
+                                          "folder; the rerun continues from it.")
     fw_ids: dict[str, int] = Field(default_factory=dict, description="Stage name -> Firework id.")
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)

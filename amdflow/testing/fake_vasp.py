@@ -25,6 +25,7 @@ import hashlib
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 EV_PER_A3_TO_KBAR = 1602.1766
@@ -133,12 +134,22 @@ def main(argv: list[str] | None = None) -> int:
     ediffg = float(incar.get("EDIFFG", 10 * float(incar.get("EDIFF", 1e-4))))
     steps = []
     e_prev = None
+    step_s = float(os.environ.get("AMDFLOW_FAKE_VASP_STEP_S", "0"))  # tests: slow ionic steps (walltime)
+    stopped = False
     for step in range(max(nsw, 1)):
         e, v0 = model_energy(structure)
         pressure = -BULK_MODULUS * (structure.volume - v0) / v0  # eV/A^3, positive = wants to expand
         steps.append((structure.copy(), e, pressure))
         print(f" DAV:   1    {e:.8E}   {e:.5E}   -0.1E+00    64   0.1E+00\n {step + 1} F= {e:.8E} E0= {e:.8E}  d E ={0.0:.6E}", flush=True)
+        if step_s:
+            time.sleep(step_s)
+            # VASP writes OUTCAR as it goes; Custodian's WalltimeHandler reads the LOOP+ timings from it
+            with open(folder / "OUTCAR", "a") as fh:
+                fh.write(f" vasp.6.4.2 (fake)\n     LOOP+:  cpu time    {step_s:.4f}: real time    {step_s:.4f}\n")
         relaxing = nsw > 0 and ibrion in (1, 2, 3) and isif >= 3
+        if (folder / "STOPCAR").exists() and "LSTOP" in (folder / "STOPCAR").read_text().upper():
+            stopped = True  # like VASP: finish this ionic step, write the outputs, stop
+            break
         if not relaxing or step == nsw - 1:
             break
         if e_prev is not None and ((ediffg > 0 and abs(e - e_prev) < ediffg) or abs(pressure) * EV_PER_A3_TO_KBAR < 0.5):
@@ -146,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         e_prev = e
         structure.scale_lattice(structure.volume + 0.6 * (v0 - structure.volume))
     write_outputs(folder, incar, poscar, kpoints, symbols, steps)
+    if stopped:
+        print(" LSTOP = .TRUE. found in STOPCAR: stopping after this ionic step", flush=True)
+        return 0
     print(" reached required accuracy - stopping structural energy minimisation" if nsw > 0 else " writing wavefunctions", flush=True)
     return 0
 

@@ -63,6 +63,13 @@ class VaspEngine:
         doc = parse_vasp_dir(directory)
         finish_outputs(directory, self.cfg.vasp.outputs)
         final = Structure.from_dict(doc["structure"])
+        if any("Walltime reached" in c.get("errors", []) for c in doc.get("corrections") or []):
+            # Custodian stops the job sequence without an error: the energy of this run is not a result.
+            from amdflow.relax.base import WalltimeStop
+
+            raise WalltimeStop(f"VASP was stopped before the queue's walltime after {doc['n_ionic_steps']} ionic steps of "
+                               f"{doc.get('final_run')} in {directory}: the relaxation is unfinished; `amdflow rerun CAMPAIGN "
+                               "--fizzled` continues from its last structure (or give the queue more time)", final, directory)
         details = {k: doc.get(k) for k in ("final_run", "converged_electronic", "converged_ionic", "forces_converged",
                                              "stress_converged", "max_stress_kbar", "total_magnetization", "site_magnetization",
                                              "corrections", "incar", "kpoints", "potcar_symbols", "run_type", "vasp_version",
