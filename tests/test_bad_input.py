@@ -219,3 +219,15 @@ def test_template_with_more_elements_than_targets_is_skipped_with_reason():
     docs, report = run(cfg(["Fe", "Al"], aflow("AB2C_cF16_225_a_c_b", "AB_cP2_221_b_a")))
     assert dict(report.templates.skipped) == {"aflow:AB2C_cF16_225_a_c_b": "more elements than targets (3 > 2)"}
     assert {d["formula"] for d in docs} == {"AlFe"}  # the binary template still gives its candidate
+
+
+def test_relax_outputs_missing_are_named(tmp_path):
+    from amdflow.relax.cp2k import parse_cp2k_dir
+    from amdflow.relax.vasp.parse import parse_vasp_dir
+
+    (tmp_path / "vasp").mkdir()
+    (tmp_path / "cp2k").mkdir()
+    with pytest.raises(AmdflowError, match=r"no vasprun.xml in .*vasp: the VASP run left no output \(check vasp.out"):
+        parse_vasp_dir(tmp_path / "vasp")
+    with pytest.raises(AmdflowError, match=r"no cp2k.out in .*cp2k: CP2K left no output"):
+        parse_cp2k_dir(tmp_path / "cp2k")
