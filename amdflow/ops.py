@@ -245,7 +245,10 @@ def campaign_status(db: AmdflowDB, campaign: str) -> dict[str, Any]:
         "chemsys": doc["chemsys"],
         "run_type": doc["run_type"],
         "model_id": doc.get("model_id"),
-        "candidates": {s.value: cand.get(s.value, 0) for s in CandidateState},
+        "candidates": {**{s.value: cand.get(s.value, 0) for s in CandidateState},
+                       # a state no stage writes (a document edited by hand): counted, not hidden
+                       **({"invalid": sum(n for k, n in cand.items() if k not in {s.value for s in CandidateState})}
+                          if set(cand) - {s.value for s in CandidateState} else {})},
         "candidates_total": sum(cand.values()),
         "fireworks": fw_state_counts(db, campaign),
         "references": refs,

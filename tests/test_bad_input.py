@@ -231,3 +231,17 @@ def test_relax_outputs_missing_are_named(tmp_path):
         parse_vasp_dir(tmp_path / "vasp")
     with pytest.raises(AmdflowError, match=r"no cp2k.out in .*cp2k: CP2K left no output"):
         parse_cp2k_dir(tmp_path / "cp2k")
+
+
+def test_candidate_with_a_hand_edited_state_is_counted_not_hidden(db, binary_campaign_dict):
+    from amdflow.campaign import campaign_from_dict
+    from amdflow.ops import add_campaign, campaign_status
+
+    cfg = campaign_from_dict(binary_campaign_dict)
+    add_campaign(db, cfg)
+    cid = db.candidates.find_one({})["candidate_id"]
+    db.candidates.update_one({"candidate_id": cid}, {"$set": {"state": "done!!"}})
+    db.candidates.update_one({"candidate_id": {"$ne": cid}}, {"$unset": {"state": ""}})  # one without a state at all
+    status = campaign_status(db, cfg.name)
+    assert status["candidates"]["invalid"] == 2 and status["candidates_total"] == 6
+    assert sum(status["candidates"].values()) == 6
