@@ -505,6 +505,7 @@ def analyze_stage(db: AmdflowDB, campaign: str, candidate_id: str | None = None,
     # One build of a system at a time: a builder that waited finds the other's record and,
     # when its own task was included, has nothing to do (concurrent analyze Fireworks batch up).
     with claim(db, f"hull:{run_type}:{cfg.chemsys}", stale_s=HULL_CLAIM_STALE_S):
+        _failpoint_delay("AMDFLOW_FAILPOINT_HULL_DELAY_S")  # tests: a rocket surely killed while it holds the hull claim
         run_builder(builder)
     # Hull summaries on the candidate docs: the candidate itself (or, campaign-level, every
     # relaxed one: one analyzed before its references were relaxed is placed when they are),

@@ -140,3 +140,20 @@ def mongo_launchpad_file(mongo_uri, tmp_path):
                                     "mongoclient_kwargs": {"serverSelectionTimeoutMS": 5000}}))
     yield path
     pymongo.MongoClient(mongo_uri).drop_database(name)
+
+
+# ---------------------------------------------------------------- fault figures
+def fault_figures(lp, db) -> dict[str, int]:
+    """Results lost and duplicated, counted from the documents."""
+    states = {fw["fw_id"]: fw["state"] for fw in lp.fireworks.find({}, {"fw_id": 1, "state": 1})}
+    completed: dict[int, int] = {}
+    for launch in lp.launches.find({"state": "COMPLETED"}, {"fw_id": 1}):
+        completed[launch["fw_id"]] = completed.get(launch["fw_id"], 0) + 1
+    relaxations = lp.fireworks.count_documents({"spec.amdflow_stage": {"$in": ["relax", "reference"]}, "state": "COMPLETED"})
+    unfinished = sum(s not in ("COMPLETED", "DEFUSED") for s in states.values())
+    return {
+        "fireworks": len(states),
+        "unfinished": unfinished,
+        "lost": unfinished + abs(relaxations - len(db.tasks.distinct("task_id"))),
+        "duplicated": sum(n - 1 for n in completed.values()) + (db.tasks.count_documents({}) - len(db.tasks.distinct("task_id"))),
+    }

@@ -1,13 +1,15 @@
-"""Faults on the multi-process tier: the database server restarted under running rockets.
+"""Faults on the multi-process tier: the database server restarted under running rockets; CPU rockets killed holding claims.
 
-Own server per test (file-backed, so a restart keeps the data, as MongoDB's does). The
-figures the issue asks for are asserted and printed: results lost 0, duplicated 0.
+The restart test has its own server (file-backed, so a restart keeps the data, as MongoDB's
+does); the kill tests share the session's. The figures the issue asks for are asserted and
+printed: results lost 0, duplicated 0.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import _free_port
+from tests.conftest import _free_port, fault_figures
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -54,22 +56,6 @@ class Server:
             self.proc.terminate()
             self.proc.wait(60)
             self.proc = None
-
-
-def _figures(lp, db) -> dict[str, int]:
-    """Results lost and duplicated, counted from the documents."""
-    states = {fw["fw_id"]: fw["state"] for fw in lp.fireworks.find({}, {"fw_id": 1, "state": 1})}
-    completed: dict[int, int] = {}
-    for launch in lp.launches.find({"state": "COMPLETED"}, {"fw_id": 1}):
-        completed[launch["fw_id"]] = completed.get(launch["fw_id"], 0) + 1
-    relaxations = lp.fireworks.count_documents({"spec.amdflow_stage": {"$in": ["relax", "reference"]}, "state": "COMPLETED"})
-    unfinished = sum(s not in ("COMPLETED", "DEFUSED") for s in states.values())
-    return {
-        "fireworks": len(states),
-        "unfinished": unfinished,
-        "lost": unfinished + abs(relaxations - len(db.tasks.distinct("task_id"))),
-        "duplicated": sum(n - 1 for n in completed.values()) + (db.tasks.count_documents({}) - len(db.tasks.distinct("task_id"))),
-    }
 
 
 def test_database_restart_under_running_rockets_loses_and_duplicates_nothing(tmp_path, binary_campaign_dict):
@@ -128,7 +114,7 @@ def test_database_restart_under_running_rockets_loses_and_duplicates_nothing(tmp
             errors[i] = r.communicate(timeout=900)[1][-1500:]
         assert [r.returncode for r in final] == [0, 0], errors
         db = pymongo.MongoClient(server.uri)["faults"]
-        figures = _figures(lp, db)
+        figures = fault_figures(lp, db)
         print(json.dumps({"database_restart": {**figures, "rocket_exit_codes_after_restart": outcomes,
                                                "fizzled_after_restart": fizzled, "running_after_restart": running}}))
         stuck = [(fw["fw_id"], fw["name"], fw["state"]) for fw in lp.fireworks.find({"state": {"$nin": ["COMPLETED", "DEFUSED"]}})]
@@ -136,3 +122,78 @@ def test_database_restart_under_running_rockets_loses_and_duplicates_nothing(tmp
         assert db.candidates.count_documents({"state": {"$in": ["analyzed", "duplicate", "screened_out"]}}) == 6
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("held", ["dedup", "hull"])
+def test_kill_9_of_a_cpu_rocket_holding_a_claim(mongo_launchpad_file, tmp_path, binary_campaign_dict, held):
+    """A CPU rocket killed with -9 inside a dedup claim (per formula) or the hull claim (per system) ->
+    `amdflow rerun --lost` releases the claim and resets the launch -> two rockets finish: lost 0, duplicated 0.
+
+    Without the release the claim would hold its formula's dedups (or the system's hull builds)
+    until it went stale (300 s / 120 s); the test shows the claim was really held when killed.
+    """
+    import pymongo
+    from fireworks import LaunchPad
+
+    (tmp_path / "campaign.yaml").write_text(yaml.safe_dump({**binary_campaign_dict, "output_dir": str(tmp_path / "out")}))
+    env = {**os.environ, "AMDFLOW_LAUNCHPAD_FILE": str(mongo_launchpad_file), "AMDFLOW_PROGRESS": "false"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "amdflow", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc
+
+    def start(name: str, args: list[str], extra: dict | None = None) -> subprocess.Popen:
+        (tmp_path / name).mkdir()
+        return subprocess.Popen(args, cwd=tmp_path / name, env={**env, **(extra or {})}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+    cli("add", "campaign.yaml")
+    lp = LaunchPad.from_file(str(mongo_launchpad_file))
+    spec = yaml.safe_load(mongo_launchpad_file.read_text())
+    db = pymongo.MongoClient(spec["host"])[spec["name"]]
+    predictor = start("gpu", [sys.executable, "-m", "amdflow", "rocket", "-l", str(mongo_launchpad_file), "--batch-size", "8"])
+    assert predictor.wait(timeout=600) == 0, predictor.stderr.read()[-2000:]
+    assert lp.fireworks.count_documents({"spec.amdflow_stage": "predict", "state": "COMPLETED"}) == 6
+
+    (tmp_path / "cpu.yaml").write_text(yaml.safe_dump({"name": "cpu", "category": ["cpu", "vasp"], "query": "{}"}))
+    cpu = [str(BIN / "rlaunch"), "-l", str(mongo_launchpad_file), "-w", str(tmp_path / "cpu.yaml"), "rapidfire", "--nlaunches", "0",
+           "--sleep", "1"]
+    failpoint = {"dedup": "AMDFLOW_FAILPOINT_DEDUP_DELAY_S", "hull": "AMDFLOW_FAILPOINT_HULL_DELAY_S"}[held]
+    victim = start("victim", cpu, {failpoint: "300"})
+    deadline = time.time() + 600
+    lock = None
+    while time.time() < deadline and lock is None:
+        assert victim.poll() is None, victim.stderr.read()[-2000:]
+        lock = db.locks.find_one({"_id": {"$regex": f"^{held}:"}})
+        time.sleep(0.1)
+    assert lock, f"the rocket never took a {held} claim"
+    stage = {"dedup": "dedup", "hull": "analyze"}[held]
+    killed = lp.fireworks.find_one({"state": "RUNNING", "spec.amdflow_stage": stage}, {"fw_id": 1})["fw_id"]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert db.locks.find_one({"_id": lock["_id"]}), "the claim is left behind by the dead rocket"
+    assert lp.get_fw_by_id(killed).state == "RUNNING"  # nobody told the LaunchPad
+
+    time.sleep(2)
+    rerun = cli("rerun", "campaign.yaml", "--lost", "--lost-after", "1", "--stale-after", "1")
+    said = " ".join((rerun.stdout + rerun.stderr).split())  # the console may wrap its line
+    assert "1 Fireworks reset" in said and "released 1 stale claims" in said, said
+    assert db.locks.count_documents({}) == 0
+    assert lp.get_fw_by_id(killed).state == "READY"
+
+    finishers = [start("cpu_a", cpu), start("cpu_b", cpu)]
+    for r in finishers:
+        _, err = r.communicate(timeout=900)
+        assert r.returncode == 0, err[-2000:]
+    figures = fault_figures(lp, db)
+    print(json.dumps({f"kill_9_cpu_rocket_in_{held}_claim": figures}))
+    assert figures["unfinished"] == 0 and figures["lost"] == 0 and figures["duplicated"] == 0, figures
+    assert sorted(ln["state"] for ln in lp.launches.find({"fw_id": killed})) == ["COMPLETED", "FIZZLED"]
+    assert db.candidates.count_documents({"state": {"$in": ["analyzed", "duplicate", "screened_out"]}}) == 6
+    # one representative per structure family: the duplicates point at kept candidates
+    kept = {c["candidate_id"] for c in db.candidates.find({"state": "analyzed"}, {"candidate_id": 1})}
+    for c in db.candidates.find({"state": "duplicate"}):
+        assert c["dedup"]["duplicate_of"] in kept, c["dedup"]
+    status = json.loads(cli("status", "campaign.yaml", "--json").stdout)
+    assert status["thermo"]["stable_candidates"] >= 1
