@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_WHEELS ?= $(or $(PIP_FIND_LINKS),/opt/wheels)
 DEMO_DIR ?= demo
 
-.PHONY: venv demo test test-fast lint clean cp2k chromium
+.PHONY: venv demo test test-fast faults lint clean cp2k chromium
 
 $(BIN)/amdflow: setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,11 @@ test: venv cp2k chromium
 
 test-fast: venv
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
+
+## faults: the fault tests (kill -9 of each kind of rocket, database restart, a Firework that always fails) FAULT_RUNS times in a row
+FAULT_RUNS ?= 3
+faults: venv
+	$(BIN)/python scripts/repeat_faults.py --runs $(FAULT_RUNS)
 
 lint: venv
 	$(BIN)/ruff check amdflow tests scripts

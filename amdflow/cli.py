@@ -114,9 +114,11 @@ def add(
     """Generate candidates and add one workflow per new candidate (idempotent)."""
     from amdflow.campaign import load_campaign
     from amdflow.db import open_db
+    from amdflow.generate.templates import check_template_sources
     from amdflow.ops import add_campaign
 
     cfg = load_campaign(campaign)
+    check_template_sources(cfg)  # before the database: a bad source leaves no campaign folder behind
     settings = _settings(launchpad)
     start = time.perf_counter()
     prog, update = _progress_bar(settings.progress)
@@ -200,8 +202,10 @@ def generate(
             print(json.dumps({k: v for k, v in plan.items() if k != "skipped"}))
         return
     from amdflow.db import open_db
+    from amdflow.generate.templates import check_template_sources
     from amdflow.ops import add_campaign
 
+    check_template_sources(cfg)  # before the database: a bad source leaves no campaign folder behind
     with open_db(cfg.output_dir, settings) as db, prog:
         report = add_campaign(db, cfg, allow_changed_settings, update, workflows=False, workers=workers)
     _print_generation(report.generate, report.templates_skipped)

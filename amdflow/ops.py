@@ -202,7 +202,10 @@ def add_known_phases(db: AmdflowDB, cfg: CampaignConfig, run_type: str, report: 
 def add_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = False, progress: Progress | None = None,
                  workflows: bool = True, workers: int | None = None) -> AddReport:
     """Generate candidates and add their workflows; running it twice adds nothing."""
+    from amdflow.generate.templates import check_template_sources
+
     report = AddReport()
+    check_template_sources(cfg)  # a missing folder or unknown label: nothing registered
     doc = register_campaign(db, cfg, allow_changed)
     if workflows:  # first: a bad known-phases source stops here, before anything is generated
         add_known_phases(db, cfg, doc["run_type"], report)

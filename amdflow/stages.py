@@ -354,11 +354,11 @@ def reference_id(element: str, prototype: str, run_type: str) -> str:
 def reference_structure(element: str, prototype: str) -> Structure:
     """The AFLOW elemental prototype with ``element``, scaled to its atomic volume."""
     from amdflow.generate.substitute import substitute
-    from amdflow.generate.templates import aflow_library
+    from amdflow.generate.templates import aflow_labels, aflow_structure
 
-    for label, s in aflow_library():
-        if label == prototype:
-            return substitute(s, {s[0].specie.symbol: element}, scale_volume=True)
+    if prototype in aflow_labels():
+        s = aflow_structure(prototype)
+        return substitute(s, {s[0].specie.symbol: element}, scale_volume=True)
     raise AmdflowError(f"unknown elemental prototype '{prototype}': use fcc, bcc, hcp, diamond, sc or an AFLOW unary label")
 
 

@@ -143,6 +143,7 @@ def mongo_launchpad_file(mongo_uri, tmp_path):
 
 
 # ---------------------------------------------------------------- fault figures
+_FIGURES_FILE = os.environ.get("AMDFLOW_FAULT_FIGURES")  # read at import: the autouse fixture clears AMDFLOW_* for each test
 def fault_figures(lp, db) -> dict[str, int]:
     """Results lost and duplicated, counted from the documents."""
     states = {fw["fw_id"]: fw["state"] for fw in lp.fireworks.find({}, {"fw_id": 1, "state": 1})}
@@ -157,3 +158,14 @@ def fault_figures(lp, db) -> dict[str, int]:
         "lost": unfinished + abs(relaxations - len(db.tasks.distinct("task_id"))),
         "duplicated": sum(n - 1 for n in completed.values()) + (db.tasks.count_documents({}) - len(db.tasks.distinct("task_id"))),
     }
+
+
+def record_figures(case: str, figures: dict) -> None:
+    """Print a fault test's figures; with AMDFLOW_FAULT_FIGURES=FILE also append them there (`make faults` sums them)."""
+    import json
+
+    line = json.dumps({"case": case, **figures})
+    print(line)
+    if _FIGURES_FILE:
+        with open(_FIGURES_FILE, "a") as fh:
+            fh.write(line + "\n")

@@ -153,6 +153,7 @@ def test_hostile_template_names_cannot_escape_the_output_folder(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.fault
 def test_relax_engine_raising_fizzles_alone_with_its_reason_and_reruns(db, lpad, binary_campaign_dict, tmp_path, monkeypatch):
     from fireworks import FWorker
     from fireworks.core.rocket_launcher import rapidfire
@@ -245,3 +246,59 @@ def test_candidate_with_a_hand_edited_state_is_counted_not_hidden(db, binary_cam
     status = campaign_status(db, cfg.name)
     assert status["candidates"]["invalid"] == 2 and status["candidates_total"] == 6
     assert sum(status["candidates"].values()) == 6
+
+
+# ---------------------------------------------------------------- the user's view: every config case through the CLI
+_GOOD = {"name": "cli-errors", "elements": ["Fe", "Al"], "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a"]}]}
+_CLI_CASES = {
+    "yaml-syntax": ("name: x\nelements: [Fe, Al\n", "YAML syntax error at line"),
+    "unknown-key": ({**_GOOD, "dedup": {"ltoll": 0.2}}, "unknown key 'dedup.ltoll'"),
+    "wrong-type": ({**_GOOD, "relax": {"max_steps": "many"}}, "key 'relax.max_steps'"),
+    "negative-threshold": ({**_GOOD, "analyze": {"promising_e_above_hull": -1}}, "key 'analyze.promising_e_above_hull'"),
+    "unknown-element": ({**_GOOD, "elements": ["Fe", "Xq"]}, "unknown element 'Xq'"),
+    "excluded-element": ({**_GOOD, "elements": ["Fe", "Kr"]}, "are in generate.exclude_elements"),
+    "escaping-name": ({**_GOOD, "name": "../../etc"}, "key 'name'"),
+    "missing-folder": ({**_GOOD, "templates": [{"source": "folder", "path": "nowhere"}]}, "nowhere does not exist: fix templates[].path"),
+    "unknown-prototype": ({**_GOOD, "templates": [{"source": "aflow", "prototypes": ["AB_cP2_999"]}]}, "unknown AFLOW prototype label"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CLI_CASES))
+def test_user_errors_through_the_cli_are_one_line_without_traceback(tmp_path, case):
+    """`amdflow add` on a bad campaign file: exit 2, one line naming the problem, no traceback, nothing written."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    content, message = _CLI_CASES[case]
+    (tmp_path / "c.yaml").write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    proc = subprocess.run([sys.executable, "-m", "amdflow", "add", "c.yaml"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "AMDFLOW_PROGRESS": "false"})
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and message in err, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # nothing written
+
+
+def test_unreachable_mongodb_through_the_cli_within_10_s(tmp_path):
+    """A LaunchPad file pointing at a port nobody listens on: one line naming the host and the fix, well within 10 s."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    with socket.socket() as sock:  # a free port, closed again: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (tmp_path / "lp.yaml").write_text(yaml.safe_dump({"host": f"mongodb://amdflow:s3cret@127.0.0.1:{port}/", "name": "amdflow"}))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_GOOD))
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "amdflow", "add", "c.yaml", "--launchpad", "lp.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "AMDFLOW_PROGRESS": "false"})
+    wall = time.monotonic() - t0  # includes the interpreter and imports
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "cannot reach MongoDB" in err and f"127.0.0.1:{port}" in err, proc.stderr
+    assert "s3cret" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+    assert wall < 10, f"took {wall:.1f} s"

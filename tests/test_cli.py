@@ -60,6 +60,7 @@ def test_bad_campaign_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.fault
 def test_campaign_cli_kill_and_resume(tmp_path, binary_campaign_dict):
     campaign = {**binary_campaign_dict, "output_dir": "out"}
     (tmp_path / "campaign.yaml").write_text(yaml.safe_dump(campaign))

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import _free_port, fault_figures
+from tests.conftest import _free_port, fault_figures, record_figures
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.fault]
 BIN = Path(sys.executable).parent
 
 
@@ -115,8 +115,8 @@ def test_database_restart_under_running_rockets_loses_and_duplicates_nothing(tmp
         assert [r.returncode for r in final] == [0, 0], errors
         db = pymongo.MongoClient(server.uri)["faults"]
         figures = fault_figures(lp, db)
-        print(json.dumps({"database_restart": {**figures, "rocket_exit_codes_after_restart": outcomes,
-                                               "fizzled_after_restart": fizzled, "running_after_restart": running}}))
+        record_figures("database_restart", {**figures, "rocket_exit_codes_after_restart": outcomes,
+                                            "fizzled_after_restart": fizzled, "running_after_restart": running})
         stuck = [(fw["fw_id"], fw["name"], fw["state"]) for fw in lp.fireworks.find({"state": {"$nin": ["COMPLETED", "DEFUSED"]}})]
         assert figures["unfinished"] == 0 and figures["lost"] == 0 and figures["duplicated"] == 0, (figures, stuck, outcomes)
         assert db.candidates.count_documents({"state": {"$in": ["analyzed", "duplicate", "screened_out"]}}) == 6
@@ -187,7 +187,7 @@ def test_kill_9_of_a_cpu_rocket_holding_a_claim(mongo_launchpad_file, tmp_path, 
         _, err = r.communicate(timeout=900)
         assert r.returncode == 0, err[-2000:]
     figures = fault_figures(lp, db)
-    print(json.dumps({f"kill_9_cpu_rocket_in_{held}_claim": figures}))
+    record_figures(f"kill_9_cpu_rocket_in_{held}_claim", figures)
     assert figures["unfinished"] == 0 and figures["lost"] == 0 and figures["duplicated"] == 0, figures
     assert sorted(ln["state"] for ln in lp.launches.find({"fw_id": killed})) == ["COMPLETED", "FIZZLED"]
     assert db.candidates.count_documents({"state": {"$in": ["analyzed", "duplicate", "screened_out"]}}) == 6

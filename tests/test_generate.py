@@ -263,3 +263,20 @@ def test_raw_bson_stream_equals_dict_stream():
             decoded = bson.decode(r.raw, codec_options=options)
             assert decoded == {**d, "created_at": decoded["created_at"], "updated_at": decoded["updated_at"]}
             assert abs((decoded["created_at"] - d["created_at"]).total_seconds()) < 60
+
+
+def test_lazy_aflow_library_equals_pymatgens_decoded_library():
+    """Labels read as plain JSON and structures decoded on demand give exactly what monty's loadfn gives."""
+    from monty.serialization import loadfn
+
+    from amdflow.generate.templates import aflow_library, aflow_library_path, aflow_structure
+
+    reference = loadfn(aflow_library_path())
+    ours = aflow_library()
+    assert len(ours) == len(reference) == 288
+    assert sum("#" in label for label, _ in ours) == len(ours) - len({it["tags"]["aflow"] for it in reference})
+    for it, (label, s) in zip(reference, ours, strict=True):
+        assert label.split("#")[0] == it["tags"]["aflow"]
+        assert s.as_dict() == it["snl"].structure.as_dict()
+    with pytest.raises(TemplateError, match="unknown AFLOW prototype label 'nope'"):
+        aflow_structure("nope")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import fault_figures, record_figures
+
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 
@@ -158,6 +160,7 @@ def test_without_the_claim_the_same_race_keeps_several(mongo_launchpad_file, tmp
     assert states.count("unique") > 1
 
 
+@pytest.mark.fault
 def test_campaign_survives_kill_9_of_a_rocket(mongo_launchpad_file, tmp_path, binary_campaign_dict):
     """amdflow add (CLI) -> a rocket killed with -9 mid-relax -> lpad detect_lostruns --rerun -> two rockets finish.
 
@@ -235,6 +238,9 @@ def test_campaign_survives_kill_9_of_a_rocket(mongo_launchpad_file, tmp_path, bi
     spec = yaml.safe_load(mongo_launchpad_file.read_text())
     tasks = MongoClient(spec["host"])[spec["name"]]["tasks"]
     assert tasks.count_documents({}) == relax_done == len(tasks.distinct("task_id"))
+    figures = fault_figures(lp, MongoClient(spec["host"])[spec["name"]])
+    record_figures("kill_9_relax_rocket", figures)
+    assert figures["lost"] == 0 and figures["duplicated"] == 0, figures
     assert status["thermo"]["stable_candidates"] >= 1
     report = cli("report", "campaign.yaml")
     assert "AlNi" in report.stdout
@@ -276,6 +282,7 @@ def test_qlaunch_with_the_shipped_slurm_adapter_and_a_fake_sbatch(mongo_launchpa
     assert list(work.rglob("marker.txt"))
 
 
+@pytest.mark.fault
 def test_batched_rockets_with_a_cpu_rocket(mongo_launchpad_file, tmp_path):
     """Two batched GPU rockets and one CPU rlaunch together: every predict Firework runs once, with a
     proper launch; a candidate whose stored structure is broken fizzles alone."""
@@ -339,6 +346,7 @@ def test_batched_rockets_with_a_cpu_rocket(mongo_launchpad_file, tmp_path):
                 assert dedup.state == "DEFUSED"
 
 
+@pytest.mark.fault
 def test_kill_9_of_the_batched_rocket_then_four_rockets_finish(mongo_launchpad_file, tmp_path, binary_campaign_dict):
     """The batched GPU rocket killed with -9 mid-batch -> `lpad detect_lostruns --rerun` -> two batched rockets and
     two CPU rockets (dedup, relax, analyze) together finish the campaign: every Firework exactly one completed
@@ -406,6 +414,9 @@ def test_kill_9_of_the_batched_rocket_then_four_rockets_finish(mongo_launchpad_f
     spec = yaml.safe_load(mongo_launchpad_file.read_text())
     tasks = MongoClient(spec["host"])[spec["name"]]["tasks"]
     assert relaxed >= 3 and tasks.count_documents({}) == relaxed == len(tasks.distinct("task_id"))
+    figures = fault_figures(lp, MongoClient(spec["host"])[spec["name"]])
+    record_figures("kill_9_batched_gpu_rocket", figures)
+    assert figures["lost"] == 0 and figures["duplicated"] == 0, figures
     status = subprocess.run([sys.executable, "-m", "amdflow", "status", "campaign.yaml", "--json"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert json.loads(status.stdout)["thermo"]["stable_candidates"] >= 1
