@@ -9,7 +9,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_case_in_the_errors_table_names_existing_tests():
-    text = (REPO / "docs" / "errors.md").read_text()
+    # the cases' tables; the repeated-runs table below them (scripts/repeat_faults.py) holds figures, not cases
+    text = (REPO / "docs" / "errors.md").read_text().split("## Repeated runs of the fault tests")[0]
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| case") and not line.startswith("| fault")]
     assert len(rows) >= 30
     for row in rows:
