@@ -169,3 +169,24 @@ def record_figures(case: str, figures: dict) -> None:
     if _FIGURES_FILE:
         with open(_FIGURES_FILE, "a") as fh:
             fh.write(line + "\n")
+
+
+def campaign_on_server(tmp_path: Path, launchpad_file: Path, campaign: dict):
+    """Write campaign.yaml (outputs in tmp_path/out) for a MongoDB LaunchPad; return (env, cli).
+
+    ``cli(*args)`` runs `python -m amdflow ARGS` in tmp_path with that env and asserts it succeeded.
+    """
+    import subprocess
+    import sys
+
+    import yaml
+
+    (tmp_path / "campaign.yaml").write_text(yaml.safe_dump({**campaign, "output_dir": str(tmp_path / "out")}))
+    env = {**os.environ, "AMDFLOW_LAUNCHPAD_FILE": str(launchpad_file), "AMDFLOW_PROGRESS": "false"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "amdflow", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc
+
+    return env, cli

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import _free_port, fault_figures, record_figures
+from tests.conftest import _free_port, campaign_on_server, fault_figures, record_figures
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.fault]
 BIN = Path(sys.executable).parent
@@ -135,13 +135,7 @@ def test_kill_9_of_a_cpu_rocket_holding_a_claim(mongo_launchpad_file, tmp_path, 
     import pymongo
     from fireworks import LaunchPad
 
-    (tmp_path / "campaign.yaml").write_text(yaml.safe_dump({**binary_campaign_dict, "output_dir": str(tmp_path / "out")}))
-    env = {**os.environ, "AMDFLOW_LAUNCHPAD_FILE": str(mongo_launchpad_file), "AMDFLOW_PROGRESS": "false"}
-
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "amdflow", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return proc
+    env, cli = campaign_on_server(tmp_path, mongo_launchpad_file, binary_campaign_dict)
 
     def start(name: str, args: list[str], extra: dict | None = None) -> subprocess.Popen:
         (tmp_path / name).mkdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import fault_figures, record_figures
+from tests.conftest import campaign_on_server, fault_figures, record_figures
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -173,13 +173,7 @@ def test_campaign_survives_kill_9_of_a_rocket(mongo_launchpad_file, tmp_path, bi
 
     import yaml
 
-    (tmp_path / "campaign.yaml").write_text(yaml.safe_dump({**binary_campaign_dict, "output_dir": str(tmp_path / "out")}))
-    env = {**os.environ, "AMDFLOW_LAUNCHPAD_FILE": str(mongo_launchpad_file), "AMDFLOW_PROGRESS": "false"}
-
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "amdflow", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return proc
+    env, cli = campaign_on_server(tmp_path, mongo_launchpad_file, binary_campaign_dict)
 
     added = json.loads(cli("add", "campaign.yaml").stdout.strip().splitlines()[-1])
     assert added["new_workflows"] == 6
