@@ -411,7 +411,7 @@ def rerun(
                                                       "and release their stale claims and batch locks.")] = False,
     lost_after: Annotated[float, typer.Option(min=0, help="Seconds without a ping before a RUNNING launch counts as lost "
                                                           "(FireWorks pings hourly; use a small value only when every rocket is stopped).")] = 14400.0,
-    stale_after: Annotated[float, typer.Option(min=0, help="Seconds after which a batched rocket's claim or workflow lock is stale.")] = 120.0,
+    stale_after: Annotated[float, typer.Option(min=0, help="Seconds after which a claim or a batched rocket's workflow lock is stale; a FireWorks workflow lock is watched this long and released if unused.")] = 120.0,
 ) -> None:
     """Reset failed (--fizzled) or lost (--lost) Fireworks of the campaign so that the next run retries them."""
     from amdflow.ops import rerun_fizzled, rerun_lost
@@ -423,12 +423,23 @@ def rerun(
         raise AmdflowError(f"unknown stage '{stage}': use one of {sorted(CATEGORIES)}")
     with _campaign_db(campaign, launchpad) as (cfg, db):
         if lost:
-            found = rerun_lost(db, cfg.name, lost_after, stale_after)
+            def watching(n: int, seconds: float) -> None:
+                console.print(f"{n} workflows hold FireWorks' lock (no time stamp): watching them {seconds:g} s (--stale-after); "
+                              "a lock that is not released and guards no change in that time is stale", highlight=False)
+
+            found = rerun_lost(db, cfg.name, lost_after, stale_after, on_watch=watching)
             console.print(f"lost launches: {found['lost_launches']} ({found['rerun_fireworks']} Fireworks reset to run again); "
-                          f"released {found['claims_released']} stale claims and {found['locks_released']} stale workflow locks")
+                          f"released {found['claims_released']} stale claims and "
+                          f"{found['locks_released'] + found['fireworks_locks_released']} stale workflow locks", highlight=False)
         if fizzled:
-            ids = rerun_fizzled(db, cfg.name, stage)
-            console.print(f"reset {len(ids)} FIZZLED Fireworks; run `amdflow run {campaign}` (or your rockets) to retry them")
+            done = rerun_fizzled(db, cfg.name, stage)
+            console.print(f"reset {len(done.reset)} FIZZLED Fireworks; run `amdflow run {campaign}` (or your rockets) to retry them",
+                          highlight=False)
+            if done.locked:
+                shown = ", ".join(map(str, done.locked[:10])) + (" ..." if len(done.locked) > 10 else "")
+                raise AmdflowError(f"{len(done.locked)} FIZZLED Fireworks not reset (fw_ids {shown}): their workflows stayed locked; "
+                                   f"a dead rocket left the lock if no rocket works on them: `amdflow rerun {campaign} --lost` "
+                                   "releases locks unchanged for --stale-after s (or `lpad admin unlock -i FW_ID`), then rerun")
 
 
 @app.command()

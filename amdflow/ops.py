@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -375,36 +376,114 @@ def rescreen(db: AmdflowDB, cfg: CampaignConfig) -> dict[str, int]:
     return counts
 
 
-def rerun_fizzled(db: AmdflowDB, campaign: str, stage: str | None = None) -> list[int]:
-    """Reset FIZZLED Fireworks of a campaign (optionally one stage) to run again."""
-    query: dict[str, Any] = {"spec.campaign": campaign, "state": "FIZZLED"}
+@dataclass
+class FizzledRerun:
+    """What ``rerun_fizzled`` did: Fireworks reset, and those skipped because their workflow stayed locked."""
+
+    reset: list[int] = field(default_factory=list)
+    locked: list[int] = field(default_factory=list)
+
+
+def _lock_marks(lp: Any, wf_ids: list[Any], fireworks_only: bool = False) -> dict[Any, tuple[Any, ...]]:
+    """Per locked workflow: its lock, its ``updated_on``, and the state and ``updated_on`` of each of its Fireworks.
+
+    A live FireWorks lock is held for a few database commands and whatever it guards writes
+    ``updated_on``; a lock whose marks do not move is not being used.
+    """
+    marks: dict[Any, tuple[Any, ...]] = {}
+    lock = True if fireworks_only else {"$exists": True}  # FireWorks' own lock, or any (amdflow's batch locks too)
+    for wf in lp.workflows.find({"_id": {"$in": wf_ids}, "locked": lock}, {"locked": 1, "updated_on": 1, "nodes": 1}):
+        fws = lp.fireworks.find({"fw_id": {"$in": wf["nodes"]}}, {"fw_id": 1, "state": 1, "updated_on": 1})
+        marks[wf["_id"]] = (wf["locked"], str(wf.get("updated_on")),
+                            tuple(sorted((fw["fw_id"], fw.get("state"), str(fw.get("updated_on"))) for fw in fws)))
+    return marks
+
+
+def _held_locks(lp: Any, wf_ids: list[Any], watch_s: float, poll_s: float) -> list[Any]:
+    """Workflows among ``wf_ids`` whose FireWorks lock stayed, with nothing of theirs updated, for ``watch_s`` seconds."""
+    held = _lock_marks(lp, wf_ids, fireworks_only=True)
+    deadline = time.monotonic() + watch_s
+    while held and time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
+        now = _lock_marks(lp, list(held), fireworks_only=True)
+        held = {k: v for k, v in held.items() if now.get(k) == v}
+    return list(held)
+
+
+def _campaign_workflow_ids(lp: Any, campaign: str, fw_query: dict[str, Any] | None = None) -> dict[Any, list[int]]:
+    """Workflow id -> fw_ids of the campaign's Fireworks (optionally only those matching ``fw_query``) it holds."""
+    fw_ids = lp.get_fw_ids({"spec.campaign": campaign, **(fw_query or {})})
+    out: dict[Any, list[int]] = {}
+    for wf in lp.workflows.find({"nodes": {"$in": fw_ids}}, {"nodes": 1}):
+        out[wf["_id"]] = sorted(set(wf["nodes"]) & set(fw_ids))
+    return out
+
+
+def rerun_fizzled(db: AmdflowDB, campaign: str, stage: str | None = None, lock_wait_s: float = 10.0) -> FizzledRerun:
+    """Reset FIZZLED Fireworks of a campaign (optionally one stage) to run again.
+
+    FireWorks' ``rerun_fw`` waits ``WFLOCK_EXPIRATION_SECS`` (300 s) on a locked workflow,
+    silently. A workflow still locked after ``lock_wait_s`` is skipped and reported instead:
+    a live rocket holds the lock, or a dead one left it (``rerun_lost`` releases those).
+    """
+    query: dict[str, Any] = {"state": "FIZZLED"}
     if stage:
         query["spec.amdflow_stage"] = stage
-    fw_ids = db.launchpad.get_fw_ids(query)
-    for fw_id in fw_ids:
-        db.launchpad.rerun_fw(fw_id)
+    lp = db.launchpad
+    by_wf = _campaign_workflow_ids(lp, campaign, query)
+    locked = set(_lock_marks(lp, list(by_wf)))
+    if locked:  # wait for live locks to go; only a lock held all along skips its workflow
+        deadline = time.monotonic() + lock_wait_s
+        while locked and time.monotonic() < deadline:
+            time.sleep(0.2)
+            locked = set(_lock_marks(lp, list(locked)))
+    out = FizzledRerun()
+    for wf_id, fw_ids in by_wf.items():
+        (out.locked if wf_id in locked else out.reset).extend(fw_ids)
+    for fw_id in out.reset:
+        lp.rerun_fw(fw_id)
+    out.reset.sort()
+    out.locked.sort()
     db.flush()
-    return fw_ids
+    return out
 
 
-def rerun_lost(db: AmdflowDB, campaign: str, lost_after_s: float, stale_after_s: float) -> dict[str, int]:
-    """Recover from killed rockets: release amdflow's stale claims and batch locks, then rerun lost launches.
+def rerun_lost(db: AmdflowDB, campaign: str, lost_after_s: float, stale_after_s: float,
+               on_watch: Callable[[int, float], None] | None = None, poll_s: float = 0.1) -> dict[str, int]:
+    """Recover from killed rockets: release stale claims and workflow locks, then rerun lost launches.
 
     A launch is lost when RUNNING without a ping for ``lost_after_s`` seconds (FireWorks'
     ``detect_lostruns``; its rerun keeps the lost launch as history). Claims and batch
     workflow locks older than ``stale_after_s`` belong to dead rockets (a live batch holds
     a lock for a few database commands).
+
+    FireWorks' own workflow lock (``locked: True``) has no time stamp. A rocket that dies, or
+    whose database command met a restarting server, inside FireWorks' check-out or
+    completion leaves it, and every later ``rerun_fw`` of that workflow waits 300 s on it.
+    Such a lock is released when it is watched for ``stale_after_s`` seconds and neither it
+    nor anything of its workflow changes (a live one is held for milliseconds and writes
+    ``updated_on``); ``on_watch(n, seconds)`` is told before the watch.
     """
     from amdflow.batch_launch import release_stale
 
-    claims, locks = release_stale(db.launchpad, stale_after_s, stale_after_s)
+    lp = db.launchpad
+    claims, locks = release_stale(lp, stale_after_s, stale_after_s)
     # amdflow's own claims (dedup per formula, hull per system) left by dead processes
     cutoff = datetime.fromtimestamp(utcnow().timestamp() - stale_after_s, UTC)
     claims += db.coll("locks").delete_many({"at": {"$lt": cutoff}}).deleted_count
-    lost_launches, lost_fws, _ = db.launchpad.detect_lostruns(expiration_secs=lost_after_s, query={"spec.campaign": campaign},
-                                                              rerun=True)
+    wf_ids = list(_campaign_workflow_ids(lp, campaign))
+    fw_locks = 0
+    seen = _lock_marks(lp, wf_ids, fireworks_only=True)
+    if seen:
+        if on_watch:
+            on_watch(len(seen), stale_after_s)
+        for wf_id in _held_locks(lp, list(seen), stale_after_s, poll_s):
+            fw_locks += lp.workflows.update_one({"_id": wf_id, "locked": True}, {"$unset": {"locked": ""}}).modified_count
+    # before detect_lostruns: its rerun_fw would wait on a stale lock
+    lost_launches, lost_fws, _ = lp.detect_lostruns(expiration_secs=lost_after_s, query={"spec.campaign": campaign}, rerun=True)
     db.flush()
-    return {"claims_released": claims, "locks_released": locks, "lost_launches": len(lost_launches), "rerun_fireworks": len(lost_fws)}
+    return {"claims_released": claims, "locks_released": locks, "fireworks_locks_released": fw_locks,
+            "lost_launches": len(lost_launches), "rerun_fireworks": len(lost_fws)}
 
 
 def _templates_text(cfg: CampaignConfig) -> str:

@@ -188,7 +188,7 @@ def test_relax_engine_raising_fizzles_alone_with_its_reason_and_reruns(db, lpad,
         assert db.thermo.count_documents({"hull_chemsys": "Al-Ni", "kind": "candidate"}) >= 2
         # the engine is fixed: rerun the fizzled Firework, the candidate finishes, nothing else runs twice
         monkeypatch.setattr(CHGNetEngine, "relax", original)
-        assert rerun_fizzled(db, cfg.name) == [bad["fw_ids"]["relax"]]
+        assert rerun_fizzled(db, cfg.name).reset == [bad["fw_ids"]["relax"]]
         rapidfire(lpad, FWorker(category=["gpu", "cpu", "vasp"]), strm_lvl="ERROR")
     finally:
         os.chdir(cwd)

@@ -252,7 +252,66 @@ def test_rerun_lost_recovers_a_batch_killed_while_completing(db, tmp_path):
     old = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
     lp.workflows.update_one({"nodes": claims[0].fw_id}, {"$set": {"locked": f"{LOCK_PREFIX}{old.isoformat()}:999:dead"}})
     found = rerun_lost(db, "camp", lost_after_s=-5, stale_after_s=120)
-    assert found == {"claims_released": 0, "locks_released": 1, "lost_launches": 2, "rerun_fireworks": 2}
+    assert found == {"claims_released": 0, "locks_released": 1, "fireworks_locks_released": 0, "lost_launches": 2, "rerun_fireworks": 2}
     assert {lp.get_fw_by_id(c.fw_id).state for c in claims} == {"READY"}
     assert lp.workflows.count_documents({"locked": {"$exists": True}}) == 0
     assert sorted(ln["state"] for ln in lp.launches.find()) == ["FIZZLED", "FIZZLED"]  # kept as history
+
+
+def test_fireworks_own_lock_left_behind_is_released_only_when_unused(db, tmp_path):
+    """FireWorks' lock (``locked: True``, no time) left by a rocket whose check-out died, e.g. when the database restarted.
+
+    Before: `amdflow rerun --fizzled` sat silently in FireWorks' WFLock for 300 s on it (CI's
+    database-restart fault test timed out there). Now `--fizzled` skips such a workflow within
+    its short wait and says so, and `--lost` releases a lock that stays unchanged, guarding no
+    change, for --stale-after seconds, while a lock in use (its workflow changing) is kept.
+    """
+    from fireworks import FWorker
+
+    from amdflow.batch_launch import BatchLauncher
+    from amdflow.ops import rerun_fizzled, rerun_lost
+    from amdflow.workflows import candidate_workflow
+
+    lp = db.launchpad
+    for k in range(3):
+        lp.add_wf(candidate_workflow(f"c{k}", "camp", "AlNi"))
+    (lost,) = BatchLauncher(lp, FWorker(category="gpu"), str(tmp_path)).checkout(1)
+    live = next(wf for wf in lp.workflows.find() if lost.fw_id not in wf["nodes"])
+    failed = next(wf for wf in lp.workflows.find() if lost.fw_id not in wf["nodes"] and wf["_id"] != live["_id"])
+    busy_fw = max(live["nodes"])
+    fizzled_fw = max(failed["nodes"])
+    lp.fireworks.update_one({"fw_id": fizzled_fw}, {"$set": {"state": "FIZZLED"}})
+    for wf in (lp.workflows.find_one({"nodes": lost.fw_id}), live, failed):
+        lp.workflows.update_one({"_id": wf["_id"]}, {"$set": {"locked": True}})
+
+    # --fizzled: the locked workflow is skipped within its wait, not 300 s, and named
+    t0 = time.monotonic()
+    done = rerun_fizzled(db, "camp", lock_wait_s=0.5)
+    assert time.monotonic() - t0 < 5
+    assert done.reset == [] and done.locked == [fizzled_fw]
+    assert lp.get_fw_by_id(fizzled_fw).state == "FIZZLED"
+
+    stop = threading.Event()
+
+    def rocket_at_work() -> None:  # a live holder: what its lock guards keeps changing
+        k = 0
+        while not stop.is_set():
+            k += 1
+            lp.fireworks.update_one({"fw_id": busy_fw}, {"$set": {"updated_on": f"2026-01-01T00:00:{k % 60:02d}.{k}"}})
+            time.sleep(0.05)
+
+    worker = threading.Thread(target=rocket_at_work)
+    worker.start()
+    watched = []
+    try:
+        found = rerun_lost(db, "camp", lost_after_s=-5, stale_after_s=1.0, on_watch=lambda n, s: watched.append((n, s)))
+    finally:
+        stop.set()
+        worker.join()
+    assert watched == [(3, 1.0)]
+    assert found["fireworks_locks_released"] == 2 and found["lost_launches"] == 1 and found["rerun_fireworks"] == 1
+    assert lp.workflows.find_one({"_id": live["_id"]})["locked"] is True  # in use: kept
+    assert "locked" not in lp.workflows.find_one({"nodes": lost.fw_id})
+    assert lp.get_fw_by_id(lost.fw_id).state == "READY"
+    assert rerun_fizzled(db, "camp", lock_wait_s=0.5).reset == [fizzled_fw]
+    assert lp.get_fw_by_id(fizzled_fw).state in ("READY", "WAITING")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,10 +105,19 @@ def test_database_restart_under_running_rockets_loses_and_duplicates_nothing(tmp
         outcomes = {name: r.poll() for name, r in zip(("gpu", "cpu_a", "cpu_b"), rockets, strict=True)}
         fizzled = lp.fireworks.count_documents({"state": "FIZZLED"})
         running = lp.fireworks.count_documents({"state": "RUNNING"})
+        # What CI met once: a check-out whose database command met the restart left FireWorks' own lock (no time
+        # stamp), and `rerun --fizzled` sat 300 s in FireWorks' WFLock on it. Leave one such lock on purpose.
+        unfinished = lp.fireworks.find_one({"state": {"$nin": ["COMPLETED", "DEFUSED"]}}, {"fw_id": 1}) or lp.fireworks.find_one()
+        lp.workflows.update_one({"nodes": unfinished["fw_id"], "locked": {"$exists": False}}, {"$set": {"locked": True}})
+        left_locks = lp.workflows.count_documents({"locked": True})
         # ... then recover the way an operator would, while live rockets keep going
+        t0 = time.time()
         rerun = subprocess.run([sys.executable, "-m", "amdflow", "rerun", "campaign.yaml", "--fizzled", "--lost", "--lost-after", "15",
                                 "--stale-after", "15"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr[-2000:]
+        said = " ".join((rerun.stdout + rerun.stderr).split())
+        released = int(re.search(r"and (\d+) stale workflow locks", said).group(1))
+        assert left_locks >= 1 and released >= 1 and time.time() - t0 < 120, (left_locks, said)
         final = [start("gpu2", gpu), start("cpu2", cpu)]
         errors = {}
         for i, r in enumerate(rockets + final):
