@@ -46,7 +46,7 @@ chromium:
 
 ## test: set up and run the whole test suite (slow tier included)
 test: venv cp2k chromium
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 -q --durations=15
 
 test-fast: venv
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
