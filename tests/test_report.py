@@ -15,7 +15,7 @@ from pymatgen.core import Composition, Lattice, Structure
 
 from amdflow.report import PlotPoint, PromisingRow, plot_phase_diagram, write_promising
 from amdflow.report.html import ReportData, render_report, write_report
-from amdflow.report.plot import hull_edges, simplex_coords
+from amdflow.report.plot import hull_edges, phase_diagram_figure, simplex_coords, spread_labels
 from amdflow.thermo import EntryKind, HullEntry, hull_analysis
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -68,6 +68,60 @@ def test_ternary_and_quaternary_plots(tmp_path, elements):
     for formula in stable:
         assert formula.replace("2", "<sub>2</sub>").replace("3", "<sub>3</sub>").replace("4", "<sub>4</sub>") in page
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave nothing behind
+
+
+def test_spread_labels_known_answers():
+    # two equal boxes on top of each other: pushed apart vertically (least overlap), half each, pad 1
+    shift = spread_labels(np.array([[0, 0, 10, 4], [0, 0, 10, 4]]), pad=1.0)
+    assert shift == pytest.approx(np.array([[0, -2.5], [0, 2.5]]))
+    # a tall narrow pair overlapping by 2 in x: pushed apart horizontally by 1 + pad/2 each
+    assert spread_labels(np.array([[0, 0, 4, 20], [2, 0, 6, 20]]), pad=1.0) == pytest.approx(np.array([[-1.5, 0], [1.5, 0]]))
+    # boxes apart stay put
+    assert not spread_labels(np.array([[0, 0, 10, 4], [20, 0, 30, 4], [0, 10, 10, 14]])).any()
+    # eight labels at one point end with no two overlapping
+    boxes = np.tile([0.0, 0.0, 30.0, 8.0], (8, 1))
+    moved = boxes + np.hstack([spread_labels(boxes, pad=1.0)] * 2)
+    for i in range(8):
+        for j in range(i + 1, 8):
+            assert min(moved[i, 2], moved[j, 2]) <= max(moved[i, 0], moved[j, 0]) or \
+                   min(moved[i, 3], moved[j, 3]) <= max(moved[i, 1], moved[j, 1])
+
+
+def _dense_quaternary() -> list[HullEntry]:
+    """Li-Fe-P-O with 22 stable phases (18 compounds), several of them close in composition (labels collide when not spread)."""
+    refs = [HullEntry(el, el, e, kind=EntryKind.REFERENCE) for el, e in (("Li", -1.9), ("Fe", -8.3), ("P", -5.4), ("O", -4.9))]
+    stable = [("Li2O", -4.8), ("Li2O2", -4.9), ("Fe2O3", -6.95), ("Fe3O4", -7.05), ("FeO", -7.25), ("FeP", -7.2), ("Fe2P", -7.6),
+              ("Li3PO4", -5.9), ("LiFePO4", -6.7), ("Fe3(PO4)2", -6.75), ("Li3Fe2(PO4)3", -6.4), ("FePO4", -6.45),
+              ("LiFeP2O7", -6.3), ("Fe2P2O7", -6.55), ("LiFeO2", -6.45), ("LiFe5O8", -6.95), ("Li5FeO4", -5.6), ("Li2FeO2", -6.05)]
+    return refs + [HullEntry(f"s{k}", f, e) for k, (f, e) in enumerate(stable)]
+
+
+def _label_overlaps(fig) -> tuple[int, int]:
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for ax in fig.axes for t in ax.texts if t.get_text()]
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    return len(texts), sum(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_quaternary_labels_do_not_overlap():
+    """The 3-D projection crowds labels (stop 12 saw them overlap); spread in display space, none overlaps."""
+    import matplotlib.pyplot as plt
+
+    pts = _points(_dense_quaternary())
+    stable = {p.formula for p in pts if p.is_stable}
+    assert len(stable) == 22
+    plain = phase_diagram_figure(pts, ["Li", "Fe", "P", "O"], declutter=False)
+    spread = phase_diagram_figure(pts, ["Li", "Fe", "P", "O"])
+    try:
+        n_plain, overlaps_plain = _label_overlaps(plain)
+        n_spread, overlaps_spread = _label_overlaps(spread)
+    finally:
+        plt.close(plain)
+        plt.close(spread)
+    assert n_plain == n_spread == len(stable)
+    assert overlaps_plain > 0  # the test case is dense enough to need it
+    assert overlaps_spread == 0
 
 
 def test_five_elements_not_drawn_but_said(tmp_path):

@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pymatgen.core import Composition
@@ -113,19 +114,119 @@ def _select(points: Iterable[PlotPoint], max_e_above_hull: float) -> tuple[list[
     return shown, len(points) - len(shown)
 
 
-def _label_offset(xy: np.ndarray, centre: np.ndarray, scale: float) -> np.ndarray:
-    d = xy - centre
-    n = float(np.linalg.norm(d))
-    return xy + (d / n * scale if n > 1e-9 else 0.0)
+def _push(a: np.ndarray, b: np.ndarray, pad: float) -> np.ndarray | None:
+    """How far box ``b`` must move (a vector) to stop overlapping box ``a``, along the axis of least overlap; None if apart."""
+    ox = min(a[2], b[2]) - max(a[0], b[0]) + pad
+    oy = min(a[3], b[3]) - max(a[1], b[1]) + pad
+    if ox <= 0 or oy <= 0:
+        return None
+    axis, amount = (1, oy) if oy <= ox else (0, ox)
+    sign = 1.0 if (b[axis] + b[axis + 2]) >= (a[axis] + a[axis + 2]) else -1.0
+    out = np.zeros(2)
+    out[axis] = sign * amount
+    return out
 
 
-def plot_png(points: list[PlotPoint], elements: list[str], path: Path, title: str = "", max_e_above_hull: float = 0.3) -> Path:
-    """Write a PNG of the phase diagram."""
+def spread_labels(boxes: np.ndarray, pad: float = 1.0, iterations: int = 300, obstacles: np.ndarray | None = None) -> np.ndarray:
+    """Shifts (n, 2) that move label boxes apart, and off fixed ``obstacles``, until nothing overlaps.
+
+    Boxes are rows ``x0, y0, x1, y1`` in display units. Each overlapping pair of labels is
+    pushed apart, half each, along the axis where it overlaps least (for text, mostly
+    vertically), so labels move as little as possible; a label on an obstacle (a marker)
+    moves off it alone. Boxes that overlap nothing stay put. Stops after ``iterations``
+    passes. Deterministic: a tie (same centre) pushes the later box up, or right.
+    """
+    b = np.asarray(boxes, dtype=float).reshape(-1, 4)
+    fixed = np.zeros((0, 4)) if obstacles is None else np.asarray(obstacles, dtype=float).reshape(-1, 4)
+    shift = np.zeros((len(b), 2))
+    for _ in range(iterations):
+        cur = b + np.hstack([shift, shift])
+        moved = False
+        for i in range(len(cur)):
+            for j in range(i + 1, len(cur)):
+                step = _push(cur[i], cur[j], pad)
+                if step is not None:
+                    half = np.hstack([step, step]) / 2
+                    shift[i] -= step / 2
+                    shift[j] += step / 2
+                    cur[i] -= half
+                    cur[j] += half
+                    moved = True
+            for f in fixed:
+                step = _push(f, cur[i], pad)
+                if step is not None:
+                    shift[i] += step
+                    cur[i] += np.hstack([step, step])
+                    moved = True
+        if not moved:
+            break
+    return shift
+
+
+def _place_labels(fig: Any, ax: Any, anchors: np.ndarray, offsets_px: np.ndarray, texts: list[str], declutter: bool = True,
+                  marker_px: float = 0.0, **kw: Any) -> list[Any]:
+    """Labels at ``anchors`` (2-D data coordinates; for a 3-D axes the projected ones) moved by
+    ``offsets_px`` and then by ``spread_labels`` so that none overlaps another or a marker
+    (``marker_px``: the markers' half-size at each anchor)."""
+    renderer = fig.canvas.get_renderer()
+    disp = ax.transData.transform(anchors) + offsets_px
+    inv = ax.transData.inverted()
+    labels = [ax.text(*inv.transform(d), t, ha="center", va="center", clip_on=False, **kw) if not hasattr(ax, "text2D")
+              else ax.text2D(*inv.transform(d), t, transform=ax.transData, ha="center", va="center", clip_on=False, **kw)
+              for d, t in zip(disp, texts, strict=True)]
+    if not (labels and declutter):
+        return labels
+    boxes = np.array([lab.get_window_extent(renderer).extents for lab in labels])
+    centres = ax.transData.transform(anchors)
+    markers = np.hstack([centres - marker_px, centres + marker_px]) if marker_px > 0 else None
+    for lab, d, s in zip(labels, disp, spread_labels(boxes, pad=1.0, obstacles=markers), strict=True):
+        lab.set_position(inv.transform(d + s))
+    return labels
+
+
+def _label_stable(fig: Any, ax: Any, points: list[PlotPoint], elements: list[str], centre: np.ndarray | None,
+                  declutter: bool = True) -> None:
+    """Label the stable phases, each beside its point and away from the hull's centre, none overlapping."""
+    from pymatgen.util.string import latexify
+
+    if not points:
+        return
+    n = len(elements)
+    fig.canvas.draw()  # limits, aspect and (3-D) projection are final only after a draw
+    xyz = np.array([_coords(p, elements) for p in points])
+    if n == 2:
+        anchors = xyz
+        offsets = np.tile([0.0, -12.0 * fig.dpi / 72.0], (len(points), 1))
+    else:
+        if n == 4:
+            from mpl_toolkits.mplot3d import proj3d
+
+            xs, ys, _ = proj3d.proj_transform(*xyz.T, ax.M)
+            anchors = np.c_[xs, ys]
+            c2 = np.array(proj3d.proj_transform(*centre, ax.M)[:2])
+        else:
+            anchors, c2 = xyz, centre
+        disp, dc = ax.transData.transform(anchors), ax.transData.transform(c2[None, :])[0]
+        d = disp - dc
+        norm = np.linalg.norm(d, axis=1, keepdims=True)
+        unit = np.where(norm > 1e-9, d / np.maximum(norm, 1e-9), np.array([0.0, 1.0]))
+        offsets = unit * 12.0 * fig.dpi / 72.0
+    # the largest stable marker (the star, s=140 pt^2) is about 6 pt across its middle
+    _place_labels(fig, ax, anchors, offsets, [latexify(p.formula) for p in points], declutter, marker_px=5.0 * fig.dpi / 72.0,
+                  fontsize=8 if n < 4 else 7)
+
+
+def phase_diagram_figure(points: list[PlotPoint], elements: list[str], title: str = "", max_e_above_hull: float = 0.3,
+                         declutter: bool = True) -> Any:
+    """The matplotlib Figure of the phase diagram (2-4 elements); the caller closes it.
+
+    Stable phases are labelled; with ``declutter`` the labels are moved apart so that none
+    overlaps another (``spread_labels``), else each sits at its fixed offset.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    from pymatgen.util.string import latexify
 
     elements = sorted(elements)
     n = len(elements)
@@ -160,19 +261,9 @@ def plot_png(points: list[PlotPoint], elements: list[str], path: Path, title: st
             continue
         xy = np.array([_coords(p, elements) for p in group])
         ax.scatter(*xy.T, s=size, marker=marker, color=color, edgecolors="black", linewidths=0.4, label=label, zorder=4)
-    labelled: set[str] = set()
+    label_points: dict[str, PlotPoint] = {}
     for p in stable:
-        if p.formula in labelled:
-            continue
-        labelled.add(p.formula)
-        xy = _coords(p, elements)
-        if n == 2:
-            ax.annotate(latexify(p.formula), xy, textcoords="offset points", xytext=(0, -12), ha="center", fontsize=8,
-                        annotation_clip=False)
-        elif n == 3:
-            ax.text(*_label_offset(xy, centre, 0.045), latexify(p.formula), ha="center", va="center", fontsize=8, clip_on=False)
-        else:
-            ax.text(*_label_offset(xy, centre, 0.06), latexify(p.formula), fontsize=7)
+        label_points.setdefault(p.formula, p)
     if n == 2:
         ax.set_xlabel(f"x in {elements[0]}$_{{1-x}}${elements[1]}$_x$")
         ax.set_ylabel("formation energy (eV/atom)")
@@ -186,6 +277,15 @@ def plot_png(points: list[PlotPoint], elements: list[str], path: Path, title: st
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08 if n == 2 else 0.0), ncol=2, fontsize=7, frameon=False)
     note = f"; {hidden} above {max_e_above_hull} eV/atom not shown" if hidden else ""
     ax.set_title(f"{title}{note}", fontsize=9)
+    _label_stable(fig, ax, list(label_points.values()), elements, centre, declutter)
+    return fig
+
+
+def plot_png(points: list[PlotPoint], elements: list[str], path: Path, title: str = "", max_e_above_hull: float = 0.3) -> Path:
+    """Write a PNG of the phase diagram (atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = phase_diagram_figure(points, elements, title, max_e_above_hull)
 
     def save(tmp: Path) -> None:
         fig.savefig(tmp, dpi=150, bbox_inches="tight", format="png")
