@@ -471,7 +471,8 @@ def rerun_lost(db: AmdflowDB, campaign: str, lost_after_s: float, stale_after_s:
     # amdflow's own claims (dedup per formula, hull per system) left by dead processes
     cutoff = datetime.fromtimestamp(utcnow().timestamp() - stale_after_s, UTC)
     claims += db.coll("locks").delete_many({"at": {"$lt": cutoff}}).deleted_count
-    wf_ids = list(_campaign_workflow_ids(lp, campaign))
+    # the sparse index on `locked` finds them without listing the campaign's Fireworks
+    wf_ids = [wf["_id"] for wf in lp.workflows.find({"metadata.campaign": campaign, "locked": True}, {"_id": 1})]
     fw_locks = 0
     seen = _lock_marks(lp, wf_ids, fireworks_only=True)
     if seen:
