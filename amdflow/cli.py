@@ -424,8 +424,8 @@ def rerun(
     with _campaign_db(campaign, launchpad) as (cfg, db):
         if lost:
             def watching(n: int, seconds: float) -> None:
-                console.print(f"{n} workflows hold FireWorks' lock (no time stamp): watching them {seconds:g} s (--stale-after); "
-                              "a lock that is not released and guards no change in that time is stale", highlight=False)
+                console.print(f"{n} workflows hold FireWorks' lock (no time stamp): watching them up to {2 * seconds:g} s; a lock "
+                              f"held {seconds:g} s (--stale-after) in a row while its workflow does not change is stale", highlight=False)
 
             found = rerun_lost(db, cfg.name, lost_after, stale_after, on_watch=watching)
             console.print(f"lost launches: {found['lost_launches']} ({found['rerun_fireworks']} Fireworks reset to run again); "

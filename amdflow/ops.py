@@ -399,15 +399,34 @@ def _lock_marks(lp: Any, wf_ids: list[Any], fireworks_only: bool = False) -> dic
     return marks
 
 
-def _held_locks(lp: Any, wf_ids: list[Any], watch_s: float, poll_s: float) -> list[Any]:
-    """Workflows among ``wf_ids`` whose FireWorks lock stayed, with nothing of theirs updated, for ``watch_s`` seconds."""
-    held = _lock_marks(lp, wf_ids, fireworks_only=True)
-    deadline = time.monotonic() + watch_s
-    while held and time.monotonic() < deadline:
-        time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
-        now = _lock_marks(lp, list(held), fireworks_only=True)
-        held = {k: v for k, v in held.items() if now.get(k) == v}
-    return list(held)
+def _held_locks(lp: Any, wf_ids: list[Any], quiet_s: float, poll_s: float, max_watch_s: float | None = None) -> list[Any]:
+    """Workflows among ``wf_ids`` whose FireWorks lock stayed for ``quiet_s`` seconds in a row with nothing of theirs changing.
+
+    A change restarts that workflow's clock: a rocket may change a Firework (check-out sets
+    it RUNNING) just before it blocks on the stale lock. A lock that goes away was live.
+    Watching stops after ``max_watch_s`` (default ``2 * quiet_s``); a workflow still changing
+    then keeps its lock.
+    """
+    start = time.monotonic()
+    deadline = start + (2 * quiet_s if max_watch_s is None else max_watch_s)
+    marks = _lock_marks(lp, wf_ids, fireworks_only=True)
+    since = dict.fromkeys(marks, start)
+    stale: list[Any] = []
+    while marks:
+        now_t = time.monotonic()
+        for k in [k for k in marks if now_t - since[k] >= quiet_s]:
+            stale.append(k)
+            del marks[k]
+        if not marks or now_t >= deadline:
+            break
+        time.sleep(max(min(poll_s, deadline - now_t), 0.0))
+        now = _lock_marks(lp, list(marks), fireworks_only=True)
+        for k in list(marks):
+            if k not in now:
+                del marks[k]  # released: it was live
+            elif now[k] != marks[k]:
+                marks[k], since[k] = now[k], time.monotonic()
+    return stale
 
 
 def _campaign_workflow_ids(lp: Any, campaign: str, fw_query: dict[str, Any] | None = None) -> dict[Any, list[int]]:
@@ -460,9 +479,10 @@ def rerun_lost(db: AmdflowDB, campaign: str, lost_after_s: float, stale_after_s:
     FireWorks' own workflow lock (``locked: True``) has no time stamp. A rocket that dies, or
     whose database command met a restarting server, inside FireWorks' check-out or
     completion leaves it, and every later ``rerun_fw`` of that workflow waits 300 s on it.
-    Such a lock is released when it is watched for ``stale_after_s`` seconds and neither it
-    nor anything of its workflow changes (a live one is held for milliseconds and writes
-    ``updated_on``); ``on_watch(n, seconds)`` is told before the watch.
+    Such a lock is released when, watched for up to ``2 * stale_after_s`` seconds, it stays
+    ``stale_after_s`` seconds in a row while nothing of its workflow changes (a live one is
+    held for milliseconds and what it guards writes ``updated_on``); ``on_watch(n, seconds)``
+    is told before the watch.
     """
     from amdflow.batch_launch import release_stale
 

@@ -298,17 +298,21 @@ def test_fireworks_own_lock_left_behind_is_released_only_when_unused(db, tmp_pat
         while not stop.is_set():
             k += 1
             lp.fireworks.update_one({"fw_id": busy_fw}, {"$set": {"updated_on": f"2026-01-01T00:00:{k % 60:02d}.{k}"}})
+            if k == 6:  # a rocket changes a Firework once, then blocks on the stale lock: quiet from here on
+                lp.fireworks.update_one({"fw_id": fizzled_fw}, {"$set": {"updated_on": "2026-01-01T00:00:00.5"}})
             time.sleep(0.05)
 
     worker = threading.Thread(target=rocket_at_work)
     worker.start()
     watched = []
+    t1 = time.monotonic()
     try:
         found = rerun_lost(db, "camp", lost_after_s=-5, stale_after_s=1.0, on_watch=lambda n, s: watched.append((n, s)))
     finally:
         stop.set()
         worker.join()
     assert watched == [(3, 1.0)]
+    assert 1.9 < time.monotonic() - t1 < 4  # watched to 2 x stale_after: the busy lock kept changing to the end
     assert found["fireworks_locks_released"] == 2 and found["lost_launches"] == 1 and found["rerun_fireworks"] == 1
     assert lp.workflows.find_one({"_id": live["_id"]})["locked"] is True  # in use: kept
     assert "locked" not in lp.workflows.find_one({"nodes": lost.fw_id})
