@@ -29,8 +29,36 @@ REFERENCE_PROTOTYPES: dict[str, str] = {
 }
 
 
+def is_unary_aflow_label(label: str) -> bool:
+    """True for a one-element AFLOW prototype label (its stoichiometry part is 'A', e.g. A_cF4_225_a)."""
+    return label.split("_", 1)[0] == "A" and "_" in label
+
+
+def elemental_prototype_label(name: str) -> str:
+    """The AFLOW label of an elemental reference prototype given by short name or label.
+
+    Raises ``ValueError`` naming what was looked up and where valid names come from.
+    """
+    if name in REFERENCE_PROTOTYPES:
+        return REFERENCE_PROTOTYPES[name]
+    if name in REFERENCE_PROTOTYPES.values():
+        return name
+    from amdflow.generate.templates import aflow_labels
+
+    labels = aflow_labels()
+    if name in labels and is_unary_aflow_label(name):
+        return name
+    if name in labels:
+        raise ValueError(f"'{name}' is an AFLOW prototype of more than one element; an elemental reference needs a "
+                         f"one-element label (A_...)")
+    raise ValueError(f"'{name}' is neither a short name ({', '.join(REFERENCE_PROTOTYPES)}) nor a one-element label "
+                     f"of pymatgen's AFLOW prototype library (`amdflow prototypes --elements 1` lists them)")
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # validate_default: a default goes through the same validators (and normalisation) as a
+    # written value, so a file that omits a key means exactly what `amdflow init` writes.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
 
 
 class AflowTemplates(_Strict):
@@ -259,7 +287,7 @@ class RelaxConfig(_Strict):
     @field_validator("reference_prototypes")
     @classmethod
     def _known_prototypes(cls, value: list[str]) -> list[str]:
-        return [REFERENCE_PROTOTYPES.get(v, v) for v in value]
+        return list(dict.fromkeys(elemental_prototype_label(v) for v in value))
 
 
 class KnownEnergies(StrEnum):

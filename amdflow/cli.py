@@ -106,6 +106,35 @@ def init(
 
 @app.command()
 @handle_errors
+def prototypes(
+    elements: Annotated[int | None, typer.Option(min=1, help="Only prototypes with this many distinct elements (1: elemental references).")] = None,
+    max_sites: Annotated[int | None, typer.Option(min=1, help="Only cells of at most this many sites.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """List pymatgen's AFLOW prototype labels: for templates (source: aflow) and relax.reference_prototypes."""
+    from dataclasses import asdict
+
+    from amdflow.campaign import REFERENCE_PROTOTYPES
+    from amdflow.generate.templates import aflow_catalog
+
+    short = {label: name for name, label in REFERENCE_PROTOTYPES.items()}
+    rows = [p for p in aflow_catalog() if (elements is None or p.n_elements == elements)
+            and (max_sites is None or p.n_sites <= max_sites)]
+    rows.sort(key=lambda p: (p.n_elements, p.n_sites, p.label))
+    if as_json:
+        for p in rows:
+            print(json.dumps({**asdict(p), "short_name": short.get(p.label)}))
+        return
+    table = Table(title=f"AFLOW prototypes ({len(rows)})")
+    for col in ("label", "elements", "sites", "Strukturbericht", "mineral", "short name"):
+        table.add_column(col)
+    for p in rows:
+        table.add_row(p.label, str(p.n_elements), str(p.n_sites), p.strukturbericht, p.mineral, short.get(p.label, ""))
+    out.print(table)
+
+
+@app.command()
+@handle_errors
 def add(
     campaign: CampaignArg,
     launchpad: LaunchpadOpt = None,

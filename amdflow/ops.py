@@ -67,7 +67,11 @@ def register_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = 
     if stored is None:
         db.campaigns.insert_one(doc.to_mongo())
         return doc.to_mongo()
-    if stored["config_hash"] != doc.config_hash:
+    if stored["config_hash"] != doc.config_hash and _same_settings_renormalised(stored, doc.config_hash):
+        # stored by an amdflow that left a default unnormalised (e.g. reference_prototypes
+        # 'fcc'): the same settings, so the stored config takes today's normal form
+        db.campaigns.update_one({"name": cfg.name}, {"$set": {"config": doc.config, "config_hash": doc.config_hash, "updated_at": utcnow()}})
+    elif stored["config_hash"] != doc.config_hash:
         if not allow_changed:
             raise AmdflowError(
                 f"campaign '{cfg.name}' exists with different settings (stored {stored['config_hash'][:12]}, "
@@ -76,6 +80,17 @@ def register_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = 
             )
         db.campaigns.update_one({"name": cfg.name}, {"$set": {"config": doc.config, "config_hash": doc.config_hash, "updated_at": utcnow()}})
     return db.campaigns.find_one({"name": cfg.name}, {"_id": 0})
+
+
+def _same_settings_renormalised(stored: dict[str, Any], config_hash: str) -> bool:
+    """True when the stored config, validated again by this amdflow, has ``config_hash``."""
+    from amdflow.campaign import campaign_from_dict
+    from amdflow.errors import ConfigError
+
+    try:
+        return campaign_from_dict(stored["config"], source="stored campaign").config_hash() == config_hash
+    except ConfigError:
+        return False
 
 
 def insert_candidates(db: AmdflowDB, cfg: CampaignConfig, report: AddReport, progress: Progress | None = None,

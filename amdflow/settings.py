@@ -53,8 +53,8 @@ class AmdflowSettings(BaseSettings):
     """Machine- and site-level settings (campaign science lives in the campaign file)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="AMDFLOW_", extra="forbid", validate_assignment=True
-    )
+        env_prefix="AMDFLOW_", extra="forbid", validate_assignment=True, validate_default=True
+    )  # validate_default: defaults pass the validators as written values do
 
     launchpad_file: Path | None = Field(
         None,

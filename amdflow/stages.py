@@ -352,14 +352,21 @@ def reference_id(element: str, prototype: str, run_type: str) -> str:
 
 
 def reference_structure(element: str, prototype: str) -> Structure:
-    """The AFLOW elemental prototype with ``element``, scaled to its atomic volume."""
-    from amdflow.generate.substitute import substitute
-    from amdflow.generate.templates import aflow_labels, aflow_structure
+    """The AFLOW elemental prototype with ``element``, scaled to its atomic volume.
 
-    if prototype in aflow_labels():
-        s = aflow_structure(prototype)
-        return substitute(s, {s[0].specie.symbol: element}, scale_volume=True)
-    raise AmdflowError(f"unknown elemental prototype '{prototype}': use fcc, bcc, hcp, diamond, sc or an AFLOW unary label")
+    ``prototype`` is a one-element AFLOW label or a short name (fcc, bcc, ...): reference
+    Fireworks added before short names were normalised carry the short name.
+    """
+    from amdflow.campaign import elemental_prototype_label
+    from amdflow.generate.substitute import substitute
+    from amdflow.generate.templates import aflow_structure
+
+    try:
+        label = elemental_prototype_label(prototype)
+    except ValueError as err:
+        raise AmdflowError(f"elemental reference of {element}: {err}") from None
+    s = aflow_structure(label)
+    return substitute(s, {s[0].specie.symbol: element}, scale_volume=True)
 
 
 def relax_reference_stage(db: AmdflowDB, campaign: str, element: str, prototype: str, env: dict[str, Any] | None = None) -> str:

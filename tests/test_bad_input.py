@@ -260,6 +260,8 @@ _CLI_CASES = {
     "escaping-name": ({**_GOOD, "name": "../../etc"}, "key 'name'"),
     "missing-folder": ({**_GOOD, "templates": [{"source": "folder", "path": "nowhere"}]}, "nowhere does not exist: fix templates[].path"),
     "unknown-prototype": ({**_GOOD, "templates": [{"source": "aflow", "prototypes": ["AB_cP2_999"]}]}, "unknown AFLOW prototype label"),
+    "unknown-reference-prototype": ({**_GOOD, "relax": {"reference_prototypes": ["fcc", "fcx"]}},
+                                    "'fcx' is neither a short name (fcc, bcc, hcp, diamond, sc) nor a one-element label"),
 }
 
 

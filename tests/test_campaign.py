@@ -10,7 +10,7 @@ from amdflow.campaign import (
     campaign_from_dict,
     load_campaign,
 )
-from amdflow.errors import ConfigError
+from amdflow.errors import AmdflowError, ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -76,3 +76,128 @@ def test_config_hash_ignores_output_dir_but_not_science():
     b = campaign_from_dict({**base, "output_dir": "/tmp/b"})
     c = campaign_from_dict({**base, "screen": {"max_formation_energy_per_atom": -0.2}})
     assert a.config_hash() == b.config_hash() != c.config_hash()
+
+
+# ---------------------------------------------------------------- defaults are validated like written values
+_REQUIRED = {  # the least each model needs to be built; every other field takes its default
+    "CampaignConfig": {"name": "x", "elements": ["Al", "Ni"], "templates": [{"source": "aflow"}]},
+    "AflowTemplates": {"source": "aflow"},
+    "FolderTemplates": {"source": "folder", "path": "t"},
+    "MPTemplates": {"source": "mp", "chemsys": ["Al-Ni"]},
+    "KnownPhasesConfig": {"source": "folder", "path": "k"},
+}
+
+
+def _models() -> list[type]:
+    """Every pydantic model of the campaign file (walked from CampaignConfig's fields) and the settings."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from amdflow.campaign import CampaignConfig
+    from amdflow.settings import AmdflowSettings
+
+    seen: list[type] = []
+
+    def walk(tp: object) -> None:
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if tp in seen:
+                return
+            seen.append(tp)
+            for f in tp.model_fields.values():
+                walk(f.annotation)
+        for arg in typing.get_args(tp):
+            walk(arg)
+
+    walk(CampaignConfig)
+    return [*seen, AmdflowSettings]
+
+
+def test_every_model_validates_its_defaults():
+    models = _models()
+    names = {m.__name__ for m in models}
+    assert {"CampaignConfig", "RelaxConfig", "VaspConfig", "Cp2kConfig", "GenerateConfig", "ScreenConfig",
+            "KnownPhasesConfig", "AnalyzeConfig", "AflowTemplates", "AmdflowSettings"} <= names
+    for model in models:
+        assert model.model_config.get("validate_default") is True, f"{model.__name__}: defaults skip the validators"
+
+
+def test_a_default_equals_the_same_value_written_for_every_validated_field():
+    """For every field with a validator: omitting it gives what writing its default explicitly gives
+    (relax.reference_prototypes' default [fcc, bcc, hcp] became AFLOW labels only when written)."""
+    checked = []
+    for model in _models():
+        validated = {name for dec in model.__pydantic_decorators__.field_validators.values() for name in dec.info.fields}
+        base = _REQUIRED.get(model.__name__, {})
+        for name in sorted(validated):
+            field = model.model_fields[name]
+            if field.is_required():
+                continue
+            raw = field.get_default(call_default_factory=True)
+            omitted = getattr(model.model_validate(base), name)
+            written = getattr(model.model_validate({**base, name: raw}), name)
+            assert omitted == written, f"{model.__name__}.{name}: default {raw!r} gives {omitted!r}, written {written!r}"
+            checked.append(f"{model.__name__}.{name}")
+    assert {"RelaxConfig.reference_prototypes", "GenerateConfig.lattice_scales", "GenerateConfig.exclude_elements",
+            "VaspConfig.handlers", "VaspConfig.incar", "AmdflowSettings.launchpad_file"} <= set(checked), checked
+
+
+def test_default_reference_prototypes_are_aflow_labels():
+    cfg = campaign_from_dict(_REQUIRED["CampaignConfig"])
+    assert cfg.relax.reference_prototypes == ["A_cF4_225_a", "A_cI2_229_a", "A_hP2_194_c"]
+    from amdflow.stages import reference_structure
+
+    for label in cfg.relax.reference_prototypes:  # each one builds (the stage's own lookup)
+        assert reference_structure("Al", label).composition.reduced_formula == "Al"
+
+
+def test_init_file_and_a_file_of_only_the_required_keys_give_the_same_config(tmp_path):
+    """`amdflow init` writes every default: keeping only its required keys changes nothing, hash included."""
+    import yaml
+
+    full = load_campaign(write(tmp_path, EXAMPLE_CAMPAIGN))
+    data = yaml.safe_load(EXAMPLE_CAMPAIGN)
+    minimal = {k: data[k] for k in ("name", "elements", "templates")}
+    (tmp_path / "minimal.yaml").write_text(yaml.safe_dump(minimal))
+    short = load_campaign(tmp_path / "minimal.yaml")
+    assert short.model_dump(mode="json") == full.model_dump(mode="json")
+    assert short.config_hash() == full.config_hash()
+    assert set(data) - set(minimal) == {"generate", "screen", "dedup", "relax", "analyze"}  # what was left out
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ("fcx", "'fcx' is neither a short name (fcc, bcc, hcp, diamond, sc) nor a one-element label of pymatgen's AFLOW "
+            "prototype library (`amdflow prototypes --elements 1` lists them)"),
+    ("AB_cP2_221_b_a", "'AB_cP2_221_b_a' is an AFLOW prototype of more than one element"),
+])
+def test_bad_reference_prototype_names_what_was_looked_up_and_where_names_come_from(value, says):
+    with pytest.raises(ConfigError) as info:
+        campaign_from_dict({**_REQUIRED["CampaignConfig"], "relax": {"reference_prototypes": ["fcc", value]}})
+    msg = str(info.value)
+    assert "relax.reference_prototypes" in msg and says in msg
+    assert "'fcc'" not in msg  # the valid value beside it is not what is named
+
+
+def test_reference_prototype_names_are_normalised_and_deduplicated():
+    cfg = campaign_from_dict({**_REQUIRED["CampaignConfig"], "relax": {"reference_prototypes": ["fcc", "A_cF4_225_a", "A_tI2_139_a#2"]}})
+    assert cfg.relax.reference_prototypes == ["A_cF4_225_a", "A_tI2_139_a#2"]
+
+
+def test_a_stored_campaign_of_unnormalised_defaults_is_the_same_campaign(db):
+    """A campaign stored by an amdflow that left defaults unnormalised ('fcc'): `amdflow add` of the same file
+    is not 'different settings'; the stored config takes today's form; a stored reference Firework's 'fcc' still builds."""
+    from amdflow.ops import register_campaign
+    from amdflow.stages import campaign_doc, reference_structure
+
+    cfg = campaign_from_dict(_REQUIRED["CampaignConfig"])
+    old = campaign_doc(cfg).to_mongo()
+    old["config"]["relax"]["reference_prototypes"] = ["fcc", "bcc", "hcp"]
+    old["config_hash"] = "0" * 64  # what the old code hashed (its own, different value)
+    db.campaigns.insert_one(old)
+    stored = register_campaign(db, cfg)
+    assert stored["config_hash"] == cfg.config_hash()
+    assert stored["config"]["relax"]["reference_prototypes"] == ["A_cF4_225_a", "A_cI2_229_a", "A_hP2_194_c"]
+    assert reference_structure("Ni", "fcc").composition.reduced_formula == "Ni"
+    changed = campaign_from_dict({**_REQUIRED["CampaignConfig"], "dedup": {"ltol": 0.3}})
+    with pytest.raises(AmdflowError, match="exists with different settings"):
+        register_campaign(db, changed)

@@ -187,3 +187,31 @@ def test_generate_dry_run_and_bad_inputs(tmp_path):
         proc = amdflow("generate", "bad.yaml", "--dry-run", cwd=tmp_path, check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_campaign_of_only_the_required_keys_runs_every_stage_and_builds_a_hull(tmp_path):
+    """name, elements and templates (a folder: its path is required) and nothing else: every default is the
+    validated one, so the default references (fcc, bcc, hcp) relax and the hull is built (issue 13)."""
+    from amdflow.generate.templates import aflow_structure
+
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    for label in ("AB_cP2_221_b_a", "AB3_cP4_221_a_c"):  # B2 and L1_2
+        aflow_structure(label).to(filename=str(folder / f"{label}.cif"))
+    (tmp_path / "campaign.yaml").write_text("name: AlNi-minimal\nelements: [Al, Ni]\ntemplates:\n  - source: folder\n    path: templates\n")
+
+    amdflow("add", "campaign.yaml", cwd=tmp_path)
+    run = amdflow("run", "campaign.yaml", cwd=tmp_path)
+    assert "Traceback" not in run.stderr, run.stderr
+    status = json.loads(amdflow("status", "campaign.yaml", "--json", cwd=tmp_path).stdout)
+    assert status["references"] == {"relaxed": 6}  # 2 elements x [fcc, bcc, hcp], none fizzled
+    assert status["fireworks"].get("FIZZLED", 0) == 0, status["fireworks"]
+    assert status["candidates_total"] == 3  # B2 AlNi, L1_2 AlNi3 and Al3Ni
+    assert status["candidates"]["analyzed"] >= 1
+    assert status["thermo"]["materials"] >= 3 and status["thermo"]["stable_candidates"] >= 1
+    out = tmp_path / "AlNi-minimal"
+    assert (out / "phase_diagram.png").exists() and (out / "promising" / "summary.csv").exists()
+    store = read_store(out / "launchpad_store.json")
+    refs = sorted(doc["prototype"] for _, doc in store["amdflow"]["references"]["documents"])
+    assert refs == sorted(["A_cF4_225_a", "A_cI2_229_a", "A_hP2_194_c"] * 2)  # the defaults, normalised to AFLOW labels

@@ -278,5 +278,5 @@ def test_lazy_aflow_library_equals_pymatgens_decoded_library():
     for it, (label, s) in zip(reference, ours, strict=True):
         assert label.split("#")[0] == it["tags"]["aflow"]
         assert s.as_dict() == it["snl"].structure.as_dict()
-    with pytest.raises(TemplateError, match="unknown AFLOW prototype label 'nope'"):
+    with pytest.raises(TemplateError, match="AFLOW prototype label 'nope' is not in pymatgen's AFLOW library"):
         aflow_structure("nope")

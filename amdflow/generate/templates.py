@@ -99,6 +99,29 @@ def aflow_labels() -> list[str]:
     return list(_aflow_raw())
 
 
+@dataclass(frozen=True)
+class PrototypeInfo:
+    """One entry of the AFLOW library as `amdflow prototypes` lists it."""
+
+    label: str
+    n_elements: int
+    n_sites: int
+    strukturbericht: str
+    mineral: str
+
+
+def aflow_catalog() -> list[PrototypeInfo]:
+    """Every AFLOW prototype with its element and site counts (read from the plain JSON, nothing decoded)."""
+    out = []
+    for label, item in _aflow_raw().items():
+        sites = item["snl"]["sites"]
+        elements = {sp["element"] for site in sites for sp in site["species"]}
+        tags = item.get("tags", {})
+        sb = str(tags.get("strukturbericht") or "")
+        out.append(PrototypeInfo(label, len(elements), len(sites), "" if sb == "None" else sb, str(tags.get("mineral") or "")))
+    return out
+
+
 @functools.cache
 def aflow_structure(label: str) -> Structure:
     """One prototype's structure, decoded on first use (as monty's loadfn would decode it)."""
@@ -107,7 +130,8 @@ def aflow_structure(label: str) -> Structure:
     try:
         item = _aflow_raw()[label]
     except KeyError:
-        raise TemplateError(f"unknown AFLOW prototype label '{label}'") from None
+        raise TemplateError(f"AFLOW prototype label '{label}' is not in pymatgen's AFLOW library "
+                            "(`amdflow prototypes` lists its labels)") from None
     return MontyDecoder().process_decoded(item["snl"]).structure
 
 
@@ -129,8 +153,8 @@ def _aflow_items(cfg: AflowTemplates) -> list[TemplateItem]:
         unknown = [p for p in cfg.prototypes if p not in known]
         if unknown:
             raise TemplateError(
-                f"unknown AFLOW prototype label(s) {unknown}: use labels such as 'AB2C_cF16_225_a_c_b' "
-                "(see pymatgen's aflow_prototypes.json.gz)"
+                f"unknown AFLOW prototype label(s) {unknown}: not in pymatgen's AFLOW library; `amdflow prototypes` "
+                "lists its labels (e.g. 'AB2C_cF16_225_a_c_b')"
             )
         chosen = set(cfg.prototypes)
         wanted = [label for label in labels if label in chosen or label.split("#")[0] in chosen]
