@@ -280,3 +280,24 @@ def test_lazy_aflow_library_equals_pymatgens_decoded_library():
         assert s.as_dict() == it["snl"].structure.as_dict()
     with pytest.raises(TemplateError, match="AFLOW prototype label 'nope' is not in pymatgen's AFLOW library"):
         aflow_structure("nope")
+
+
+def test_prototypes_command_lists_the_library_with_filters():
+    import json
+
+    from typer.testing import CliRunner
+
+    from amdflow.cli import app
+    from amdflow.generate.templates import aflow_catalog
+
+    catalog = aflow_catalog()
+    assert len(catalog) == 288
+    fcc = next(p for p in catalog if p.label == "A_cF4_225_a")
+    assert (fcc.n_elements, fcc.n_sites, fcc.strukturbericht) == (1, 1, "A1")
+    heusler = next(p for p in catalog if p.label == "AB2C_cF16_225_a_c_b")
+    assert (heusler.n_elements, heusler.n_sites) == (3, 4)
+    result = CliRunner().invoke(app, ["prototypes", "--elements", "1", "--max-sites", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 18 and all(r["n_elements"] == 1 and r["n_sites"] <= 2 for r in rows)
+    assert {r["short_name"] for r in rows} == {"fcc", "bcc", "hcp", "diamond", "sc", None}
