@@ -326,10 +326,25 @@ def run_campaign(db: AmdflowDB, cfg: CampaignConfig, progress: Progress | None =
     report = RunReport()
     # The Rocket logs at FireWorks' ROCKET_STREAM_LOGLEVEL, not launch_rocket's strm_lvl.
     previous_level, fw_rocket.ROCKET_STREAM_LOGLEVEL = fw_rocket.ROCKET_STREAM_LOGLEVEL, log_level
+    previous_ping = fw_rocket.start_ping_launch
+    if db.embedded is not None:
+        # The Rocket's ping thread wakes when its Firework ends and pings once more, while
+        # this thread already writes the store or checks out the next Firework: mongomock
+        # is not thread-safe, and that ping then raised "No Launch exists with launch_id=N"
+        # in the thread. Pings guard against lost runs of other processes; the embedded
+        # store has none (it is exclusive, and `amdflow run` resets RUNNING launches at start).
+        # The Rocket's own last ping, in this thread, still runs.
+        fw_rocket.start_ping_launch = _no_ping_thread
     try:
         return _run_loop(db, cfg, report, progress, max_fireworks, log_level)
     finally:
         fw_rocket.ROCKET_STREAM_LOGLEVEL = previous_level
+        fw_rocket.start_ping_launch = previous_ping
+
+
+def _no_ping_thread(launchpad: Any, launch_id: int) -> None:
+    """``fireworks.core.rocket.start_ping_launch`` without its thread (the embedded store: see run_campaign)."""
+    return None
 
 
 def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: Progress | None,

@@ -198,12 +198,17 @@ def test_relax_engine_raising_fizzles_alone_with_its_reason_and_reruns(db, lpad,
         assert lpad.launches.count_documents({"fw_id": fw["fw_id"], "state": "COMPLETED"}) == 1
 
 
-def test_missing_cp2k_executable_is_one_clear_error(binary_campaign_dict, tmp_path):
+def test_missing_cp2k_executable_is_one_clear_error(binary_campaign_dict, tmp_path, monkeypatch):
     from amdflow.campaign import campaign_from_dict
     from amdflow.relax import get_engine
     from amdflow.relax.base import require_executable
     from amdflow.stages import reference_structure
 
+    launchers = tmp_path / "bin"  # an mpirun that exists (Debian's comes with CP2K, which this machine may lack)
+    launchers.mkdir()
+    (launchers / "mpirun").write_text("#!/bin/sh\nexit 0\n")
+    (launchers / "mpirun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{launchers}{os.pathsep}{os.environ['PATH']}")
     cfg = campaign_from_dict({**binary_campaign_dict, "relax": {"engine": "cp2k", "reference_prototypes": ["fcc"]}})
     engine = get_engine(cfg.relax, env={"cp2k_cmd": "mpirun -np 2 no-such-cp2k.psmp"})
     with pytest.raises(AmdflowError, match=r"CP2K command .*'no-such-cp2k.psmp' not found or not executable"):

@@ -104,7 +104,12 @@ def test_graph_fixtures_equal_original():
         assert g.atomic_numbers.tolist() == fx["atomic_numbers"]
         np.testing.assert_allclose(g.nbr_dist, np.array(fx["nbr_dist"]), atol=1e-6)
         if fx["id"] in rows and _tie_free(rows[fx["id"]]):
-            assert g.nbr_idx.tolist() == fx["nbr_fea_idx"]
+            # the same neighbours of each atom; among neighbours at one distance (to 1e-5 A) the order
+            # is the neighbour search's round-off (C15 ScAl2: 2.6821584 vs 2.6821585) and CGCNN's sum over
+            # neighbours does not see it
+            ours = [sorted(zip(np.round(d, 5).tolist(), i, strict=True)) for d, i in zip(g.nbr_dist, g.nbr_idx.tolist(), strict=True)]
+            theirs = [sorted(zip(np.round(d, 5).tolist(), i, strict=True)) for d, i in zip(np.array(fx["nbr_dist"]), fx["nbr_fea_idx"], strict=True)]
+            assert ours == theirs
         assert get_predictor().predict([s])[0] == pytest.approx(fx["prediction_eV_per_atom"], abs=1e-4)
         found += 1
     assert found >= 5
