@@ -74,7 +74,8 @@ from amdflow import stages
 lp_file, cid, sync_dir, slot = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[5])
 if sys.argv[4] == "noclaim":  # the same race with the claim disabled
     import contextlib
-    stages.claim = lambda db, key, timeout_s=600: contextlib.nullcontext()
+    import amdflow.stages.dedup
+    amdflow.stages.dedup.claim = lambda db, key, timeout_s=600: contextlib.nullcontext()
 from amdflow.screen.predict import get_predictor
 get_predictor()  # load the model before the start signal
 import amdflow.select.dedup, pymatgen.analysis.structure_matcher  # and what dedup imports on first use

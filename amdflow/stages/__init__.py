@@ -1,0 +1,65 @@
+"""The pipeline stages on the database: what each Firetask (and the CLI) calls.
+
+One module per stage; each function takes an :class:`~amdflow.db.AmdflowDB`, reads the
+documents it needs, calls the pure science functions and writes the outcome back. No
+FireWorks here: the Firetasks in :mod:`amdflow.firetasks` translate outcomes into
+``FWAction``s.
+
+* :mod:`~amdflow.stages.common`: stored campaign settings, candidate state, claims
+* :mod:`~amdflow.stages.predict`: CGCNN prediction and the screen
+* :mod:`~amdflow.stages.dedup`: one representative per structure family
+* :mod:`~amdflow.stages.relax`: candidates and elemental references, task documents
+* :mod:`~amdflow.stages.known`: known phases imported and relaxed the campaign's way
+* :mod:`~amdflow.stages.analyze`: hull, promising/, plots
+* :mod:`~amdflow.stages.training`: a campaign's hull as CGCNN training data
+
+Every name below was importable from the single ``amdflow.stages`` module this package
+replaced, and stays importable from here.
+"""
+
+from amdflow.stages.analyze import (
+    PLOT_FILE,
+    PLOT_HTML,
+    PROMISING_DIR,
+    analyze_stage,
+    campaign_thermo,
+    promising_rows,
+    refresh_outputs,
+)
+from amdflow.stages.common import (
+    CLAIM_STALE_S,
+    HULL_CLAIM_STALE_S,
+    campaign_doc,
+    claim,
+    load_campaign_config,
+    load_candidate,
+    record_failure,
+    run_type_of,
+    set_state,
+)
+from amdflow.stages.dedup import SCREENED_BY_TOP_K, dedup_stage, top_k_rank
+from amdflow.stages.known import (
+    KnownReport,
+    import_known_phases,
+    known_reference_id,
+    relax_known_stage,
+)
+from amdflow.stages.predict import PredictOutcome, predict_stage
+from amdflow.stages.relax import (
+    pending_references,
+    reference_id,
+    reference_structure,
+    relax_candidate_stage,
+    relax_reference_stage,
+    task_doc,
+)
+from amdflow.stages.training import campaign_training_data
+
+__all__ = [
+    "CLAIM_STALE_S", "HULL_CLAIM_STALE_S", "PLOT_FILE", "PLOT_HTML", "PROMISING_DIR", "SCREENED_BY_TOP_K",
+    "KnownReport", "PredictOutcome", "analyze_stage", "campaign_doc", "campaign_thermo", "campaign_training_data",
+    "claim", "dedup_stage", "import_known_phases", "known_reference_id", "load_campaign_config", "load_candidate",
+    "pending_references", "predict_stage", "promising_rows", "record_failure", "reference_id", "reference_structure",
+    "refresh_outputs", "relax_candidate_stage", "relax_known_stage", "relax_reference_stage", "run_type_of", "set_state",
+    "task_doc", "top_k_rank",
+]

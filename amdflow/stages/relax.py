@@ -1,0 +1,111 @@
+"""Relax: candidates and elemental references with the campaign's engine; task documents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pymatgen.core import Structure
+
+from amdflow.campaign import CampaignConfig
+from amdflow.db import AmdflowDB
+from amdflow.errors import AmdflowError
+from amdflow.schemas import CandidateState, ReferenceDoc, TaskDoc, utcnow
+from amdflow.settings import get_settings, resolve_device
+from amdflow.stages.common import load_campaign_config, load_candidate, set_state
+
+
+def task_doc(kind: str, task_id: str, structure: Structure, result: Any, engine: Any, cfg: CampaignConfig,
+              directory: Path | None, candidate_id: str | None = None, campaign: str | None = None,
+              **extra: Any) -> TaskDoc:
+    comp = result.final_structure.composition
+    return TaskDoc(
+        task_id=task_id, kind=kind, candidate_id=candidate_id, campaign=campaign,
+        formula=comp.reduced_formula, chemsys=comp.chemical_system,
+        elements=sorted(el.symbol for el in comp.elements), nsites=len(result.final_structure),
+        run_type=engine.run_type, engine=engine.name, engine_note=engine.note,
+        input_structure=structure.as_dict(), final_structure=result.final_structure.as_dict(),
+        energy=result.energy, energy_per_atom=result.energy_per_atom, converged=result.converged,
+        n_steps=result.n_steps, max_force=result.max_force, run_time_s=result.run_time_s,
+        settings=cfg.relax.model_dump(mode="json"), details=result.details,
+        dir_name=str(directory) if directory else result.details.get("dir_name"), **extra,
+    )
+
+
+def relax_candidate_stage(db: AmdflowDB, candidate_id: str, directory: Path | None = None, env: dict[str, Any] | None = None) -> str:
+    """Relax a candidate with the campaign's engine; writes a task doc, returns its id. ``env``: the FWorker's env."""
+    from amdflow.relax import get_engine
+    from amdflow.relax.base import WalltimeStop
+
+    doc = load_candidate(db, candidate_id)
+    cfg, _ = load_campaign_config(db, doc["campaign"])
+    engine = get_engine(cfg.relax, resolve_device(get_settings()), env)
+    structure = Structure.from_dict(doc["structure"])
+    resume = doc.get("resume") or {}
+    start = Structure.from_dict(resume["structure"]) if resume.get("structure") else structure
+    try:
+        result = engine.relax(start, directory)
+    except WalltimeStop as stop:  # keep the last structure: the rerun continues from it
+        db.candidates.update_one({"candidate_id": candidate_id}, {"$set": {"resume": {
+            "structure": stop.structure.as_dict(), "dir": str(stop.directory), "at": utcnow()}}})
+        raise
+    if resume:
+        result.details["resumed_from"] = resume.get("dir")
+    task_id = f"{candidate_id}-{engine.name}"
+    task = task_doc("candidate", task_id, structure, result, engine, cfg, directory, candidate_id, doc["campaign"])
+    db.tasks.replace_one({"task_id": task_id}, task.to_mongo(), upsert=True)
+    set_state(db, candidate_id, CandidateState.RELAXED, task_id=task_id, error=None)
+    if resume:
+        db.candidates.update_one({"candidate_id": candidate_id}, {"$unset": {"resume": ""}})
+    return task_id
+
+
+def reference_id(element: str, prototype: str, run_type: str) -> str:
+    return f"ref-{element}-{prototype}-{run_type}"
+
+
+def reference_structure(element: str, prototype: str) -> Structure:
+    """The AFLOW elemental prototype with ``element``, scaled to its atomic volume.
+
+    ``prototype`` is a one-element AFLOW label or a short name (fcc, bcc, ...): reference
+    Fireworks added before short names were normalised carry the short name.
+    """
+    from amdflow.campaign import elemental_prototype_label
+    from amdflow.generate.substitute import substitute
+    from amdflow.generate.templates import aflow_structure
+
+    try:
+        label = elemental_prototype_label(prototype)
+    except ValueError as err:
+        raise AmdflowError(f"elemental reference of {element}: {err}") from None
+    s = aflow_structure(label)
+    return substitute(s, {s[0].specie.symbol: element}, scale_volume=True)
+
+
+def relax_reference_stage(db: AmdflowDB, campaign: str, element: str, prototype: str, env: dict[str, Any] | None = None) -> str:
+    """Relax one elemental reference phase the way candidates are relaxed (same engine, same settings)."""
+    from amdflow.relax import get_engine
+
+    cfg, _ = load_campaign_config(db, campaign)
+    engine = get_engine(cfg.relax, resolve_device(get_settings()), env)
+    structure = reference_structure(element, prototype)
+    result = engine.relax(structure)
+    ref_id = reference_id(element, prototype, engine.run_type)
+    task = task_doc("reference", ref_id, structure, result, engine, cfg, None, None, None)
+    db.tasks.replace_one({"task_id": ref_id}, task.to_mongo(), upsert=True)
+    db.references.update_one(
+        {"ref_id": ref_id},
+        {"$set": {"state": "relaxed", "energy_per_atom": result.energy_per_atom, "task_id": ref_id}},
+    )
+    return ref_id
+
+
+def pending_references(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> list[ReferenceDoc]:
+    """Reference docs this campaign needs that are not in the database yet."""
+    wanted = [
+        ReferenceDoc(ref_id=reference_id(el, proto, run_type), element=el, prototype=proto, run_type=run_type)
+        for el in sorted(cfg.elements)
+        for proto in cfg.relax.reference_prototypes
+    ]
+    have = {d["ref_id"] for d in db.references.find({"ref_id": {"$in": [w.ref_id for w in wanted]}}, {"ref_id": 1})}
+    return [w for w in wanted if w.ref_id not in have]
