@@ -290,6 +290,67 @@ class RelaxConfig(_Strict):
         return list(dict.fromkeys(elemental_prototype_label(v) for v in value))
 
 
+class FunnelEngine(StrEnum):
+    """Universal potentials for the funnel (ML relaxation between CGCNN and the final relax)."""
+
+    NONE = "none"  # no funnel: every unique candidate goes to the final relax
+    CHGNET = "chgnet"
+    SEVENNET = "sevennet"
+
+
+#: SevenNet checkpoints shipped inside the sevenn wheel (offline); others download at run time.
+SEVENNET_MODELS: dict[str, str] = {
+    "7net-0": "SevenNet-0 (11Jul2024; MPtrj)",
+    "7net-0_22may2024": "SevenNet-0 (22May2024; MPtrj)",
+    "7net-l3i5": "SevenNet-l3i5 (MPtrj)",
+    "7net-mf-0": "SevenNet-MF-0 (multi-fidelity; modal PBE or R2SCAN)",
+}
+#: Multi-fidelity checkpoints: their modals, the first is the default.
+SEVENNET_MODALS: dict[str, tuple[str, ...]] = {"7net-mf-0": ("PBE", "R2SCAN")}
+
+
+class FunnelConfig(_Strict):
+    """The funnel: relax the candidates dedup kept with a universal potential, rank them on an ML hull
+    of that potential's own (references and known phases relaxed the same way), and send only those
+    close to it to the final relax (DFT)."""
+
+    engine: FunnelEngine = Field(FunnelEngine.SEVENNET, description="Universal potential, or none (no funnel).")
+    model: str | None = Field(None, description="sevennet: checkpoint shipped in the sevenn wheel "
+                              f"({', '.join(SEVENNET_MODELS)}; default 7net-0). chgnet: leave unset (CHGNet's own model).")
+    modal: str | None = Field(None, description="Multi-fidelity checkpoints (7net-mf-0): PBE (default) or R2SCAN.")
+    fmax: float = Field(0.05, gt=0, le=5.0, description="Force convergence (eV/Angstrom), cell forces included.")
+    max_steps: int = Field(300, ge=1, le=100_000, description="FIRE step limit per structure.")
+    relax_cell: bool = Field(True, description="Relax cell shape and volume too (Frechet cell filter).")
+    max_e_above_hull: float = Field(0.1, ge=0.0, le=5.0, description="Cut: candidates more than this far above the "
+                                    "ML hull (eV/atom) do not go to the final relax.")
+    top_k_per_formula: int | None = Field(None, ge=1, le=100_000, description="Also keep at most the k lowest ML "
+                                          "energies of each reduced formula (unset: no limit).")
+
+    @model_validator(mode="after")
+    def _known_model(self) -> FunnelConfig:
+        if self.engine == FunnelEngine.SEVENNET:
+            model = self.model or "7net-0"
+            if model not in SEVENNET_MODELS:
+                raise ValueError(f"SevenNet checkpoint '{model}' is not one shipped in the sevenn wheel: use one of "
+                                 f"{', '.join(SEVENNET_MODELS)} (others download at run time, which this machine "
+                                 "cannot rely on)")
+            modals = SEVENNET_MODALS.get(model, ())
+            if modals and self.modal is None:
+                object.__setattr__(self, "modal", modals[0])
+            elif self.modal is not None and self.modal not in modals:
+                raise ValueError(f"modal '{self.modal}' is not one of {model}'s "
+                                 + (f"({', '.join(modals)})" if modals else "(it has none: remove funnel.modal)"))
+            object.__setattr__(self, "model", model)
+        elif self.model is not None or self.modal is not None:
+            raise ValueError(f"funnel.model and funnel.modal choose a SevenNet checkpoint; engine {self.engine.value} "
+                             "has no choice of model: remove them")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.engine != FunnelEngine.NONE
+
+
 class KnownEnergies(StrEnum):
     """How imported known phases enter the hull."""
 
@@ -347,6 +408,7 @@ class CampaignConfig(_Strict):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     screen: ScreenConfig = Field(default_factory=ScreenConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    funnel: FunnelConfig = Field(default_factory=FunnelConfig, description="ML relaxation and cut before the final relax.")
     relax: RelaxConfig = Field(default_factory=RelaxConfig)
     analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
     output_dir: Path | None = Field(
@@ -384,6 +446,9 @@ class CampaignConfig(_Strict):
                 f"target element(s) {excluded} are in generate.exclude_elements: remove them from "
                 "elements, or from generate.exclude_elements"
             )
+        if self.funnel.engine.value == self.relax.engine.value:
+            raise ValueError(f"funnel.engine {self.funnel.engine.value} is also relax.engine: the funnel would repeat the "
+                             "final relaxation with the same model; choose another funnel.engine (sevennet, chgnet) or none")
         for tmpl in self.templates:
             if isinstance(tmpl, AflowTemplates) and tmpl.prototypes == []:
                 raise ValueError("templates: an aflow source lists no prototypes (omit the key to use all)")
@@ -453,6 +518,17 @@ def campaign_from_dict(data: dict[str, Any], base_dir: Path | None = None, sourc
     return cfg
 
 
+#: Sections added after campaigns were first stored, with the value that means what such a
+#: stored campaign ran (its config predates the key): the funnel did not exist, so none.
+STORED_BEFORE: dict[str, Any] = {"funnel": {"engine": "none"}}
+
+
+def stored_campaign_from_dict(config: dict[str, Any], source: str = "stored campaign") -> CampaignConfig:
+    """Validate a campaign config as stored in the database (a key it lacks means what it ran then)."""
+    data = {**{k: v for k, v in STORED_BEFORE.items() if k not in config}, **config}
+    return campaign_from_dict(data, source=source)
+
+
 EXAMPLE_CAMPAIGN = """\
 # amdflow campaign file. Every key is optional unless marked REQUIRED.
 # Energies are eV/atom, forces eV/Angstrom. Relative paths are relative to this file.
@@ -504,6 +580,15 @@ dedup:                       # pymatgen StructureMatcher tolerances, within a re
   ltol: 0.2
   stol: 0.3
   angle_tol: 5.0
+
+funnel:                      # ML relaxation between CGCNN and the final relax; only the likely stable go on
+  engine: sevennet           # sevennet | chgnet | none (a universal potential other than relax.engine's)
+  model: 7net-0              # sevennet checkpoints in its wheel: 7net-0, 7net-0_22may2024, 7net-l3i5, 7net-mf-0
+  fmax: 0.05                 # eV/Angstrom (cell forces included)
+  max_steps: 300
+  relax_cell: true
+  max_e_above_hull: 0.1      # cut: more than this above the ML hull -> no final relax
+# top_k_per_formula: 3       # also keep only the k lowest ML energies of each formula
 
 relax:
   engine: chgnet             # laptop stand-in for DFT (CHGNet universal potential)

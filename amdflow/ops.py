@@ -84,11 +84,11 @@ def register_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = 
 
 def _same_settings_renormalised(stored: dict[str, Any], config_hash: str) -> bool:
     """True when the stored config, validated again by this amdflow, has ``config_hash``."""
-    from amdflow.campaign import campaign_from_dict
+    from amdflow.campaign import stored_campaign_from_dict
     from amdflow.errors import ConfigError
 
     try:
-        return campaign_from_dict(stored["config"], source="stored campaign").config_hash() == config_hash
+        return stored_campaign_from_dict(stored["config"]).config_hash() == config_hash
     except ConfigError:
         return False
 
@@ -132,7 +132,7 @@ def plan_campaign(cfg: CampaignConfig, workers: int | None = None, progress: Pro
     candidate_bytes = 0
     for doc in generate_candidates(cfg, gen, workers=workers, progress=progress, raw=True):
         candidate_bytes += len(doc.raw)
-    wf = candidate_workflow("0" * 24, cfg.name, "AB")
+    wf = candidate_workflow("0" * 24, cfg.name, "AB", funnel=cfg.funnel.enabled)
     wf_bytes = len(bson.encode(wf.to_db_dict())) + sum(len(bson.encode(fw.to_db_dict())) for fw in wf.fws)
     plan = gen.as_dict()
     plan["skipped"] = [{"template": t, "reason": r} for t, r in gen.templates.skipped]
@@ -160,7 +160,7 @@ def add_workflows(db: AmdflowDB, cfg: CampaignConfig, report: AddReport, progres
         db.candidates.update_one({"candidate_id": cid}, {"$set": {"fw_ids": stages}})
     pending = [p for p in pending if p["candidate_id"] not in existing]
     for done, batch in enumerate(_batches(iter(pending), INSERT_BATCH), start=1):
-        wfs = [candidate_workflow(p["candidate_id"], cfg.name, p["formula"]) for p in batch]
+        wfs = [candidate_workflow(p["candidate_id"], cfg.name, p["formula"], funnel=cfg.funnel.enabled) for p in batch]
         with _quiet_tqdm():
             lp.bulk_add_wfs(wfs)
         for p, wf in zip(batch, wfs, strict=True):
@@ -184,8 +184,16 @@ def _quiet_tqdm() -> Iterator[None]:
         fw_launchpad.tqdm = original
 
 
-def add_reference_workflows(db: AmdflowDB, cfg: CampaignConfig, run_type: str, report: AddReport) -> None:
-    """One reference workflow per element whose reference phases are not in the database."""
+def campaign_levels(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(level, run type) of every hull a campaign builds: its final relax, and its funnel's potential."""
+    levels = [("final", doc["run_type"])]
+    if doc.get("funnel_run_type"):
+        levels.append(("funnel", doc["funnel_run_type"]))
+    return levels
+
+
+def add_reference_workflows(db: AmdflowDB, cfg: CampaignConfig, run_type: str, report: AddReport, level: str = "final") -> None:
+    """One reference workflow per element whose reference phases (of ``run_type``, at ``level``) are not in the database."""
     from amdflow.stages import pending_references
     from amdflow.workflows import reference_workflow
 
@@ -194,24 +202,26 @@ def add_reference_workflows(db: AmdflowDB, cfg: CampaignConfig, run_type: str, r
     for ref in pending:
         by_element.setdefault(ref.element, []).append(ref.prototype)
     for element, prototypes in by_element.items():
-        db.launchpad.add_wf(reference_workflow(cfg.name, element, prototypes))
+        db.launchpad.add_wf(reference_workflow(cfg.name, element, prototypes, level))
         report.new_reference_workflows += 1
     if pending:
         db.references.insert_many([r.to_mongo() for r in pending], ordered=False)
 
 
-def add_known_phases(db: AmdflowDB, cfg: CampaignConfig, run_type: str, report: AddReport) -> None:
-    """Import the campaign's known phases; relax mode: one workflow relaxing those not relaxed yet."""
+def add_known_phases(db: AmdflowDB, cfg: CampaignConfig, run_type: str, report: AddReport, level: str = "final") -> None:
+    """Import the campaign's known phases; relax mode: one workflow relaxing those not relaxed yet (at ``level``)."""
     from amdflow.stages import import_known_phases
     from amdflow.workflows import known_workflow
 
     if cfg.analyze.known_phases is None:
         return
     known = import_known_phases(db, cfg, run_type)
-    report.known = {"read": known.read, "kept": known.kept, "imported": known.imported, "skipped": known.skipped,
-                    "note": known.note, "relaxations": len(known.pending)}
+    if level == "final" or not report.known:
+        report.known = {"read": known.read, "kept": known.kept, "imported": known.imported, "skipped": known.skipped,
+                        "note": known.note, "relaxations": 0}
+    report.known["relaxations"] += len(known.pending)
     if known.pending:
-        db.launchpad.add_wf(known_workflow(cfg.name, [(r.prototype, r.element) for r in known.pending]))
+        db.launchpad.add_wf(known_workflow(cfg.name, [(r.prototype, r.element) for r in known.pending], level))
         db.references.insert_many([r.to_mongo() for r in known.pending], ordered=False)
 
 
@@ -223,11 +233,14 @@ def add_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = False
     report = AddReport()
     check_template_sources(cfg)  # a missing folder or unknown label: nothing registered
     doc = register_campaign(db, cfg, allow_changed)
+    levels = campaign_levels(doc)
     if workflows:  # first: a bad known-phases source stops here, before anything is generated
-        add_known_phases(db, cfg, doc["run_type"], report)
+        for level, run_type in levels:
+            add_known_phases(db, cfg, run_type, report, level)
     insert_candidates(db, cfg, report, progress, workers)
     if workflows:
-        add_reference_workflows(db, cfg, doc["run_type"], report)
+        for level, run_type in levels:
+            add_reference_workflows(db, cfg, run_type, report, level)
         add_workflows(db, cfg, report, progress)
     db.flush()
     return report
@@ -342,6 +355,25 @@ def run_campaign(db: AmdflowDB, cfg: CampaignConfig, progress: Progress | None =
         fw_rocket.start_ping_launch = previous_ping
 
 
+def _run_funnel_batch(db: AmdflowDB, cfg: CampaignConfig, launch_dir: Path, at_most: int | None) -> int:
+    """One batch of the campaign's READY funnel Fireworks (the batched rocket's path); how many ran."""
+    from amdflow.rocket import run_batched_rocket
+    from amdflow.settings import get_settings
+
+    if not db.launchpad.fireworks.count_documents({"spec.campaign": cfg.name, "spec.amdflow_stage": "funnel", "state": "READY"}):
+        return 0
+    settings = get_settings()
+    size = settings.funnel_batch_size if not at_most else min(at_most, settings.funnel_batch_size)
+    report = run_batched_rocket(db.launchpad, batch_size=size, workers=funnel_workers(settings), campaign=cfg.name,
+                                pipeline=False, stage="funnel", max_batches=1)
+    return report.fireworks + report.fizzled
+
+
+def funnel_workers(settings: Any) -> int:
+    """Processes for a funnel potential without a batched path (CHGNet on CPU): the setting, else the cores (at most 8)."""
+    return settings.funnel_workers or min(os.cpu_count() or 1, 8)
+
+
 def _no_ping_thread(launchpad: Any, launch_id: int) -> None:
     """``fireworks.core.rocket.start_ping_launch`` without its thread (the embedded store: see run_campaign)."""
     return None
@@ -358,7 +390,10 @@ def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: P
     if db.embedded is not None:
         lost = lp.detect_lostruns(expiration_secs=0, rerun=True, query={"spec.campaign": cfg.name})
         report.recovered = len(lost[1])
-    fworker = FWorker(name="amdflow-run", category=["gpu", "cpu", "vasp"], query={"spec.campaign": cfg.name})
+    # Funnel Fireworks run in batches (one relaxation batch, one hull build), when nothing else is
+    # ready: every dedup has decided by then, so a batch holds all the candidates that passed it.
+    fworker = FWorker(name="amdflow-run", category=["gpu", "cpu", "vasp"],
+                      query={"spec.campaign": cfg.name, "spec.amdflow_stage": {"$ne": "funnel"}})
     root = Path(cfg.output_dir or ".") / "launches"
     total = lp.fireworks.count_documents({"spec.campaign": cfg.name})
     while max_fireworks is None or report.launched < max_fireworks:
@@ -368,11 +403,13 @@ def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: P
         ldir = _launch_dir(root)
         with _in_dir(ldir):
             ran = launch_rocket(lp, fworker, strm_lvl=log_level)
+            if not ran:
+                ran = _run_funnel_batch(db, cfg, ldir, max_fireworks and max_fireworks - report.launched)
         _tidy_launch_dir(ldir)
         db.flush()
         if not ran:
             break
-        report.launched += 1
+        report.launched += ran
     report.fw_states = fw_state_counts(db, cfg.name)
     if progress:
         progress(sum(report.fw_states.get(s, 0) for s in DONE_STATES), total, "building hull")

@@ -1,4 +1,4 @@
-"""The batched GPU rocket: many predict Fireworks, one batched CGCNN pass, proper launches.
+"""The batched GPU rocket: many predict (or funnel) Fireworks, one batched pass, proper launches.
 
 A plain rocket runs one Firework at a time; for a 1 ms forward pass the per-Firework
 overhead dominates. This rocket checks out up to ``batch_size`` READY predict Fireworks
@@ -9,6 +9,10 @@ in one batch, pings the launches while it works, and completes every launch with
 FWAction the PredictTask would return, so ``lpad detect_lostruns`` and ``lpad rerun_fws``
 work per candidate. A candidate that fails fizzles alone. It loops until no predict work
 is ready or its time limit is reached.
+
+The same rocket runs funnel Fireworks (``stage="funnel"``): a batch of candidates is
+relaxed together by the funnel's universal potential (:func:`amdflow.stages.funnel_stage`),
+its ML hull built once, and each launch completed with the FunnelTask's FWAction.
 """
 
 from __future__ import annotations
@@ -53,10 +57,16 @@ class _Heartbeat:
         self._thread.join()
 
 
+BATCHED_STAGES = ("predict", "funnel")
+
+
 def run_batched_rocket(lp: Any, batch_size: int = 256, time_limit_s: float | None = None, workers: int = 1,
                        campaign: str | None = None, progress: Any = None, ping_s: float | None = None,
-                       pipeline: bool | None = None) -> RocketReport:
-    """Run predict Fireworks in batches until none is ready (or the time limit).
+                       pipeline: bool | None = None, stage: str = "predict", max_batches: int | None = None) -> RocketReport:
+    """Run ``stage`` Fireworks (predict: CGCNN; funnel: the universal potential) in batches until none is ready.
+
+    A funnel batch is relaxed together (SevenNet through torch-sim; CHGNet in ``workers``
+    processes on a CPU), its hull built once, and each candidate decided.
 
     ``pipeline`` (default: on for MongoDB, off for the in-process store): the LaunchPad
     bookkeeping runs in a background thread, overlapping the prediction of batch k with
@@ -70,9 +80,11 @@ def run_batched_rocket(lp: Any, batch_size: int = 256, time_limit_s: float | Non
 
     from amdflow.batch_launch import BatchLauncher
 
+    if stage not in BATCHED_STAGES:
+        raise ValueError(f"the batched rocket runs {' or '.join(BATCHED_STAGES)} Fireworks, not {stage!r}")
     db = AmdflowDB.from_launchpad(lp)
     host = socket.gethostname()
-    query: dict[str, Any] = {"spec.amdflow_stage": "predict"}
+    query: dict[str, Any] = {"spec.amdflow_stage": stage}
     if campaign:
         query["spec.campaign"] = campaign
     fworker = FWorker(name=f"amdflow-batched-rocket@{host}", category="gpu", query=query)
@@ -82,7 +94,13 @@ def run_batched_rocket(lp: Any, batch_size: int = 256, time_limit_s: float | Non
     report = RocketReport()
     start = time.perf_counter()
 
-    def time_left() -> bool:
+    checkouts = 0
+
+    def time_left() -> bool:  # and batches left: called once before each check-out
+        nonlocal checkouts
+        if max_batches is not None and checkouts >= max_batches:
+            return False
+        checkouts += 1
         return time_limit_s is None or time.perf_counter() - start < time_limit_s
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="amdflow-launchpad") as io:
@@ -96,12 +114,12 @@ def run_batched_rocket(lp: Any, batch_size: int = 256, time_limit_s: float | Non
             next_claims = submit(launcher.checkout, batch_size) if time_left() else None
             report.batches += 1
             with _Heartbeat(launcher, claims, ping_s or PING_TIME_SECS):
-                results = _predict_batch(db, claims, workers, report)
+                results = _BATCHES[stage](db, claims, workers, report)
             pending.append(submit(launcher.complete, results))
             while pending and pending[0].done():
                 pending.pop(0).result()
             if progress:
-                progress(report.fireworks + report.fizzled, 0, "batched predictions")
+                progress(report.fireworks + report.fizzled, 0, f"batched {stage}")
         for fut in pending:
             fut.result()
     report.seconds = time.perf_counter() - start
@@ -125,31 +143,54 @@ def _run_now(func: Any, *args: Any) -> _Done:
     return _Done(func(*args))
 
 
-def _predict_batch(db: AmdflowDB, claims: list[Any], workers: int, report: RocketReport) -> list[tuple[Any, Any, str]]:
-    """One batched prediction; (claim, FWAction, state) for each launch. A broken candidate fizzles alone."""
+def _run_batch(db: AmdflowDB, claims: list[Any], workers: int, report: RocketReport, stage: str,
+               run: Any, action: Any) -> list[tuple[Any, Any, str]]:
+    """One batch of ``stage``; (claim, FWAction, state) for each launch. A broken candidate fizzles alone.
+
+    ``run(db, ids, workers)`` returns outcomes with ``candidate_id`` and ``error``;
+    ``action(outcome, spec)`` is the FWAction of a finished one (the Firetask's own).
+    """
     from fireworks import FWAction
 
     from amdflow import stages
-    from amdflow.firetasks.stages import predict_action
 
     ids = [c.fw.spec["candidate_id"] for c in claims]
     failure: BaseException | None = None
     try:
-        outcomes = {o.candidate_id: o for o in stages.predict_stage(db, ids, workers=workers)}
-    except Exception as err:  # the whole batch failed (database, checkpoint): fizzle each launch
+        outcomes = {o.candidate_id: o for o in run(db, ids, workers)}
+    except Exception as err:  # the whole batch failed (database, checkpoint, model): fizzle each launch
         outcomes, failure = {}, err
         for cid in ids:
-            stages.record_failure(db, cid, "predict", err)
+            stages.record_failure(db, cid, stage, err)
     results = []
     for claim in claims:
         out = outcomes.get(claim.fw.spec["candidate_id"])
         if out is not None and not out.error:
-            results.append((claim, predict_action(out), "COMPLETED"))
+            results.append((claim, action(out, claim.fw.spec), "COMPLETED"))
             report.fireworks += 1
         else:
             message = out.error if out is not None else f"{type(failure).__name__}: {failure}"
             trace = "".join(traceback.format_exception(failure)) if failure is not None else message
-            results.append((claim, FWAction(stored_data={"_message": f"predict: {message}",
+            results.append((claim, FWAction(stored_data={"_message": f"{stage}: {message}",
                                                          "_exception": {"_stacktrace": trace}}), "FIZZLED"))
             report.fizzled += 1
     return results
+
+
+def _predict_batch(db: AmdflowDB, claims: list[Any], workers: int, report: RocketReport) -> list[tuple[Any, Any, str]]:
+    from amdflow import stages
+    from amdflow.firetasks.stages import predict_action
+
+    return _run_batch(db, claims, workers, report, "predict", lambda d, ids, w: stages.predict_stage(d, ids, workers=w),
+                      lambda out, spec: predict_action(out))
+
+
+def _funnel_batch(db: AmdflowDB, claims: list[Any], workers: int, report: RocketReport) -> list[tuple[Any, Any, str]]:
+    from amdflow import stages
+    from amdflow.firetasks.stages import funnel_action
+
+    return _run_batch(db, claims, workers, report, "funnel", lambda d, ids, w: stages.funnel_stage(d, ids, workers=w),
+                      funnel_action)
+
+
+_BATCHES = {"predict": _predict_batch, "funnel": _funnel_batch}

@@ -68,6 +68,11 @@ class AmdflowSettings(BaseSettings):
         None, ge=1, description="Torch intra-op threads (default: torch's own choice)."
     )
     predict_batch_size: int = Field(256, ge=1, description="Structures per CGCNN forward pass.")
+    funnel_batch_size: int = Field(64, ge=1, description="Funnel Fireworks relaxed together in one batch (`amdflow run`).")
+    funnel_workers: int | None = Field(None, ge=1, description="Processes for a funnel potential without a batched path "
+                                       "(CHGNet on CPU); default: the CPU count, at most 8.")
+    funnel_max_atoms: int | None = Field(None, ge=8, description="Atoms in one batched forward pass of the funnel's "
+                                         "potential (torch-sim); default 512 on CPU, 20000 on a GPU.")
     rocket_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "WARNING", description="FireWorks log level on the terminal during `amdflow run`."
     )

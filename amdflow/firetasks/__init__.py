@@ -5,6 +5,7 @@ are permanent; never rename or move a class without leaving an alias at the old 
 
 * ``{{amdflow.firetasks.stages.PredictTask}}``
 * ``{{amdflow.firetasks.stages.DedupTask}}``
+* ``{{amdflow.firetasks.stages.FunnelTask}}``
 * ``{{amdflow.firetasks.stages.RelaxTask}}``
 * ``{{amdflow.firetasks.stages.RelaxReferenceTask}}``
 * ``{{amdflow.firetasks.stages.RelaxKnownTask}}``
@@ -14,10 +15,11 @@ are permanent; never rename or move a class without leaving an alias at the old 
 from amdflow.firetasks.stages import (
     AnalyzeTask,
     DedupTask,
+    FunnelTask,
     PredictTask,
     RelaxKnownTask,
     RelaxReferenceTask,
     RelaxTask,
 )
 
-__all__ = ["AnalyzeTask", "DedupTask", "PredictTask", "RelaxKnownTask", "RelaxReferenceTask", "RelaxTask"]
+__all__ = ["AnalyzeTask", "DedupTask", "FunnelTask", "PredictTask", "RelaxKnownTask", "RelaxReferenceTask", "RelaxTask"]

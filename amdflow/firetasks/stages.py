@@ -71,49 +71,89 @@ class DedupTask(_AmdflowTask):
 
 
 @explicit_serialize
+class FunnelTask(_AmdflowTask):
+    """Relax with the funnel's universal potential, place on its ML hull, cut. Cut or a relaxed duplicate: defuse the rest.
+
+    Passed: the relax Firework gets ``_priority`` = -(ML energy above the hull). The batched
+    rocket (``amdflow rocket --stage funnel``) runs many of these in one relaxation batch.
+    """
+
+    required_params = ["candidate_id"]
+
+    def run_task(self, fw_spec: dict[str, Any]) -> FWAction:
+        db = self.db()
+        (out,) = self._guarded(db, "funnel", lambda: stages.funnel_stage(db, [self["candidate_id"]]))
+        if out.error:
+            raise RuntimeError(f"funnel: {out.error}")
+        return funnel_action(out, fw_spec)
+
+
+@explicit_serialize
 class RelaxTask(_AmdflowTask):
-    """Relax the candidate with the campaign's engine; writes a task doc."""
+    """Relax the candidate with the campaign's engine; writes a task doc.
+
+    With the funnel on, the funnel's decision is checked again first: a candidate now
+    outside its cut completes this Firework without relaxing, defusing the rest.
+    """
 
     required_params = ["candidate_id"]
 
     def run_task(self, fw_spec: dict[str, Any]) -> FWAction:
         db = self.db()
         env = fw_spec.get("_fw_env", {})  # the FWorker's env: vasp_cmd, scratch_dir
-        task_id = self._guarded(db, "relax", lambda: stages.relax_candidate_stage(db, self["candidate_id"], Path(os.getcwd()), env))
+        try:
+            task_id = self._guarded(db, "relax", lambda: stages.relax_candidate_stage(db, self["candidate_id"], Path(os.getcwd()), env))
+        except stages.FunnelCut as cut:
+            return FWAction(stored_data={"funnel_cut": str(cut)}, defuse_workflow=True)
         return FWAction(stored_data={"task_id": task_id}, update_spec=_pass_priority(fw_spec))
+
+    def _guarded(self, db: AmdflowDB, stage: str, func: Any) -> Any:
+        try:
+            return func()
+        except stages.FunnelCut:  # a decision, recorded by the stage: not a failure
+            raise
+        except Exception as err:
+            stages.record_failure(db, self["candidate_id"], stage, err)
+            raise
 
 
 @explicit_serialize
 class RelaxReferenceTask(_AmdflowTask):
-    """Relax one elemental reference phase with the campaign's engine and settings."""
+    """Relax one elemental reference phase with the campaign's engine and settings (``level`` funnel: the funnel's potential)."""
 
     required_params = ["campaign", "element", "prototype"]
+    optional_params = ["level"]
 
     def run_task(self, fw_spec: dict[str, Any]) -> FWAction:
-        ref_id = stages.relax_reference_stage(self.db(), self["campaign"], self["element"], self["prototype"], fw_spec.get("_fw_env", {}))
+        ref_id = stages.relax_reference_stage(self.db(), self["campaign"], self["element"], self["prototype"],
+                                              fw_spec.get("_fw_env", {}), self.get("level", "final"))
         return FWAction(stored_data={"ref_id": ref_id})
 
 
 @explicit_serialize
 class RelaxKnownTask(_AmdflowTask):
-    """Relax one imported known phase with the campaign's engine and settings."""
+    """Relax one imported known phase with the campaign's engine and settings (``level`` funnel: the funnel's potential)."""
 
     required_params = ["campaign", "known_id"]
+    optional_params = ["level"]
 
     def run_task(self, fw_spec: dict[str, Any]) -> FWAction:
-        task_id = stages.relax_known_stage(self.db(), self["campaign"], self["known_id"], fw_spec.get("_fw_env", {}))
+        task_id = stages.relax_known_stage(self.db(), self["campaign"], self["known_id"], fw_spec.get("_fw_env", {}),
+                                           self.get("level", "final"))
         return FWAction(stored_data={"task_id": task_id})
 
 
 @explicit_serialize
 class AnalyzeTask(_AmdflowTask):
-    """Hull of the campaign's system (maggma ThermoBuilder), promising/ and the plot."""
+    """Hull of the campaign's system (maggma ThermoBuilder), promising/ and the plot; ``level`` funnel: the funnel's ML hull."""
 
     required_params = ["campaign"]
-    optional_params = ["candidate_id"]
+    optional_params = ["candidate_id", "level"]
 
     def run_task(self, fw_spec: dict[str, Any]) -> FWAction:
         db = self.db()
+        if self.get("level", "final") == "funnel":
+            return FWAction(stored_data=stages.funnel_hull_stage(db, self["campaign"]))
         summary = self._guarded(db, "analyze", lambda: stages.analyze_stage(db, self["campaign"], self.get("candidate_id")))
         return FWAction(stored_data=summary)
 
@@ -124,6 +164,16 @@ def predict_action(out: stages.PredictOutcome) -> FWAction:
     if not out.passed:
         return FWAction(stored_data=stored, defuse_workflow=True)
     return FWAction(stored_data=stored, update_spec={"_priority": priority_from_energy(out.formation_energy_per_atom)})
+
+
+def funnel_action(out: stages.FunnelOutcome, fw_spec: dict[str, Any]) -> FWAction:
+    """What a funnel decision does to its workflow (shared by FunnelTask and the batched rocket)."""
+    stored = {"passed": out.passed, "e_above_hull": out.e_above_hull, "reason": out.reason, "duplicate_of": out.duplicate_of}
+    if not out.passed:
+        return FWAction(stored_data=stored, defuse_workflow=True)
+    if out.e_above_hull is None:  # deferred (no ML hull yet): keep the predicted-energy priority
+        return FWAction(stored_data=stored, update_spec=_pass_priority(fw_spec))
+    return FWAction(stored_data=stored, update_spec={"_priority": stages.priority_from_e_above_hull(out.e_above_hull)})
 
 
 def priority_from_energy(formation_energy_per_atom: float) -> float:

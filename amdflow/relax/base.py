@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from pymatgen.core import Structure
 
-from amdflow.campaign import RelaxConfig, RelaxEngine
+from amdflow.campaign import FunnelConfig, FunnelEngine, RelaxConfig, RelaxEngine
 from amdflow.errors import AmdflowError
 
 
@@ -37,6 +37,37 @@ class Engine(Protocol):
     note: str
 
     def relax(self, structure: Structure, directory: Path | None = None) -> RelaxResult: ...
+
+
+def get_funnel_engine(cfg: FunnelConfig, device: str = "cpu", max_atoms_in_flight: int | None = None) -> Engine:
+    """The universal potential a campaign's funnel asks for (``cfg.enabled`` must be true).
+
+    ``max_atoms_in_flight``: atoms in one batched forward pass (SevenNet through torch-sim).
+    """
+    engine = FunnelEngine(cfg.engine)
+    if engine is FunnelEngine.CHGNET:
+        from amdflow.relax.chgnet_engine import CHGNetEngine
+
+        return CHGNetEngine(cfg, device=device)
+    if engine is FunnelEngine.SEVENNET:
+        from amdflow.relax.sevennet_engine import SevenNetEngine
+
+        return SevenNetEngine(cfg, device=device, max_atoms_in_flight=max_atoms_in_flight)
+    raise AmdflowError("the campaign's funnel is off (funnel.engine: none): it has no engine")
+
+
+def relax_many(engine: Engine, structures: list[Structure], workers: int = 1) -> list[RelaxResult | BaseException]:
+    """Relax many structures with one engine: its batched path when it has one, else one after another."""
+    batched = getattr(engine, "relax_many", None)
+    if batched is not None:
+        return batched(structures, workers)
+    out: list[RelaxResult | BaseException] = []
+    for s in structures:
+        try:
+            out.append(engine.relax(s))
+        except Exception as err:  # one structure's failure is its own result
+            out.append(err)
+    return out
 
 
 def get_engine(cfg: RelaxConfig, device: str = "cpu", env: dict[str, Any] | None = None) -> Engine:

@@ -29,7 +29,9 @@ class CandidateState(StrEnum):
     PASSED = "passed"  # predicted and passed the screen
     SCREENED_OUT = "screened_out"  # predicted above the threshold: children defused
     UNIQUE = "unique"  # kept by dedup, waiting for relax
-    DUPLICATE = "duplicate"  # matches a lower-energy candidate: children defused
+    DUPLICATE = "duplicate"  # matches a lower-energy candidate (unrelaxed, or after the funnel's relaxation): children defused
+    PRERELAXED = "prerelaxed"  # relaxed by the funnel's potential and passed its cut: waiting for the final relax
+    FUNNEL_CUT = "funnel_cut"  # relaxed by the funnel's potential, above its cut on the ML hull: children defused
     RELAXED = "relaxed"  # relaxation finished, task doc written
     ANALYZED = "analyzed"  # formation energy and hull position known
     FAILED = "failed"  # a stage raised; see `error`
@@ -44,6 +46,7 @@ class CampaignDoc(_Doc):
     config: dict[str, Any]
     config_hash: str
     run_type: str = Field(description="Engine + settings key; thermo never mixes run types.")
+    funnel_run_type: str | None = Field(None, description="The funnel's potential (its own ML hull); None: no funnel.")
     output_dir: str
     code_version: str
     model_id: str | None = Field(None, description="sha256 of the CGCNN checkpoint used.")
@@ -79,6 +82,29 @@ class DedupRecord(_Doc):
     compared: int = Field(description="Lower-energy candidates of the same formula compared against.")
 
 
+class FunnelRecord(_Doc):
+    """The funnel's relaxation of a candidate (a universal potential) and its decision on the ML hull."""
+
+    engine: str = Field(description="'chgnet' or 'sevennet'.")
+    model: str = Field(description="The potential, e.g. 'SevenNet-0 (11Jul2024; MPtrj)'.")
+    run_type: str = Field(description="The ML hull this energy belongs to (never mixed with DFT).")
+    task_id: str = Field(description="Task document of the ML relaxation.")
+    energy_per_atom: float = Field(description="ML energy of the relaxed structure, eV/atom.")
+    converged: bool
+    n_steps: int
+    max_force: float = Field(description="Largest residual force (cell included), eV/Angstrom.")
+    formation_energy_per_atom: float | None = Field(None, description="vs the same potential's elemental references, eV/atom.")
+    e_above_hull: float | None = Field(None, description="On the ML hull of the funnel's run type, eV/atom; None: no hull yet.")
+    max_e_above_hull: float = Field(description="The cut applied, eV/atom.")
+    rank: int | None = Field(None, description="1-based rank of its ML energy among its formula's funnel-relaxed candidates.")
+    passed: bool = Field(description="Goes on to the final relax.")
+    deferred: bool = Field(False, description="Passed without a hull (the potential's references not relaxed yet): "
+                           "the relax Firework's check decides.")
+    duplicate_of: str | None = Field(None, description="Relaxed into the same crystal as this candidate (lower ML energy).")
+    reason: str | None = Field(None, description="Why it does not go to the final relax.")
+    checked_at_relax: dict[str, Any] | None = Field(None, description="The decision again just before the final relax.")
+
+
 class CandidateDoc(_Doc):
     """One substituted structure."""
 
@@ -95,6 +121,7 @@ class CandidateDoc(_Doc):
     state: CandidateState = CandidateState.GENERATED
     prediction: Prediction | None = None
     dedup: DedupRecord | None = None
+    funnel: FunnelRecord | None = None
     task_id: str | None = None
     thermo: dict[str, Any] | None = Field(None, description="Hull summary after analyze (eV/atom).")
     error: str | None = None
@@ -110,6 +137,7 @@ class TaskDoc(_Doc):
 
     task_id: str
     kind: str = Field(description="'candidate', 'reference' or 'known'.")
+    level: str = Field("final", description="'final': the campaign's relax engine; 'funnel': the funnel's potential.")
     candidate_id: str | None = None
     campaign: str | None = None
     formula: str

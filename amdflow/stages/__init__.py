@@ -8,6 +8,7 @@ FireWorks here: the Firetasks in :mod:`amdflow.firetasks` translate outcomes int
 * :mod:`~amdflow.stages.common`: stored campaign settings, candidate state, claims
 * :mod:`~amdflow.stages.predict`: CGCNN prediction and the screen
 * :mod:`~amdflow.stages.dedup`: one representative per structure family
+* :mod:`~amdflow.stages.funnel`: universal-potential relaxation, its ML hull and cut
 * :mod:`~amdflow.stages.relax`: candidates and elemental references, task documents
 * :mod:`~amdflow.stages.known`: known phases imported and relaxed the campaign's way
 * :mod:`~amdflow.stages.analyze`: hull, promising/, plots
@@ -31,6 +32,7 @@ from amdflow.stages.common import (
     HULL_CLAIM_STALE_S,
     campaign_doc,
     claim,
+    funnel_run_type_of,
     load_campaign_config,
     load_candidate,
     record_failure,
@@ -38,6 +40,14 @@ from amdflow.stages.common import (
     set_state,
 )
 from amdflow.stages.dedup import SCREENED_BY_TOP_K, dedup_stage, top_k_rank
+from amdflow.stages.funnel import (
+    FunnelCut,
+    FunnelOutcome,
+    funnel_hull_stage,
+    funnel_stage,
+    priority_from_e_above_hull,
+    refresh_funnel_hull,
+)
 from amdflow.stages.known import (
     KnownReport,
     import_known_phases,
@@ -46,6 +56,7 @@ from amdflow.stages.known import (
 )
 from amdflow.stages.predict import PredictOutcome, predict_stage
 from amdflow.stages.relax import (
+    level_engine,
     pending_references,
     reference_id,
     reference_structure,
@@ -56,10 +67,44 @@ from amdflow.stages.relax import (
 from amdflow.stages.training import campaign_training_data
 
 __all__ = [
-    "CLAIM_STALE_S", "HULL_CLAIM_STALE_S", "PLOT_FILE", "PLOT_HTML", "PROMISING_DIR", "SCREENED_BY_TOP_K",
-    "KnownReport", "PredictOutcome", "analyze_stage", "campaign_doc", "campaign_thermo", "campaign_training_data",
-    "claim", "dedup_stage", "import_known_phases", "known_reference_id", "load_campaign_config", "load_candidate",
-    "pending_references", "predict_stage", "promising_rows", "record_failure", "reference_id", "reference_structure",
-    "refresh_outputs", "relax_candidate_stage", "relax_known_stage", "relax_reference_stage", "run_type_of", "set_state",
-    "task_doc", "top_k_rank",
+    "CLAIM_STALE_S",
+    "HULL_CLAIM_STALE_S",
+    "PLOT_FILE",
+    "PLOT_HTML",
+    "PROMISING_DIR",
+    "SCREENED_BY_TOP_K",
+    "FunnelCut",
+    "FunnelOutcome",
+    "KnownReport",
+    "PredictOutcome",
+    "analyze_stage",
+    "campaign_doc",
+    "campaign_thermo",
+    "campaign_training_data",
+    "claim",
+    "dedup_stage",
+    "funnel_hull_stage",
+    "funnel_run_type_of",
+    "funnel_stage",
+    "import_known_phases",
+    "known_reference_id",
+    "level_engine",
+    "load_campaign_config",
+    "load_candidate",
+    "pending_references",
+    "predict_stage",
+    "priority_from_e_above_hull",
+    "promising_rows",
+    "record_failure",
+    "reference_id",
+    "reference_structure",
+    "refresh_funnel_hull",
+    "refresh_outputs",
+    "relax_candidate_stage",
+    "relax_known_stage",
+    "relax_reference_stage",
+    "run_type_of",
+    "set_state",
+    "task_doc",
+    "top_k_rank",
 ]

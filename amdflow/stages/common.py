@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from amdflow import __version__
-from amdflow.campaign import CampaignConfig, campaign_from_dict
+from amdflow.campaign import CampaignConfig, stored_campaign_from_dict
 from amdflow.db import AmdflowDB
 from amdflow.errors import AmdflowError
 from amdflow.schemas import CampaignDoc, CandidateState, utcnow
@@ -24,6 +24,15 @@ def run_type_of(cfg: CampaignConfig) -> str:
     return get_engine(cfg.relax).run_type
 
 
+def funnel_run_type_of(cfg: CampaignConfig) -> str | None:
+    """Run type of the funnel's potential (its own hull), or None without a funnel."""
+    if not cfg.funnel.enabled:
+        return None
+    from amdflow.relax import get_funnel_engine
+
+    return get_funnel_engine(cfg.funnel).run_type
+
+
 def campaign_doc(cfg: CampaignConfig) -> CampaignDoc:
     return CampaignDoc(
         name=cfg.name,
@@ -32,6 +41,7 @@ def campaign_doc(cfg: CampaignConfig) -> CampaignDoc:
         config=cfg.model_dump(mode="json"),
         config_hash=cfg.config_hash(),
         run_type=run_type_of(cfg),
+        funnel_run_type=funnel_run_type_of(cfg),
         output_dir=str(cfg.output_dir),
         code_version=__version__,
     )
@@ -41,7 +51,7 @@ def load_campaign_config(db: AmdflowDB, name: str) -> tuple[CampaignConfig, dict
     doc = db.campaigns.find_one({"name": name}, {"_id": 0})
     if doc is None:
         raise AmdflowError(f"campaign '{name}' is not in the database: add it with `amdflow add CAMPAIGN.yaml`")
-    return campaign_from_dict(doc["config"], source=f"campaign '{name}' (stored)"), doc
+    return stored_campaign_from_dict(doc["config"], source=f"campaign '{name}' (stored)"), doc
 
 
 def set_state(db: AmdflowDB, candidate_id: str, state: CandidateState, **fields: Any) -> None:

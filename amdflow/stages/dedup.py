@@ -92,8 +92,14 @@ def _dedup_decision(db: AmdflowDB, candidate_id: str) -> str | None:
 
 
 def _decided_unique(db: AmdflowDB, doc: dict[str, Any]) -> set[str]:
-    """Ids of the formula's candidates already kept by dedup (representatives)."""
+    """Ids of the formula's candidates already kept by dedup (representatives).
+
+    Kept by dedup and then anything later stages made of them: waiting, relaxed by the
+    funnel (passed or cut, or a duplicate only after that relaxation), relaxed, analyzed.
+    """
+    later = [CandidateState.UNIQUE, CandidateState.PRERELAXED, CandidateState.FUNNEL_CUT, CandidateState.DUPLICATE,
+             CandidateState.RELAXED, CandidateState.ANALYZED]
     return {c["candidate_id"] for c in db.candidates.find(
         {"campaign": doc["campaign"], "formula": doc["formula"], "dedup.duplicate_of": None, "dedup.compared": {"$exists": True},
-         "state": {"$in": [CandidateState.UNIQUE.value, CandidateState.RELAXED.value, CandidateState.ANALYZED.value]}},
+         "state": {"$in": [s.value for s in later]}},
         {"candidate_id": 1})}

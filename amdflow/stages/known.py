@@ -14,9 +14,8 @@ from amdflow.campaign import CampaignConfig
 from amdflow.db import AmdflowDB, bulk_write
 from amdflow.errors import AmdflowError
 from amdflow.schemas import ReferenceDoc, utcnow
-from amdflow.settings import get_settings, resolve_device
 from amdflow.stages.common import load_campaign_config
-from amdflow.stages.relax import task_doc
+from amdflow.stages.relax import level_engine, task_doc
 
 
 @dataclass
@@ -74,20 +73,19 @@ def known_reference_id(known_id: str, run_type: str) -> str:
     return f"known-{known_id}-{run_type}"
 
 
-def relax_known_stage(db: AmdflowDB, campaign: str, known_id: str, env: dict[str, Any] | None = None) -> str:
-    """Relax an imported known phase with the campaign's engine and settings (task kind 'known')."""
-    from amdflow.relax import get_engine
-
+def relax_known_stage(db: AmdflowDB, campaign: str, known_id: str, env: dict[str, Any] | None = None,
+                      level: str = "final") -> str:
+    """Relax an imported known phase with the campaign's engine (or, level 'funnel', the funnel's potential)."""
     cfg, _ = load_campaign_config(db, campaign)
     known = db.known.find_one({"known_id": known_id}, {"_id": 0})
     if known is None or not known.get("structure"):
         raise AmdflowError(f"known phase {known_id} not found or without a structure: re-run `amdflow add`")
-    engine = get_engine(cfg.relax, resolve_device(get_settings()), env)
+    engine, settings = level_engine(cfg, level, env)
     structure = Structure.from_dict(known["structure"])
     result = engine.relax(structure)
     task_id = known_reference_id(known_id, engine.run_type)
-    task = task_doc("known", task_id, structure, result, engine, cfg, None, None, None,
-                     known_id=known_id, source=known["source"])
+    task = task_doc("known", task_id, structure, result, engine, cfg, None, None, None, settings=settings, level=level,
+                    known_id=known_id, source=known["source"])
     db.tasks.replace_one({"task_id": task_id}, task.to_mongo(), upsert=True)
     db.references.update_one({"ref_id": task_id}, {"$set": {"state": "relaxed", "energy_per_atom": result.energy_per_atom, "task_id": task_id}})
     return task_id

@@ -17,7 +17,8 @@ from amdflow.stages.common import load_campaign_config, load_candidate, set_stat
 
 def task_doc(kind: str, task_id: str, structure: Structure, result: Any, engine: Any, cfg: CampaignConfig,
               directory: Path | None, candidate_id: str | None = None, campaign: str | None = None,
-              **extra: Any) -> TaskDoc:
+              settings: dict[str, Any] | None = None, **extra: Any) -> TaskDoc:
+    """The task document of one relaxation; ``settings`` default to the campaign's relax settings."""
     comp = result.final_structure.composition
     return TaskDoc(
         task_id=task_id, kind=kind, candidate_id=candidate_id, campaign=campaign,
@@ -27,7 +28,7 @@ def task_doc(kind: str, task_id: str, structure: Structure, result: Any, engine:
         input_structure=structure.as_dict(), final_structure=result.final_structure.as_dict(),
         energy=result.energy, energy_per_atom=result.energy_per_atom, converged=result.converged,
         n_steps=result.n_steps, max_force=result.max_force, run_time_s=result.run_time_s,
-        settings=cfg.relax.model_dump(mode="json"), details=result.details,
+        settings=settings if settings is not None else cfg.relax.model_dump(mode="json"), details=result.details,
         dir_name=str(directory) if directory else result.details.get("dir_name"), **extra,
     )
 
@@ -41,6 +42,10 @@ def relax_candidate_stage(db: AmdflowDB, candidate_id: str, directory: Path | No
     cfg, _ = load_campaign_config(db, doc["campaign"])
     engine = get_engine(cfg.relax, resolve_device(get_settings()), env)
     structure = Structure.from_dict(doc["structure"])
+    if cfg.funnel.enabled:  # the funnel's decision again on its hull as it stands (raises FunnelCut)
+        from amdflow.stages.funnel import check_before_relax
+
+        structure = check_before_relax(db, cfg, doc) or structure  # the final relax starts from the ML-relaxed cell
     resume = doc.get("resume") or {}
     start = Structure.from_dict(resume["structure"]) if resume.get("structure") else structure
     try:
@@ -82,16 +87,27 @@ def reference_structure(element: str, prototype: str) -> Structure:
     return substitute(s, {s[0].specie.symbol: element}, scale_volume=True)
 
 
-def relax_reference_stage(db: AmdflowDB, campaign: str, element: str, prototype: str, env: dict[str, Any] | None = None) -> str:
-    """Relax one elemental reference phase the way candidates are relaxed (same engine, same settings)."""
-    from amdflow.relax import get_engine
+def level_engine(cfg: CampaignConfig, level: str, env: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """(engine, settings) of a relaxation level: 'final' the campaign's relax engine, 'funnel' the funnel's potential."""
+    from amdflow.relax import get_engine, get_funnel_engine
 
+    device = resolve_device(get_settings())
+    if level == "funnel":
+        return get_funnel_engine(cfg.funnel, device), cfg.funnel.model_dump(mode="json")
+    if level != "final":
+        raise AmdflowError(f"unknown relaxation level '{level}': 'final' or 'funnel'")
+    return get_engine(cfg.relax, device, env), cfg.relax.model_dump(mode="json")
+
+
+def relax_reference_stage(db: AmdflowDB, campaign: str, element: str, prototype: str, env: dict[str, Any] | None = None,
+                          level: str = "final") -> str:
+    """Relax one elemental reference phase the way candidates are relaxed at ``level`` (same engine, same settings)."""
     cfg, _ = load_campaign_config(db, campaign)
-    engine = get_engine(cfg.relax, resolve_device(get_settings()), env)
+    engine, settings = level_engine(cfg, level, env)
     structure = reference_structure(element, prototype)
     result = engine.relax(structure)
     ref_id = reference_id(element, prototype, engine.run_type)
-    task = task_doc("reference", ref_id, structure, result, engine, cfg, None, None, None)
+    task = task_doc("reference", ref_id, structure, result, engine, cfg, None, None, None, settings=settings, level=level)
     db.tasks.replace_one({"task_id": ref_id}, task.to_mongo(), upsert=True)
     db.references.update_one(
         {"ref_id": ref_id},

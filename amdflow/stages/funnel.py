@@ -1,0 +1,301 @@
+"""Funnel: relax the candidates dedup kept with a universal potential, place them on that
+potential's own hull, and send to the final relax (DFT) only those close to it.
+
+CGCNN on unrelaxed substitutions is a weak stability filter (``../shared/design/funnel.md``);
+a universal potential that relaxes the structure ranks far better. The rules here:
+
+* **One potential per hull.** The funnel's relaxations are task documents of the
+  potential's run type (``level: funnel``); the elemental references and known phases of
+  that hull are relaxed with the same potential (reference and known workflows at the
+  funnel level), and the ThermoBuilder builds its hull like any other. No ML energy is
+  ever placed on a DFT hull or the reverse: run types are never mixed.
+* **The hull as it stands.** A candidate is decided on the ML hull at the time its
+  relaxation finishes (its batch included). The relax Firework checks again just before
+  the final relaxation starts (candidates relaxed later may have lowered the hull) and
+  stops there, with the reason, if the candidate is now above the cut.
+* **Dedup again.** Two templates can relax into one crystal: a relaxed candidate that
+  matches another of its formula (StructureMatcher, the campaign's tolerances) is a
+  duplicate of the one with the lower ML energy, unless the other's final relaxation has
+  started (that one is kept: it has been paid for). Decisions of one formula are
+  serialized by a claim.
+* **Priorities.** A candidate that passes hands its ML energy above the hull to its relax
+  Firework as ``_priority`` (lowest first); when a later build moves a waiting
+  candidate's position, its relax Firework's priority follows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pymatgen.core import Structure
+from pymongo import ReplaceOne, UpdateOne
+
+from amdflow.campaign import CampaignConfig
+from amdflow.db import AmdflowDB, bulk_write
+from amdflow.errors import AmdflowError
+from amdflow.schemas import CandidateState, FunnelRecord, utcnow
+from amdflow.settings import get_settings, resolve_device
+from amdflow.stages.common import (
+    HULL_CLAIM_STALE_S,
+    claim,
+    failpoint_delay,
+    load_campaign_config,
+    record_failure,
+    set_state,
+)
+from amdflow.stages.relax import task_doc
+
+logger = logging.getLogger(__name__)
+
+LEVEL = "funnel"
+#: States of candidates the funnel relaxed and kept (passed or cut; a duplicate is neither)
+KEPT_AFTER_FUNNEL = (CandidateState.PRERELAXED.value, CandidateState.FUNNEL_CUT.value,
+                     CandidateState.RELAXED.value, CandidateState.ANALYZED.value)
+
+
+class FunnelCut(Exception):
+    """The relax stage's check: the candidate is no longer within the funnel's cut (reason in the message)."""
+
+
+@dataclass(frozen=True)
+class FunnelOutcome:
+    candidate_id: str
+    passed: bool
+    e_above_hull: float | None = None
+    reason: str | None = None
+    duplicate_of: str | None = None
+    deferred: bool = False
+    error: str | None = None  # the relaxation failed: the candidate is marked failed, its Firework fizzles
+
+
+def funnel_engine(cfg: CampaignConfig) -> Any:
+    from amdflow.relax import get_funnel_engine
+
+    settings = get_settings()
+    return get_funnel_engine(cfg.funnel, resolve_device(settings), settings.funnel_max_atoms)
+
+
+def funnel_task_id(candidate_id: str, run_type: str) -> str:
+    return f"{candidate_id}-funnel-{run_type}"
+
+
+def priority_from_e_above_hull(e_above_hull: float) -> float:
+    """The relax Firework's ``_priority``: lower ML energy above the hull runs first (FireWorks runs high first)."""
+    return round(-float(e_above_hull), 6)
+
+
+# ---------------------------------------------------------------- the stage
+def funnel_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> list[FunnelOutcome]:
+    """Relax a batch of candidates with the funnel's potential, rebuild its hull, decide each one.
+
+    ``workers``: processes for potentials without a batched path (CHGNet on CPU). A
+    candidate whose relaxation fails is marked failed and returned with ``error``.
+    """
+    from amdflow.relax import relax_many
+
+    failpoint_delay("AMDFLOW_FAILPOINT_FUNNEL_DELAY_S")  # tests: a batch surely mid-run when killed
+    docs = list(db.candidates.find({"candidate_id": {"$in": candidate_ids}},
+                                   {"_id": 0, "candidate_id": 1, "campaign": 1, "formula": 1, "structure": 1, "prediction": 1}))
+    found = {d["candidate_id"] for d in docs}
+    missing = [c for c in candidate_ids if c not in found]
+    if missing:
+        raise AmdflowError(f"candidates {missing[:3]} are not in the database: re-add the campaign")
+    outcomes: list[FunnelOutcome] = []
+    by_campaign: dict[str, list[dict[str, Any]]] = {}
+    for d in docs:
+        by_campaign.setdefault(d["campaign"], []).append(d)
+    for name, group in by_campaign.items():
+        cfg, _ = load_campaign_config(db, name)
+        if not cfg.funnel.enabled:
+            raise AmdflowError(f"campaign '{name}' has no funnel (funnel.engine: none) but funnel Fireworks: "
+                               "its settings changed after `amdflow add`; set funnel.engine again or re-add it")
+        engine = funnel_engine(cfg)
+        structures = [Structure.from_dict(d["structure"]) for d in group]
+        results = relax_many(engine, structures, workers)
+        tasks, relaxed = [], []
+        for d, s, r in zip(group, structures, results, strict=True):
+            if isinstance(r, BaseException):
+                record_failure(db, d["candidate_id"], "funnel", r)
+                outcomes.append(FunnelOutcome(d["candidate_id"], False, error=f"{type(r).__name__}: {r}"))
+                continue
+            tid = funnel_task_id(d["candidate_id"], engine.run_type)
+            task = task_doc("candidate", tid, s, r, engine, cfg, None, d["candidate_id"], name, level=LEVEL,
+                            settings=cfg.funnel.model_dump(mode="json"))
+            tasks.append(ReplaceOne({"task_id": tid}, task.to_mongo(), upsert=True))
+            relaxed.append((d, r, tid))
+        bulk_write(db.tasks, tasks)
+        refresh_funnel_hull(db, cfg, engine.run_type)
+        by_formula: dict[str, list[tuple[dict[str, Any], Any, str]]] = {}
+        for item in relaxed:
+            by_formula.setdefault(item[0]["formula"], []).append(item)
+        for formula, items in sorted(by_formula.items()):
+            with claim(db, f"funnel:{name}:{formula}"):
+                for d, r, tid in sorted(items, key=lambda it: (it[1].energy_per_atom, it[0]["candidate_id"])):
+                    outcomes.append(_decide(db, cfg, engine, d["candidate_id"], formula, tid, r))
+    return outcomes
+
+
+def _decide(db: AmdflowDB, cfg: CampaignConfig, engine: Any, candidate_id: str, formula: str, task_id: str,
+            result: Any) -> FunnelOutcome:
+    """Second dedup, ML hull position and rank, cut: one candidate, inside its formula's claim."""
+    energy = float(result.energy_per_atom)
+    peers = _kept_peers(db, cfg.name, formula, candidate_id, engine.run_type)
+    dup, demoted = _second_dedup(db, cfg, candidate_id, energy, result.final_structure, peers)
+    thermo = _ml_thermo(db, cfg, engine.run_type, [task_id]).get(task_id)
+    e_hull = None if thermo is None else thermo["e_above_hull"]
+    alive = [p for p in peers if p["candidate_id"] not in demoted]
+    rank = 1 + sum((p["funnel"]["energy_per_atom"], p["candidate_id"]) < (energy, candidate_id) for p in alive)
+    reason = _cut_reason(cfg, engine.run_type, e_hull, rank)
+    if dup is not None:
+        reason = f"funnel: relaxed into the same crystal as {dup} (lower ML energy on the {engine.run_type} hull)"
+    record = FunnelRecord(
+        engine=engine.name, model=_model_label(engine), run_type=engine.run_type, task_id=task_id, energy_per_atom=energy,
+        converged=result.converged, n_steps=result.n_steps, max_force=result.max_force,
+        formation_energy_per_atom=None if thermo is None else thermo["formation_energy_per_atom"], e_above_hull=e_hull,
+        max_e_above_hull=cfg.funnel.max_e_above_hull, rank=rank, passed=reason is None, deferred=e_hull is None and dup is None,
+        duplicate_of=dup, reason=reason,
+    )
+    state = (CandidateState.DUPLICATE if dup else CandidateState.PRERELAXED if reason is None else CandidateState.FUNNEL_CUT)
+    set_state(db, candidate_id, state, funnel=record.to_mongo(), error=None)
+    return FunnelOutcome(candidate_id, reason is None, e_hull, reason, dup, record.deferred)
+
+
+def _model_label(engine: Any) -> str:
+    from amdflow.campaign import SEVENNET_MODELS
+
+    if engine.name == "sevennet":
+        return SEVENNET_MODELS.get(engine.model_name, engine.model_name)
+    return "CHGNet"
+
+
+def _cut_reason(cfg: CampaignConfig, run_type: str, e_hull: float | None, rank: int | None) -> str | None:
+    cut, top_k = cfg.funnel.max_e_above_hull, cfg.funnel.top_k_per_formula
+    if e_hull is not None and e_hull > cut:
+        return f"funnel: e_above_hull {e_hull:.3f} > {cut} on the {run_type} hull"
+    if top_k is not None and rank is not None and rank > top_k:
+        return f"funnel: ML energy rank {rank} of its formula; top_k_per_formula is {top_k}"
+    return None
+
+
+def _kept_peers(db: AmdflowDB, campaign: str, formula: str, candidate_id: str, run_type: str) -> list[dict[str, Any]]:
+    """The formula's other candidates relaxed by this potential and kept (passed or cut; not duplicates)."""
+    return list(db.candidates.find(
+        {"campaign": campaign, "formula": formula, "candidate_id": {"$ne": candidate_id}, "funnel.run_type": run_type,
+         "funnel.duplicate_of": None, "state": {"$in": list(KEPT_AFTER_FUNNEL)}},
+        {"_id": 0, "candidate_id": 1, "state": 1, "funnel": 1}))
+
+
+def _second_dedup(db: AmdflowDB, cfg: CampaignConfig, candidate_id: str, energy: float, structure: Structure,
+                  peers: list[dict[str, Any]]) -> tuple[str | None, list[str]]:
+    """(the kept peer this relaxed candidate duplicates or None, the peers it beat and made its duplicates)."""
+    if not peers:
+        return None, []
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    matcher = StructureMatcher(ltol=cfg.dedup.ltol, stol=cfg.dedup.stol, angle_tol=cfg.dedup.angle_tol)
+    finals = {t["task_id"]: Structure.from_dict(t["final_structure"]) for t in db.tasks.find(
+        {"task_id": {"$in": [p["funnel"]["task_id"] for p in peers]}}, {"_id": 0, "task_id": 1, "final_structure": 1})}
+    demote = []
+    for p in sorted(peers, key=lambda p: (p["funnel"]["energy_per_atom"], p["candidate_id"])):
+        other = finals.get(p["funnel"]["task_id"])
+        if other is None or not matcher.fit(structure, other):
+            continue
+        started = p["state"] in (CandidateState.RELAXED.value, CandidateState.ANALYZED.value) or p["funnel"].get("checked_at_relax")
+        if started or (p["funnel"]["energy_per_atom"], p["candidate_id"]) < (energy, candidate_id):
+            return str(p["candidate_id"]), []
+        demote.append(p["candidate_id"])
+    for other_id in demote:  # this candidate is the lower-energy member: the others wait for nothing
+        reason = f"funnel: relaxed into the same crystal as {candidate_id} (lower ML energy)"
+        db.candidates.update_one({"candidate_id": other_id, "state": {"$in": list(KEPT_AFTER_FUNNEL[:2])}},
+                                 {"$set": {"state": CandidateState.DUPLICATE.value, "updated_at": utcnow(),
+                                           "funnel.duplicate_of": candidate_id, "funnel.passed": False, "funnel.reason": reason}})
+    return None, demote
+
+
+def _ml_thermo(db: AmdflowDB, cfg: CampaignConfig, run_type: str, task_ids: list[str]) -> dict[str, dict[str, Any]]:
+    return {t["material_id"]: t for t in db.thermo.find(
+        {"material_id": {"$in": task_ids}, "hull_chemsys": cfg.chemsys, "run_type": run_type},
+        {"_id": 0, "material_id": 1, "e_above_hull": 1, "formation_energy_per_atom": 1})}
+
+
+# ---------------------------------------------------------------- the ML hull
+def refresh_funnel_hull(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> int:
+    """Build the funnel's hull (incremental: nothing when nothing changed); follow it on waiting candidates.
+
+    Candidates whose ML hull position changed get it on their funnel record, and their
+    relax Firework, while it waits, the matching ``_priority``. Returns the changed count.
+    """
+    from amdflow.builders.thermo import ThermoBuilder, run_builder
+
+    builder = ThermoBuilder.from_db(db, run_types=[run_type], chemsys=[cfg.chemsys],
+                                    include_unconverged=cfg.analyze.include_unconverged)
+    with claim(db, f"hull:{run_type}:{cfg.chemsys}", stale_s=HULL_CLAIM_STALE_S):
+        run_builder(builder)
+    changed = {d["candidate_id"]: d for d in builder.changed
+               if d.get("candidate_id") and d.get("campaign") == cfg.name and d["hull_chemsys"] == cfg.chemsys}
+    if not changed:
+        return 0
+    ops, relax_fws = [], {}
+    for c in db.candidates.find({"candidate_id": {"$in": sorted(changed)}, "funnel.run_type": run_type},
+                                {"candidate_id": 1, "fw_ids": 1, "state": 1}):
+        t = changed[c["candidate_id"]]
+        ops.append(UpdateOne({"candidate_id": c["candidate_id"]}, {"$set": {
+            "funnel.e_above_hull": t["e_above_hull"], "funnel.formation_energy_per_atom": t["formation_energy_per_atom"]}}))
+        if c["state"] == CandidateState.PRERELAXED.value and (c.get("fw_ids") or {}).get("relax"):
+            relax_fws[c["fw_ids"]["relax"]] = priority_from_e_above_hull(t["e_above_hull"])
+    bulk_write(db.candidates, ops)
+    bulk_write(db.launchpad.fireworks, [UpdateOne({"fw_id": fw_id, "state": {"$in": ["WAITING", "READY"]}},
+                                                  {"$set": {"spec._priority": p}}) for fw_id, p in relax_fws.items()])
+    return len(changed)
+
+
+def funnel_hull_stage(db: AmdflowDB, campaign: str) -> dict[str, Any]:
+    """The funnel-level analyze step (after the potential's references or known phases): rebuild its hull."""
+    cfg, _ = load_campaign_config(db, campaign)
+    run_type = funnel_engine(cfg).run_type
+    changed = refresh_funnel_hull(db, cfg, run_type)
+    q = {"hull_chemsys": cfg.chemsys, "run_type": run_type}
+    return {"run_type": run_type, "thermo": db.thermo.count_documents(q), "changed": changed}
+
+
+# ---------------------------------------------------------------- the check before the final relax
+def check_before_relax(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any]) -> Structure | None:
+    """The funnel's decision again, on the hull as it stands, just before the final relax starts.
+
+    Returns the funnel's relaxed structure (where the final relax starts), or None when the
+    candidate never went through the funnel. Raises :class:`FunnelCut` when it is now
+    outside the cut (its state and reason are recorded), and :class:`AmdflowError` when
+    the funnel's hull still has no place for it (its references are not relaxed).
+    """
+    record = doc.get("funnel")
+    if not record:
+        return None
+    cid = doc["candidate_id"]
+    if record.get("duplicate_of"):
+        raise FunnelCut(record.get("reason") or f"funnel: relaxed into the same crystal as {record['duplicate_of']}")
+    run_type = record["run_type"]
+    refresh_funnel_hull(db, cfg, run_type)
+    thermo = _ml_thermo(db, cfg, run_type, [record["task_id"]]).get(record["task_id"])
+    if thermo is None:
+        raise AmdflowError(f"candidate {cid}: no place on the funnel's {run_type} hull of {cfg.chemsys} yet: its elemental "
+                           "references at the funnel level are not relaxed (FIZZLED or not run): run them, then "
+                           "`amdflow rerun CAMPAIGN --fizzled`")
+    with claim(db, f"funnel:{cfg.name}:{doc['formula']}"):
+        peers = _kept_peers(db, cfg.name, doc["formula"], cid, run_type)
+        rank = 1 + sum((p["funnel"]["energy_per_atom"], p["candidate_id"]) < (record["energy_per_atom"], cid) for p in peers)
+        reason = _cut_reason(cfg, run_type, thermo["e_above_hull"], rank)
+        check = {"e_above_hull": thermo["e_above_hull"], "rank": rank, "max_e_above_hull": cfg.funnel.max_e_above_hull,
+                 "passed": reason is None, "at": utcnow()}
+        fields: dict[str, Any] = {"funnel.checked_at_relax": check, "funnel.e_above_hull": thermo["e_above_hull"],
+                                  "funnel.formation_energy_per_atom": thermo["formation_energy_per_atom"], "funnel.rank": rank}
+        if reason is not None:
+            reason = f"{reason} (checked before the final relax)"
+            set_state(db, cid, CandidateState.FUNNEL_CUT, **fields, **{"funnel.passed": False, "funnel.reason": reason})
+            raise FunnelCut(reason)
+        db.candidates.update_one({"candidate_id": cid}, {"$set": fields})
+    task = db.tasks.find_one({"task_id": record["task_id"]}, {"final_structure": 1})
+    if task is None:
+        raise AmdflowError(f"candidate {cid}: the funnel's task {record['task_id']} is missing: rerun its funnel Firework")
+    return Structure.from_dict(task["final_structure"])
