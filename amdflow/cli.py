@@ -324,6 +324,12 @@ def _status_table(info: dict[str, Any]) -> Table:
     for group in ("candidates", "fireworks", "references", "thermo"):
         for state, n in info[group].items():
             table.add_row(group, state, str(n))
+    funnel = info.get("funnel") or {}
+    if funnel:
+        for key in ("relaxed", "passed", "cut", "relaxed_duplicates", "deferred", "failed", "hull_materials"):
+            table.add_row(f"funnel ({funnel['run_type']})" if key == "relaxed" else "funnel", key, str(funnel[key]))
+        for state, n in funnel["references"].items():
+            table.add_row("funnel", f"references {state}", str(n))
     for stage, t in info["stage_times"].items():
         table.add_row("run time", stage, f"{t['launches']} x {t['mean_s']:.2f} s = {t['total_s']:.1f} s")
     return table
@@ -393,24 +399,38 @@ def hull(
 @handle_errors
 def rocket(
     launchpad: LaunchpadOpt = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Predict Fireworks checked out per batch.")] = 256,
+    stage: Annotated[str, typer.Option(help="auto (all GPU work: predict, then the funnel's references, then funnel "
+                                            "batches), predict (CGCNN) or funnel (the funnel's universal potential).")] = "auto",
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Fireworks checked out per batch (default: 256 predict, "
+                                                              "AMDFLOW_FUNNEL_BATCH_SIZE funnel).")] = None,
     time_limit: Annotated[float | None, typer.Option(help="Stop after this many seconds (e.g. the job's walltime minus a margin).")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Featurization processes.")] = 1,
-    campaign: Annotated[str | None, typer.Option(help="Only this campaign's predict Fireworks.")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="predict: featurization processes (1); funnel: processes for "
+                                                           "CHGNet on CPU (default: the cores).")] = None,
+    campaign: Annotated[str | None, typer.Option(help="Only this campaign's Fireworks.")] = None,
 ) -> None:
-    """Batched GPU rocket: run READY predict Fireworks in batches (a queue adapter's rocket_launch)."""
-    from amdflow.rocket import run_batched_rocket
+    """Batched GPU rocket: run READY predict or funnel Fireworks in batches (a queue adapter's rocket_launch)."""
+    from amdflow.rocket import BATCHED_STAGES, run_batched_rocket, run_gpu_rocket
 
+    if stage not in ("auto", *BATCHED_STAGES):
+        raise AmdflowError(f"the batched rocket runs auto, {' or '.join(BATCHED_STAGES)}: not --stage {stage}")
     settings = _settings(launchpad)
     if settings.launchpad_file is None:
         raise AmdflowError("the batched rocket works on a MongoDB LaunchPad: pass --launchpad or set AMDFLOW_LAUNCHPAD_FILE "
                            "(on the embedded store, `amdflow run` runs everything)")
     from amdflow.db import open_db
+    from amdflow.ops import funnel_workers
 
     prog, update = _progress_bar(settings.progress)
     with open_db(None, settings) as db, prog:
-        report = run_batched_rocket(db.launchpad, batch_size, time_limit, workers, campaign, update)
-    console.print(f"batched rocket: {report.fireworks} predict Fireworks completed, {report.fizzled} fizzled, "
+        if stage == "auto":
+            report = run_gpu_rocket(db.launchpad, batch_size or 256, settings.funnel_batch_size, time_limit, workers or 1,
+                                    funnel_workers(settings), campaign, update)
+        elif stage == "funnel":
+            report = run_batched_rocket(db.launchpad, batch_size or settings.funnel_batch_size, time_limit,
+                                        workers or funnel_workers(settings), campaign, update, stage=stage)
+        else:
+            report = run_batched_rocket(db.launchpad, batch_size or 256, time_limit, workers or 1, campaign, update, stage=stage)
+    console.print(f"batched rocket: {report.fireworks} {stage} Fireworks completed, {report.fizzled} fizzled, "
                   f"{report.batches} batches in {report.seconds:.1f} s", highlight=False)
 
 
@@ -427,6 +447,24 @@ def rescreen(
         counts = rescreen_campaign(db, cfg)
     console.print(f"{counts['reset']} candidates will be predicted and screened again ({counts['kept']} already relaxed are kept); "
                   f"run `amdflow run {campaign}`", highlight=False)
+
+
+@app.command()
+@handle_errors
+def refunnel(
+    campaign: CampaignArg = Path("campaign.yaml"),
+    launchpad: LaunchpadOpt = None,
+) -> None:
+    """Store the file's funnel cut (max_e_above_hull, top_k_per_formula) and apply it again: released candidates go on
+    to the final relax, newly cut ones wait; nothing is relaxed again."""
+    from amdflow.ops import refunnel as refunnel_campaign
+
+    with _campaign_db(campaign, launchpad) as (cfg, db):
+        counts = refunnel_campaign(db, cfg)
+    console.print(f"funnel cut {cfg.funnel.max_e_above_hull} eV/atom"
+                  + (f", top {cfg.funnel.top_k_per_formula} per formula" if cfg.funnel.top_k_per_formula else "")
+                  + f": {counts['released']} released to the final relax, {counts['cut']} newly cut, {counts['unchanged']} "
+                  f"unchanged, {counts['started']} already relaxing or relaxed; run `amdflow run {campaign}`", highlight=False)
 
 
 @app.command()

@@ -265,7 +265,8 @@ def stage_times(db: AmdflowDB, campaign: str) -> dict[str, dict[str, float]]:
 
 def campaign_status(db: AmdflowDB, campaign: str) -> dict[str, Any]:
     """Counts per state: candidates, Fireworks, references, hull."""
-    doc = db.campaigns.find_one({"name": campaign}, {"_id": 0, "config": 1, "chemsys": 1, "run_type": 1, "model_id": 1})
+    doc = db.campaigns.find_one({"name": campaign}, {"_id": 0, "config": 1, "chemsys": 1, "run_type": 1, "model_id": 1,
+                                                    "funnel_run_type": 1})
     if doc is None:
         raise AmdflowError(f"campaign '{campaign}' is not in the database: add it with `amdflow add CAMPAIGN.yaml`")
     cand = {d["_id"]: d["n"] for d in db.candidates.aggregate([{"$match": {"campaign": campaign}}, {"$group": {"_id": "$state", "n": {"$sum": 1}}}])}
@@ -285,12 +286,38 @@ def campaign_status(db: AmdflowDB, campaign: str) -> dict[str, Any]:
         "fireworks": fw_state_counts(db, campaign),
         "references": refs,
         "stage_times": stage_times(db, campaign),
+        "funnel": funnel_status(db, campaign, doc),
         "thermo": {
             "materials": db.thermo.count_documents(thermo_q),
             "stable": db.thermo.count_documents({**thermo_q, "is_stable": True}),
             "stable_candidates": db.thermo.count_documents({**thermo_q, "is_stable": True, "campaign": campaign}),
             "promising": db.thermo.count_documents({**thermo_q, "campaign": campaign, "e_above_hull": {"$lte": threshold}}),
         },
+    }
+
+
+def funnel_status(db: AmdflowDB, campaign: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """The funnel's counts: relaxed by its potential, passed, cut, relaxed duplicates, deferred; its references and hull."""
+    run_type = doc.get("funnel_run_type")
+    if not run_type:
+        return {}
+    by_state = {d["_id"]: d["n"] for d in db.candidates.aggregate([
+        {"$match": {"campaign": campaign, "funnel.run_type": run_type}}, {"$group": {"_id": "$state", "n": {"$sum": 1}}}])}
+    refs = {d["_id"]: d["n"] for d in db.references.aggregate([
+        {"$match": {"run_type": run_type, "element": {"$in": doc["config"]["elements"]}}}, {"$group": {"_id": "$state", "n": {"$sum": 1}}}])}
+    cut = doc["config"].get("funnel", {}).get("max_e_above_hull")
+    return {
+        "run_type": run_type,
+        "max_e_above_hull": cut,
+        "relaxed": sum(by_state.values()),
+        "passed": sum(by_state.get(s.value, 0) for s in (CandidateState.PRERELAXED, CandidateState.RELAXED, CandidateState.ANALYZED)),
+        "cut": by_state.get(CandidateState.FUNNEL_CUT.value, 0),
+        "relaxed_duplicates": by_state.get(CandidateState.DUPLICATE.value, 0),
+        "failed": by_state.get(CandidateState.FAILED.value, 0),
+        "deferred": db.candidates.count_documents({"campaign": campaign, "funnel.run_type": run_type, "funnel.deferred": True,
+                                                   "state": CandidateState.PRERELAXED.value}),
+        "references": refs,
+        "hull_materials": db.thermo.count_documents({"hull_chemsys": doc["chemsys"], "run_type": run_type}),
     }
 
 
@@ -439,6 +466,69 @@ def rescreen(db: AmdflowDB, cfg: CampaignConfig) -> dict[str, int]:
         db.candidates.update_one({"candidate_id": cand["candidate_id"]},
                                  {"$set": {"state": CandidateState.GENERATED.value, "prediction": None, "dedup": None, "updated_at": utcnow()}})
         counts["reset"] += 1
+    db.flush()
+    return counts
+
+
+def refunnel(db: AmdflowDB, cfg: CampaignConfig) -> dict[str, int]:
+    """Store the campaign file's funnel cut (``max_e_above_hull``, ``top_k_per_formula``) and apply it again.
+
+    Every candidate the funnel relaxed whose final relaxation has not started is decided
+    again on the ML hull as it stands, with nothing relaxed again: one now inside the cut
+    has its relax and analyze Fireworks re-ignited (or, cut by the check before the
+    relax, rerun); one now outside has them defused. A changed potential or relaxation
+    setting is a different hull: that needs a new campaign, not this.
+    """
+    from amdflow.stages import load_campaign_config, refresh_funnel_hull
+    from amdflow.stages.funnel import decide_again
+
+    stored, doc = load_campaign_config(db, cfg.name)
+    if not doc.get("funnel_run_type") or not cfg.funnel.enabled:
+        raise AmdflowError(f"campaign '{cfg.name}' has no funnel (funnel.engine: none when it was added): nothing to cut again")
+    keep = ("engine", "model", "modal", "fmax", "max_steps", "relax_cell")
+    if any(getattr(stored.funnel, k, None) != getattr(cfg.funnel, k, None) for k in keep):
+        raise AmdflowError("refunnel applies a changed cut (funnel.max_e_above_hull, funnel.top_k_per_formula); the "
+                           "file also changes the funnel's potential or relaxation settings, which would be a new hull: "
+                           "keep them, or start a new campaign")
+    register_campaign(db, cfg, allow_changed=True)
+    run_type = doc["funnel_run_type"]
+    refresh_funnel_hull(db, cfg, run_type)
+    lp = db.launchpad
+    counts = {"released": 0, "cut": 0, "unchanged": 0, "started": db.candidates.count_documents(
+        {"campaign": cfg.name, "funnel.run_type": run_type,
+         "state": {"$in": [CandidateState.RELAXED.value, CandidateState.ANALYZED.value]}})}
+    for cand in db.candidates.find({"campaign": cfg.name, "funnel.run_type": run_type, "funnel.duplicate_of": None,
+                                    "state": {"$in": [CandidateState.PRERELAXED.value, CandidateState.FUNNEL_CUT.value]}},
+                                   {"_id": 0, "candidate_id": 1, "formula": 1, "state": 1, "funnel": 1, "fw_ids": 1}):
+        fw_ids = cand.get("fw_ids") or {}
+        check = cand["funnel"].get("checked_at_relax") or {}
+        if check.get("passed"):  # its final relaxation has started: kept
+            counts["started"] += 1
+            continue
+        reason, fields = decide_again(db, cfg, cand)
+        after = [fw_ids[s] for s in ("relax", "analyze") if s in fw_ids]
+        states = {fw["fw_id"]: fw["state"] for fw in lp.fireworks.find({"fw_id": {"$in": after}}, {"fw_id": 1, "state": 1})}
+        if reason is None and cand["state"] == CandidateState.FUNNEL_CUT.value:
+            relax_state = states.get(fw_ids.get("relax"))
+            if relax_state == "COMPLETED":  # cut by the check before the relax: run that Firework again
+                lp.rerun_fw(fw_ids["relax"])
+            for fw_id in after:
+                if states.get(fw_id) == "DEFUSED":
+                    lp.reignite_fw(fw_id)
+            fields["funnel.checked_at_relax"] = None
+            db.candidates.update_one({"candidate_id": cand["candidate_id"]},
+                                     {"$set": {**fields, "state": CandidateState.PRERELAXED.value, "updated_at": utcnow()}})
+            counts["released"] += 1
+        elif reason is not None and cand["state"] == CandidateState.PRERELAXED.value:
+            for fw_id in after:  # only Fireworks that have not started (defuse_fw would rerun others first)
+                if states.get(fw_id) in ("WAITING", "READY"):
+                    lp.defuse_fw(fw_id)
+            db.candidates.update_one({"candidate_id": cand["candidate_id"]},
+                                     {"$set": {**fields, "state": CandidateState.FUNNEL_CUT.value, "updated_at": utcnow()}})
+            counts["cut"] += 1
+        else:
+            db.candidates.update_one({"candidate_id": cand["candidate_id"]}, {"$set": fields})
+            counts["unchanged"] += 1
     db.flush()
     return counts
 

@@ -126,6 +126,53 @@ def run_batched_rocket(lp: Any, batch_size: int = 256, time_limit_s: float | Non
     return report
 
 
+def run_gpu_rocket(lp: Any, predict_batch: int = 256, funnel_batch: int = 64, time_limit_s: float | None = None,
+                   predict_workers: int = 1, funnel_workers: int = 1, campaign: str | None = None, progress: Any = None,
+                   ping_s: float | None = None) -> RocketReport:
+    """All the GPU queue's work until none is ready (``amdflow rocket --stage auto``).
+
+    In priority order, again after every funnel batch: predict batches, the funnel level's
+    reference and known-phase relaxations (few and small: one Firework at a time, by
+    FireWorks' own rocket), then one funnel batch.
+    """
+    total = RocketReport()
+    start = time.perf_counter()
+
+    def left() -> float | None:
+        return None if time_limit_s is None else time_limit_s - (time.perf_counter() - start)
+
+    def add(r: RocketReport) -> int:
+        total.fireworks, total.fizzled, total.batches = total.fireworks + r.fireworks, total.fizzled + r.fizzled, total.batches + r.batches
+        return r.fireworks + r.fizzled
+
+    while (rest := left()) is None or rest > 0:
+        ran = add(run_batched_rocket(lp, predict_batch, rest, predict_workers, campaign, progress, ping_s, stage="predict"))
+        references = run_level_references(lp, "funnel", campaign)
+        total.fireworks += references
+        ran += references
+        ran += add(run_batched_rocket(lp, funnel_batch, left(), funnel_workers, campaign, progress, ping_s, stage="funnel",
+                                      max_batches=1))
+        if not ran:
+            break
+    total.seconds = time.perf_counter() - start
+    return total
+
+
+def run_level_references(lp: Any, level: str, campaign: str | None = None) -> int:
+    """Run the READY reference and known-phase relaxations of ``level`` one by one (FireWorks' rocket); how many ran."""
+    from fireworks import FWorker
+    from fireworks.core.rocket_launcher import launch_rocket
+
+    query: dict[str, Any] = {"spec.amdflow_level": level, "spec.amdflow_stage": {"$in": ["reference", "known"]}}
+    if campaign:
+        query["spec.campaign"] = campaign
+    fworker = FWorker(name=f"amdflow-{level}-references@{socket.gethostname()}", category="gpu", query=query)
+    ran = 0
+    while launch_rocket(lp, fworker, strm_lvl="WARNING"):
+        ran += 1
+    return ran
+
+
 class _Done:
     """A finished call with a Future's ``result``/``done`` (the pipeline switched off)."""
 

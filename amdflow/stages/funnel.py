@@ -299,3 +299,21 @@ def check_before_relax(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any]) 
     if task is None:
         raise AmdflowError(f"candidate {cid}: the funnel's task {record['task_id']} is missing: rerun its funnel Firework")
     return Structure.from_dict(task["final_structure"])
+
+
+# ---------------------------------------------------------------- a changed cut
+def decide_again(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The funnel's decision for a relaxed candidate under ``cfg``'s cut, on the hull as it stands (no relaxation).
+
+    Returns (reason it is cut, or None when it passes; the record fields to store).
+    """
+    record = doc["funnel"]
+    cid = doc["candidate_id"]
+    thermo = _ml_thermo(db, cfg, record["run_type"], [record["task_id"]]).get(record["task_id"])
+    e_hull = None if thermo is None else thermo["e_above_hull"]
+    peers = _kept_peers(db, cfg.name, doc["formula"], cid, record["run_type"])
+    rank = 1 + sum((p["funnel"]["energy_per_atom"], p["candidate_id"]) < (record["energy_per_atom"], cid) for p in peers)
+    reason = _cut_reason(cfg, record["run_type"], e_hull, rank)
+    fields = {"funnel.e_above_hull": e_hull, "funnel.rank": rank, "funnel.max_e_above_hull": cfg.funnel.max_e_above_hull,
+              "funnel.passed": reason is None, "funnel.reason": reason, "funnel.deferred": e_hull is None}
+    return reason, fields
