@@ -382,7 +382,14 @@ def run_campaign(db: AmdflowDB, cfg: CampaignConfig, progress: Progress | None =
         fw_rocket.start_ping_launch = previous_ping
 
 
-def _run_funnel_batch(db: AmdflowDB, cfg: CampaignConfig, launch_dir: Path, at_most: int | None) -> int:
+def _next_is_funnel(db: AmdflowDB, campaign: str) -> bool:
+    """Whether the campaign's highest-priority READY Firework is a funnel one (FireWorks' order: _priority, high first)."""
+    top = db.launchpad.fireworks.find_one({"spec.campaign": campaign, "state": "READY"}, {"spec.amdflow_stage": 1},
+                                          sort=[("spec._priority", -1)])
+    return bool(top) and top["spec"].get("amdflow_stage") == "funnel"
+
+
+def _run_funnel_batch(db: AmdflowDB, cfg: CampaignConfig, at_most: int | None) -> int:
     """One batch of the campaign's READY funnel Fireworks (the batched rocket's path); how many ran."""
     from amdflow.rocket import run_batched_rocket
     from amdflow.settings import get_settings
@@ -417,8 +424,9 @@ def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: P
     if db.embedded is not None:
         lost = lp.detect_lostruns(expiration_secs=0, rerun=True, query={"spec.campaign": cfg.name})
         report.recovered = len(lost[1])
-    # Funnel Fireworks run in batches (one relaxation batch, one hull build), when nothing else is
-    # ready: every dedup has decided by then, so a batch holds all the candidates that passed it.
+    # Funnel Fireworks run in batches (one relaxation batch, one hull build), in their turn by priority:
+    # after every dedup (those come first: a batch then holds all the candidates that passed), before
+    # the final relaxations (which sit below them: see stages.funnel.RELAX_AFTER_FUNNEL_PRIORITY).
     fworker = FWorker(name="amdflow-run", category=["gpu", "cpu", "vasp"],
                       query={"spec.campaign": cfg.name, "spec.amdflow_stage": {"$ne": "funnel"}})
     root = Path(cfg.output_dir or ".") / "launches"
@@ -429,9 +437,13 @@ def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: P
             progress(sum(counts.get(s, 0) for s in DONE_STATES), total, "running Fireworks")
         ldir = _launch_dir(root)
         with _in_dir(ldir):
-            ran = launch_rocket(lp, fworker, strm_lvl=log_level)
+            ran = 0
+            if _next_is_funnel(db, cfg.name):
+                ran = _run_funnel_batch(db, cfg, max_fireworks and max_fireworks - report.launched)
             if not ran:
-                ran = _run_funnel_batch(db, cfg, ldir, max_fireworks and max_fireworks - report.launched)
+                ran = int(launch_rocket(lp, fworker, strm_lvl=log_level))
+            if not ran:
+                ran = _run_funnel_batch(db, cfg, max_fireworks and max_fireworks - report.launched)
         _tidy_launch_dir(ldir)
         db.flush()
         if not ran:

@@ -67,13 +67,14 @@ def db(lpad):
 
 @pytest.fixture
 def binary_campaign_dict(tmp_path: Path) -> dict:
-    """A tiny Al-Ni campaign: B2 and L1_2 templates x 2 lattice scales (6 candidates), fcc references."""
+    """A tiny Al-Ni campaign: B2 and L1_2 templates x 2 lattice scales (6 candidates), fcc references, no funnel."""
     return {
         "name": "AlNi-test",
         "elements": ["Ni", "Al"],
         "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a", "AB3_cP4_221_a_c"]}],
         "generate": {"lattice_scales": [1.0, 1.03]},  # scaled copies: dedup has work to do
         "screen": {"max_formation_energy_per_atom": 0.5},
+        "funnel": {"engine": "none"},  # these tests are about the other stages; tests/test_funnel.py turns it on
         "relax": {"fmax": 0.1, "max_steps": 100, "reference_prototypes": ["fcc"]},
         "analyze": {"promising_e_above_hull": 0.1},
         "output_dir": str(tmp_path / "out"),

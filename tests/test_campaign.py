@@ -37,7 +37,8 @@ def test_unknown_key_is_named(tmp_path):
 
 
 def test_wrong_type_is_named(tmp_path):
-    text = EXAMPLE_CAMPAIGN.replace("max_steps: 300", "max_steps: many")
+    text = EXAMPLE_CAMPAIGN.replace("max_steps: 300\n  relax_cell: true\n  reference_prototypes", "max_steps: many\n  relax_cell: true\n  reference_prototypes")
+    assert text != EXAMPLE_CAMPAIGN
     with pytest.raises(ConfigError, match=r"key 'relax.max_steps'.*'many'"):
         load_campaign(write(tmp_path, text))
 
@@ -162,7 +163,7 @@ def test_init_file_and_a_file_of_only_the_required_keys_give_the_same_config(tmp
     short = load_campaign(tmp_path / "minimal.yaml")
     assert short.model_dump(mode="json") == full.model_dump(mode="json")
     assert short.config_hash() == full.config_hash()
-    assert set(data) - set(minimal) == {"generate", "screen", "dedup", "relax", "analyze"}  # what was left out
+    assert set(data) - set(minimal) == {"generate", "screen", "dedup", "funnel", "relax", "analyze"}  # what was left out
 
 
 @pytest.mark.parametrize(("value", "says"), [

@@ -206,6 +206,9 @@ def test_campaign_of_only_the_required_keys_runs_every_stage_and_builds_a_hull(t
     assert "Traceback" not in run.stderr, run.stderr
     status = json.loads(amdflow("status", "campaign.yaml", "--json", cwd=tmp_path).stdout)
     assert status["references"] == {"relaxed": 6}  # 2 elements x [fcc, bcc, hcp], none fizzled
+    funnel = status["funnel"]  # on by default: SevenNet-0 before the final CHGNet relax, references of its own
+    assert funnel["run_type"].startswith("sevennet-7net-0-") and funnel["references"] == {"relaxed": 6}
+    assert funnel["relaxed"] >= 1 and funnel["passed"] >= 1 and status["run_type"].startswith("chgnet-")
     assert status["fireworks"].get("FIZZLED", 0) == 0, status["fireworks"]
     assert status["candidates_total"] == 3  # B2 AlNi, L1_2 AlNi3 and Al3Ni
     assert status["candidates"]["analyzed"] >= 1
@@ -214,4 +217,4 @@ def test_campaign_of_only_the_required_keys_runs_every_stage_and_builds_a_hull(t
     assert (out / "phase_diagram.png").exists() and (out / "promising" / "summary.csv").exists()
     store = read_store(out / "launchpad_store.json")
     refs = sorted(doc["prototype"] for _, doc in store["amdflow"]["references"]["documents"])
-    assert refs == sorted(["A_cF4_225_a", "A_cI2_229_a", "A_hP2_194_c"] * 2)  # the defaults, normalised to AFLOW labels
+    assert refs == sorted(["A_cF4_225_a", "A_cI2_229_a", "A_hP2_194_c"] * 4)  # the defaults as AFLOW labels, x 2 elements x 2 levels

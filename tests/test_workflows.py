@@ -14,6 +14,7 @@ from amdflow.campaign import campaign_from_dict
 from amdflow.firetasks import (
     AnalyzeTask,
     DedupTask,
+    FunnelTask,
     PredictTask,
     RelaxKnownTask,
     RelaxReferenceTask,
@@ -25,6 +26,7 @@ from amdflow.workflows import PREDICT_PRIORITY, candidate_workflow
 CONTRACT = {
     PredictTask: "{{amdflow.firetasks.stages.PredictTask}}",
     DedupTask: "{{amdflow.firetasks.stages.DedupTask}}",
+    FunnelTask: "{{amdflow.firetasks.stages.FunnelTask}}",
     RelaxTask: "{{amdflow.firetasks.stages.RelaxTask}}",
     RelaxReferenceTask: "{{amdflow.firetasks.stages.RelaxReferenceTask}}",
     RelaxKnownTask: "{{amdflow.firetasks.stages.RelaxKnownTask}}",
@@ -52,6 +54,21 @@ def test_candidate_workflow_shape():
     assert all(fw.spec["_add_launchpad_and_fw_id"] for fw in wf.fws)
     # only ids travel in specs
     assert all("structure" not in fw.spec for fw in wf.fws)
+    with_funnel = candidate_workflow("abc123", "camp", "AlNi", funnel=True)
+    assert [fw.spec["amdflow_stage"] for fw in with_funnel.fws] == ["predict", "dedup", "funnel", "relax", "analyze"]
+    assert [fw.spec["_category"] for fw in with_funnel.fws] == ["gpu", "cpu", "gpu", "vasp", "cpu"]
+    assert [len(with_funnel.links[fw.fw_id]) for fw in with_funnel.fws] == [1, 1, 1, 1, 0]  # one chain
+
+
+def test_reference_workflows_per_level():
+    from amdflow.workflows import reference_workflow
+
+    final = reference_workflow("camp", "Al", ["A_cF4_225_a"])
+    ml = reference_workflow("camp", "Al", ["A_cF4_225_a"], level="funnel")
+    assert [fw.spec["_category"] for fw in final.fws] == ["vasp", "cpu"] and "level" not in final.fws[0].tasks[0]
+    assert [fw.spec["_category"] for fw in ml.fws] == ["gpu", "cpu"]
+    assert ml.fws[0].tasks[0]["level"] == "funnel" and ml.fws[1].tasks[0]["level"] == "funnel"
+    assert all(fw.spec["amdflow_level"] == "funnel" for fw in ml.fws)
 
 
 @pytest.mark.slow

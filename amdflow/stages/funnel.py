@@ -81,9 +81,15 @@ def funnel_task_id(candidate_id: str, run_type: str) -> str:
     return f"{candidate_id}-funnel-{run_type}"
 
 
+#: Relax Fireworks after the funnel sit below every dedup and funnel Firework (those carry -E_f, a few eV/atom
+#: at most): where one queue runs both (a laptop's `amdflow run`), every candidate is placed on the ML hull before
+#: the first final relaxation is decided on it.
+RELAX_AFTER_FUNNEL_PRIORITY = -100.0
+
+
 def priority_from_e_above_hull(e_above_hull: float) -> float:
     """The relax Firework's ``_priority``: lower ML energy above the hull runs first (FireWorks runs high first)."""
-    return round(-float(e_above_hull), 6)
+    return round(RELAX_AFTER_FUNNEL_PRIORITY - float(e_above_hull), 6)
 
 
 # ---------------------------------------------------------------- the stage

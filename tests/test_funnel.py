@@ -1,0 +1,291 @@
+"""The funnel: a universal potential between CGCNN and the final relax, with an ML hull of its own.
+
+In-process store (tier 2). SevenNet-0 is the funnel's potential, CHGNet the final engine
+(the laptop stand-in for DFT): two models, so the two hulls are different run types.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from fireworks import FWorker
+from fireworks.core.rocket_launcher import rapidfire
+from pymatgen.core import Lattice, Structure
+
+from amdflow.campaign import campaign_from_dict
+from amdflow.errors import ConfigError
+from amdflow.ops import add_campaign, campaign_status
+
+FUNNEL_RUN_TYPE = "sevennet-7net-0-0.13.0"
+FINAL_RUN_TYPE = "chgnet-0.4.2"
+
+
+def _b2() -> Structure:
+    from amdflow.generate.templates import aflow_structure
+
+    return aflow_structure("AB_cP2_221_b_a")
+
+
+def write_templates(folder: Path) -> Path:
+    """B2, B2 stretched to c/a 1.35 (StructureMatcher tells it apart unrelaxed, both relax to B2), L1_2."""
+    from amdflow.generate.templates import aflow_structure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    b2 = _b2()
+    b2.to(filename=str(folder / "B2.cif"))
+    a = b2.lattice.a
+    Structure(Lattice.tetragonal(a / 1.35 ** (1 / 3), a * 1.35 ** (2 / 3)), b2.species, b2.frac_coords).to(
+        filename=str(folder / "B2_stretched.cif"))
+    aflow_structure("AB3_cP4_221_a_c").to(filename=str(folder / "L12.cif"))
+    return folder
+
+
+@pytest.fixture
+def funnel_campaign_dict(tmp_path: Path) -> dict:
+    return {
+        "name": "AlNi-funnel", "elements": ["Ni", "Al"],
+        "templates": [{"source": "folder", "path": str(write_templates(tmp_path / "templates"))}],
+        "screen": {"max_formation_energy_per_atom": 0.5},
+        "funnel": {"fmax": 0.1, "max_steps": 80, "max_e_above_hull": 0.05},
+        "relax": {"fmax": 0.1, "max_steps": 80, "reference_prototypes": ["fcc"]},
+        "output_dir": str(tmp_path / "out"),
+    }
+
+
+def run(lpad, tmp_path: Path, categories: list[str], query: dict | None = None) -> None:
+    launches = tmp_path / "launches"
+    launches.mkdir(exist_ok=True)
+    cwd = os.getcwd()
+    try:
+        os.chdir(launches)
+        rapidfire(lpad, FWorker(category=categories, query=query or {}), strm_lvl="ERROR")
+    finally:
+        os.chdir(cwd)
+
+
+def by_formula(db) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for c in db.candidates.find({}, {"_id": 0}):
+        out.setdefault(c["formula"], []).append(c)
+    return out
+
+
+# ---------------------------------------------------------------- configuration
+@pytest.mark.parametrize(("funnel", "says"), [
+    ({"engine": "mace"}, "key 'funnel.engine': Input should be 'none', 'chgnet' or 'sevennet'"),
+    ({"engine": "sevennet", "model": "7net-omat"}, "SevenNet checkpoint '7net-omat' is not one shipped in the sevenn wheel: "
+                                                   "use one of 7net-0, 7net-0_22may2024, 7net-l3i5, 7net-mf-0"),
+    ({"engine": "sevennet", "model": "7net-mf-0", "modal": "omat24"}, "modal 'omat24' is not one of 7net-mf-0's (PBE, R2SCAN)"),
+    ({"engine": "sevennet", "modal": "PBE"}, "modal 'PBE' is not one of 7net-0's (it has none: remove funnel.modal)"),
+    ({"engine": "chgnet", "model": "7net-0"}, "engine chgnet has no choice of model: remove them"),
+    ({"engine": "chgnet"}, "funnel.engine chgnet is also relax.engine: the funnel would repeat the final relaxation"),
+    ({"max_e_above_hull": -0.1}, "key 'funnel.max_e_above_hull'"),
+])
+def test_bad_funnel_settings_are_one_line_naming_the_choices(funnel, says):
+    with pytest.raises(ConfigError) as info:
+        campaign_from_dict({"name": "x", "elements": ["Al", "Ni"], "templates": [{"source": "aflow"}], "funnel": funnel})
+    assert says in str(info.value) and "\n" not in str(info.value)
+
+
+def test_funnel_defaults_and_normalised_choices():
+    base = {"name": "x", "elements": ["Al", "Ni"], "templates": [{"source": "aflow"}]}
+    cfg = campaign_from_dict(base)
+    assert (cfg.funnel.engine, cfg.funnel.model, cfg.funnel.modal, cfg.funnel.enabled) == ("sevennet", "7net-0", None, True)
+    mf = campaign_from_dict({**base, "funnel": {"model": "7net-mf-0"}})
+    assert mf.funnel.modal == "PBE"  # the first of its modals
+    assert not campaign_from_dict({**base, "funnel": {"engine": "none"}}).funnel.enabled
+    with_vasp = campaign_from_dict({**base, "funnel": {"engine": "chgnet"}, "relax": {"engine": "vasp"}})
+    assert with_vasp.funnel.engine == "chgnet"  # CHGNet before DFT is fine
+
+
+def test_a_campaign_stored_before_the_funnel_existed_ran_without_it(db):
+    """A stored config without a funnel key is the campaign it was: no funnel (not today's default)."""
+    from amdflow.stages import campaign_doc, load_campaign_config
+
+    cfg = campaign_from_dict({"name": "old", "elements": ["Al", "Ni"], "templates": [{"source": "aflow"}]})
+    doc = campaign_doc(cfg).to_mongo()
+    del doc["config"]["funnel"]
+    db.campaigns.insert_one(doc)
+    stored, _ = load_campaign_config(db, "old")
+    assert not stored.funnel.enabled
+
+
+# ---------------------------------------------------------------- the funnel through FireWorks
+@pytest.mark.slow
+def test_funnel_campaign_through_rapidfire(db, lpad, funnel_campaign_dict, tmp_path):
+    """Every stage with the funnel on: the funnel relaxes, places on its own hull, dedups relaxed structures,
+    cuts, and hands the ML-relaxed cell and its priority to the final relax; the two hulls never mix."""
+    from pymatgen.analysis.phase_diagram import PhaseDiagram
+    from pymatgen.core import Composition
+    from pymatgen.entries.computed_entries import ComputedEntry
+
+    cfg = campaign_from_dict(funnel_campaign_dict)
+    report = add_campaign(db, cfg)
+    assert (report.new_candidates, report.new_workflows, report.new_reference_workflows) == (4, 4, 4)  # 2 elements x 2 levels
+    assert lpad.fireworks.count_documents({"spec.amdflow_stage": "funnel", "spec._category": "gpu"}) == 4
+    funnel_refs = list(lpad.fireworks.find({"spec.amdflow_level": "funnel"}, {"spec": 1}))
+    assert {fw["spec"]["_category"] for fw in funnel_refs if fw["spec"]["amdflow_stage"] == "reference"} == {"gpu"}
+
+    run(lpad, tmp_path, ["gpu", "cpu", "vasp"])
+    assert {fw["state"] for fw in lpad.fireworks.find({}, {"state": 1})} <= {"COMPLETED", "DEFUSED"}
+    cands = by_formula(db)
+    ids = {(c["template"]["template_id"], c["formula"]): c for group in cands.values() for c in group}
+    b2, stretched = ids["B2.cif", "AlNi"], ids["B2_stretched.cif", "AlNi"]
+    # the first dedup did not see it (unrelaxed, c/a 1.35), the second did: both relax to B2
+    assert stretched["dedup"]["duplicate_of"] is None
+    assert stretched["state"] == "duplicate" and stretched["funnel"]["duplicate_of"] == b2["candidate_id"]
+    assert "relaxed into the same crystal" in stretched["funnel"]["reason"]
+    assert b2["state"] == "analyzed" and b2["funnel"]["passed"] and b2["funnel"]["e_above_hull"] == pytest.approx(0.0, abs=1e-6)
+    # the cut: on the ML hull, Al3Ni lies above 0.05 eV/atom
+    cut = [c for c in ids.values() if c["state"] == "funnel_cut"]
+    assert cut, [(c["formula"], c["state"], (c.get("funnel") or {}).get("e_above_hull"), c["funnel"].get("checked_at_relax"), c["funnel"].get("reason")) for c in ids.values()]
+    assert all(c["funnel"]["e_above_hull"] > 0.05 and f"on the {FUNNEL_RUN_TYPE} hull" in c["funnel"]["reason"] for c in cut)
+    for c in cut:  # nothing of it went further: cut at its funnel Firework, or (placed before AlNi3 lowered the hull:
+        # one FunnelTask at a time here) at the check before its relax, which then only completes and defuses the rest
+        relax_fw = lpad.fireworks.find_one({"fw_id": c["fw_ids"]["relax"]})
+        if "checked before the final relax" in c["funnel"]["reason"]:
+            launch = lpad.launches.find_one({"fw_id": relax_fw["fw_id"]})
+            assert relax_fw["state"] == "COMPLETED" and launch["action"]["stored_data"]["funnel_cut"] == c["funnel"]["reason"]
+        else:
+            assert relax_fw["state"] == "DEFUSED"
+        assert lpad.fireworks.find_one({"fw_id": c["fw_ids"]["analyze"]})["state"] == "DEFUSED"
+        assert db.tasks.count_documents({"candidate_id": c["candidate_id"], "level": "final"}) == 0
+    passed = [c for c in ids.values() if c["state"] == "analyzed"]
+    assert len(passed) == len(ids) - 1 - len(cut)
+    for c in passed:
+        ml = db.tasks.find_one({"task_id": c["funnel"]["task_id"]})
+        final = db.tasks.find_one({"task_id": c["task_id"]})
+        assert (ml["level"], ml["run_type"], final["level"], final["run_type"]) == ("funnel", FUNNEL_RUN_TYPE, "final", FINAL_RUN_TYPE)
+        assert final["input_structure"] == ml["final_structure"]  # the final relax starts from the ML-relaxed cell
+        assert ml["n_steps"] >= 1 and ml["max_force"] >= 0 and isinstance(ml["converged"], bool)
+        relax_fw = lpad.fireworks.find_one({"fw_id": c["fw_ids"]["relax"]})
+        assert relax_fw["spec"]["_priority"] == pytest.approx(-100.0 - c["funnel"]["e_above_hull"], abs=1e-6)
+        assert c["funnel"]["checked_at_relax"]["passed"]
+    # references at both levels, each relaxed by its own engine
+    refs = {(r["run_type"], r["element"]): r["state"] for r in db.references.find({})}
+    assert refs == {(rt, el): "relaxed" for rt in (FUNNEL_RUN_TYPE, FINAL_RUN_TYPE) for el in ("Al", "Ni")}
+
+    # consistency: every hull holds only entries of its own run type ...
+    for t in db.thermo.find({}, {"material_id": 1, "run_type": 1}):
+        assert db.tasks.find_one({"task_id": t["material_id"]})["run_type"] == t["run_type"]
+    ml_thermo = {t["material_id"]: t["e_above_hull"] for t in db.thermo.find({"run_type": FUNNEL_RUN_TYPE, "hull_chemsys": "Al-Ni"})}
+    entries = []
+    for t in db.tasks.find({"run_type": FUNNEL_RUN_TYPE}):
+        comp = Composition(t["formula"])
+        entries.append(ComputedEntry(comp, t["energy_per_atom"] * comp.num_atoms, entry_id=t["task_id"]))
+    pd = PhaseDiagram(entries)
+    assert set(ml_thermo) == {e.entry_id for e in entries}
+    for e in entries:  # ... and is the hull of those entries alone
+        assert ml_thermo[e.entry_id] == pytest.approx(pd.get_e_above_hull(e, allow_negative=True), abs=1e-6)
+    # ... so a DFT-side phase far below the hull moves the final hull and not the ML one
+    from amdflow.stages import analyze_stage, refresh_funnel_hull
+
+    fake = dict(db.tasks.find_one({"task_id": passed[0]["task_id"]}), task_id="fake-final-AlNi", candidate_id=None, kind="known")
+    fake.pop("_id")
+    fake["energy_per_atom"] -= 1.0
+    db.tasks.insert_one(fake)
+    analyze_stage(db, cfg.name, plot=False)
+    refresh_funnel_hull(db, cfg, FUNNEL_RUN_TYPE)
+    assert {t["material_id"]: t["e_above_hull"] for t in db.thermo.find({"run_type": FUNNEL_RUN_TYPE, "hull_chemsys": "Al-Ni"})} == \
+        pytest.approx(ml_thermo)
+    assert db.thermo.find_one({"material_id": passed[0]["task_id"], "hull_chemsys": "Al-Ni"})["e_above_hull"] > 0.5
+
+    status = campaign_status(db, cfg.name)
+    funnel = status["funnel"]
+    assert funnel["run_type"] == FUNNEL_RUN_TYPE and funnel["relaxed"] == 4
+    assert (funnel["passed"], funnel["cut"], funnel["relaxed_duplicates"]) == (len(passed), len(cut), 1)
+    assert funnel["references"] == {"relaxed": 2} and status["references"] == {"relaxed": 2}
+    assert status["candidates"]["funnel_cut"] == len(cut)
+
+
+@pytest.mark.slow
+def test_batched_funnel_check_before_relax_top_k_and_refunnel(db, lpad, tmp_path):
+    """The batched funnel rocket on the in-process store; top_k_per_formula; a hull moved by a phase found later cuts a
+    waiting candidate at its relax Firework; `amdflow refunnel` with a looser cut releases it, with a tighter one cuts."""
+    from amdflow.ops import refunnel
+    from amdflow.rocket import run_batched_rocket
+
+    base = {"name": "AlNi-topk", "elements": ["Ni", "Al"],
+            "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a", "AB_cF8_225_a_b"]}],  # B2 and B1: two AlNi
+            "screen": {"max_formation_energy_per_atom": 2.0},
+            "funnel": {"fmax": 0.1, "max_steps": 80, "max_e_above_hull": 5.0, "top_k_per_formula": 1},
+            "relax": {"fmax": 0.1, "max_steps": 80, "reference_prototypes": ["fcc"]}, "output_dir": str(tmp_path / "out")}
+    cfg = campaign_from_dict(base)
+    add_campaign(db, cfg)
+    run(lpad, tmp_path, ["gpu", "cpu"], {"spec.amdflow_stage": {"$ne": "funnel"}})  # predict, dedup, the funnel's references
+    report = run_batched_rocket(lpad, batch_size=8, pipeline=False, stage="funnel")
+    assert (report.fireworks, report.fizzled, report.batches) == (2, 0, 1)  # both in one relaxation batch
+    for fw in lpad.fireworks.find({"spec.amdflow_stage": "funnel"}):
+        assert fw["state"] == "COMPLETED" and lpad.launches.count_documents({"fw_id": fw["fw_id"]}) == 1
+    cands = sorted(db.candidates.find({}), key=lambda c: c["funnel"]["energy_per_atom"])
+    best, second = cands
+    assert (best["state"], best["funnel"]["rank"]) == ("prerelaxed", 1)
+    assert (second["state"], second["funnel"]["rank"]) == ("funnel_cut", 2)
+    assert "rank 2 of its formula; top_k_per_formula is 1" in second["funnel"]["reason"]
+    relax_fw = lpad.fireworks.find_one({"fw_id": best["fw_ids"]["relax"]})
+    assert relax_fw["state"] == "READY"
+
+    # a lower AlNi phase of the funnel's run type appears (another campaign's, say): the waiting candidate is now 0.3 above
+    ml = db.tasks.find_one({"task_id": best["funnel"]["task_id"]})
+    ml.pop("_id")
+    db.tasks.insert_one({**ml, "task_id": "other-AlNi", "candidate_id": None, "campaign": None, "kind": "known",
+                         "energy_per_atom": ml["energy_per_atom"] - 0.3, "energy": (ml["energy_per_atom"] - 0.3) * ml["nsites"]})
+    strict = campaign_from_dict({**base, "funnel": {**base["funnel"], "max_e_above_hull": 0.1, "top_k_per_formula": None}})
+    assert refunnel(db, strict)["cut"] == 1  # now outside: its relax Firework is defused before it starts
+    assert lpad.fireworks.find_one({"fw_id": best["fw_ids"]["relax"]})["state"] == "DEFUSED"
+    loose = campaign_from_dict({**base, "funnel": {**base["funnel"], "max_e_above_hull": 0.5, "top_k_per_formula": None}})
+    counts = refunnel(db, loose)
+    second_now = db.candidates.find_one({"candidate_id": second["candidate_id"]})["funnel"]
+    assert (counts["released"], counts["cut"]) == (1 + (second_now["e_above_hull"] <= 0.5), 0)  # top-k gone, hull cut looser
+    assert lpad.fireworks.find_one({"fw_id": best["fw_ids"]["relax"]})["state"] == "READY"
+    assert db.candidates.find_one({"candidate_id": best["candidate_id"]})["funnel"]["e_above_hull"] == pytest.approx(0.3, abs=0.02)
+
+    # the check before the relax: a cut tightened after the decision (`amdflow add --allow-changed-settings`) applies there
+    from amdflow.ops import register_campaign
+
+    register_campaign(db, campaign_from_dict({**base, "funnel": {**base["funnel"], "max_e_above_hull": 0.2, "top_k_per_formula": None}}),
+                      allow_changed=True)
+    run(lpad, tmp_path, ["vasp", "cpu"])
+    after = db.candidates.find_one({"candidate_id": best["candidate_id"]})
+    assert after["state"] == "funnel_cut" and "(checked before the final relax)" in after["funnel"]["reason"]
+    assert after["funnel"]["checked_at_relax"]["e_above_hull"] == pytest.approx(0.3, abs=0.02)
+    fw = lpad.fireworks.find_one({"fw_id": best["fw_ids"]["relax"]})
+    launch = lpad.launches.find_one({"fw_id": fw["fw_id"], "state": "COMPLETED"})
+    assert fw["state"] == "COMPLETED" and "funnel_cut" in launch["action"]["stored_data"]
+    assert lpad.fireworks.find_one({"fw_id": best["fw_ids"]["analyze"]})["state"] == "DEFUSED"
+    assert db.tasks.count_documents({"candidate_id": best["candidate_id"], "level": "final"}) == 0  # no DFT was spent
+    released = refunnel(db, loose)  # and released again: the relax Firework cut at its check runs again
+    assert released["released"] >= 1
+    run(lpad, tmp_path, ["vasp", "cpu"])
+    final = db.candidates.find_one({"candidate_id": best["candidate_id"]})
+    assert final["state"] == "analyzed" and final["funnel"]["checked_at_relax"]["passed"]
+
+
+@pytest.mark.slow
+def test_without_the_funnels_references_the_decision_waits_for_the_relax_check(db, lpad, tmp_path):
+    """Funnel relaxations before the potential's own elemental references: passed, deferred; the relax Firework
+    fizzles naming the missing references; once they are relaxed, a rerun relaxes it."""
+    from amdflow.ops import rerun_fizzled
+
+    cfg = campaign_from_dict({"name": "AlNi-deferred", "elements": ["Ni", "Al"],
+                              "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a"]}],
+                              "screen": {"max_formation_energy_per_atom": 2.0},
+                              "funnel": {"fmax": 0.1, "max_steps": 80},
+                              "relax": {"fmax": 0.1, "max_steps": 80, "reference_prototypes": ["fcc"]},
+                              "output_dir": str(tmp_path / "out")})
+    add_campaign(db, cfg)
+    no_ml_refs = {"spec.amdflow_level": {"$exists": False}}
+    run(lpad, tmp_path, ["gpu", "cpu", "vasp"], no_ml_refs)
+    (cand,) = list(db.candidates.find({}))
+    assert "funnel" in cand, (cand["state"], cand.get("error"), [(fw["spec"]["amdflow_stage"], fw["state"]) for fw in lpad.fireworks.find({})])
+    assert cand["funnel"]["deferred"] and cand["funnel"]["passed"] and cand["funnel"]["e_above_hull"] is None
+    relax = lpad.fireworks.find_one({"fw_id": cand["fw_ids"]["relax"]})
+    assert relax["state"] == "FIZZLED"
+    assert "no place on the funnel's sevennet-7net-0-0.13.0 hull of Al-Ni yet" in db.candidates.find_one({})["error"]
+    run(lpad, tmp_path, ["gpu", "cpu"], {"spec.amdflow_level": "funnel"})  # the potential's references
+    assert db.candidates.find_one({})["funnel"]["e_above_hull"] == pytest.approx(0.0, abs=1e-6)  # the hull caught up
+    rerun_fizzled(db, cfg.name)
+    run(lpad, tmp_path, ["gpu", "cpu", "vasp"])
+    assert db.candidates.find_one({})["state"] == "analyzed"
