@@ -151,7 +151,11 @@ def fault_figures(lp, db) -> dict[str, int]:
     completed: dict[int, int] = {}
     for launch in lp.launches.find({"state": "COMPLETED"}, {"fw_id": 1}):
         completed[launch["fw_id"]] = completed.get(launch["fw_id"], 0) + 1
-    relaxations = lp.fireworks.count_documents({"spec.amdflow_stage": {"$in": ["relax", "reference"]}, "state": "COMPLETED"})
+    # one task document per completed relaxation: references, known phases, the funnel's, and the final ones
+    # (a relax Firework the funnel's check stopped completes without relaxing: it has no task)
+    relaxations = lp.fireworks.count_documents({"spec.amdflow_stage": {"$in": ["reference", "known", "funnel"]}, "state": "COMPLETED"})
+    relax_ids = [fw["fw_id"] for fw in lp.fireworks.find({"spec.amdflow_stage": "relax", "state": "COMPLETED"}, {"fw_id": 1})]
+    relaxations += lp.launches.count_documents({"fw_id": {"$in": relax_ids}, "state": "COMPLETED", "action.stored_data.task_id": {"$exists": True}})
     unfinished = sum(s not in ("COMPLETED", "DEFUSED") for s in states.values())
     return {
         "fireworks": len(states),

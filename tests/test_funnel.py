@@ -289,3 +289,81 @@ def test_without_the_funnels_references_the_decision_waits_for_the_relax_check(d
     rerun_fizzled(db, cfg.name)
     run(lpad, tmp_path, ["gpu", "cpu", "vasp"])
     assert db.candidates.find_one({})["state"] == "analyzed"
+
+
+# ---------------------------------------------------------------- several processes (tier 3)
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.fault
+def test_funnel_rockets_exactly_once_after_one_is_killed(mongo_launchpad_file, tmp_path):
+    """A batched funnel rocket killed with -9 mid-batch -> `amdflow rerun --lost` -> two batched funnel rockets finish:
+    every funnel Firework exactly one completed launch, one ML task per candidate, every candidate decided once."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fireworks import LaunchPad
+    from pymongo import MongoClient
+
+    from tests.conftest import campaign_on_server, record_figures
+
+    campaign = {"name": "AlNi-funnel-mp", "elements": ["Ni", "Al"],
+                "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a", "AB3_cP4_221_a_c", "AB_cF8_225_a_b",
+                                                                 "AB3_cF16_225_a_bc"]}],
+                "screen": {"max_formation_energy_per_atom": 2.0},
+                "funnel": {"fmax": 0.1, "max_steps": 60, "max_e_above_hull": 0.1},
+                "relax": {"fmax": 0.1, "max_steps": 60, "reference_prototypes": ["fcc"]}}
+    env, cli = campaign_on_server(tmp_path, mongo_launchpad_file, campaign)
+    cli("add", "campaign.yaml")
+    lp = LaunchPad.from_file(str(mongo_launchpad_file))
+    run(lp, tmp_path, ["gpu", "cpu"], {"spec.amdflow_stage": {"$ne": "funnel"}})  # predict, dedup, the funnel's references
+    funnel_fws = [fw["fw_id"] for fw in lp.fireworks.find({"spec.amdflow_stage": "funnel", "state": "READY"}, {"fw_id": 1})]
+    assert len(funnel_fws) >= 5
+
+    def rocket(name: str, extra: dict | None = None) -> subprocess.Popen:
+        cwd = tmp_path / name
+        cwd.mkdir()
+        return subprocess.Popen([sys.executable, "-m", "amdflow", "rocket", "--stage", "funnel", "--batch-size", "2"], cwd=cwd,
+                                env={**env, **(extra or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    victim = rocket("victim", {"AMDFLOW_FAILPOINT_FUNNEL_DELAY_S": "120"})
+    deadline = time.time() + 180
+    while time.time() < deadline and lp.launches.count_documents({"state": "RUNNING"}) < 4:  # a batch and the next, checked out
+        assert victim.poll() is None, victim.stderr.read()[-2000:]
+        time.sleep(0.1)
+    killed = sorted(ln["fw_id"] for ln in lp.launches.find({"state": "RUNNING"}, {"fw_id": 1}))
+    assert len(killed) == 4, "the funnel rocket never held two batches"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    time.sleep(2)
+    lost = cli("rerun", "campaign.yaml", "--lost", "--lost-after", "1")
+    assert "lost launches: 4" in " ".join(lost.stderr.split())
+    finishers = [rocket("a"), rocket("b")]
+    for r in finishers:
+        _, err = r.communicate(timeout=600)
+        assert r.returncode == 0, err[-2000:]
+
+    completed: dict[int, int] = {}
+    dirs = set()
+    for launch in lp.launches.find({"fw_id": {"$in": funnel_fws}, "state": "COMPLETED"}, {"fw_id": 1, "launch_dir": 1}):
+        completed[launch["fw_id"]] = completed.get(launch["fw_id"], 0) + 1
+        dirs.add(Path(launch["launch_dir"]).name)
+    assert completed == dict.fromkeys(funnel_fws, 1)  # nothing lost, nothing ran twice
+    assert dirs == {"a", "b"}  # the two rockets shared the work
+    for fw_id in killed:  # the killed launches stay as history
+        assert sorted(ln["state"] for ln in lp.launches.find({"fw_id": fw_id})) == ["COMPLETED", "FIZZLED"]
+    spec = __import__("yaml").safe_load(mongo_launchpad_file.read_text())
+    db = MongoClient(spec["host"])[spec["name"]]
+    ml_tasks = list(db.tasks.find({"level": "funnel", "kind": "candidate"}, {"task_id": 1}))
+    assert len(ml_tasks) == len({t["task_id"] for t in ml_tasks}) == len(funnel_fws)
+    decided = [c["state"] for c in db.candidates.find({"fw_ids.funnel": {"$in": funnel_fws}}, {"state": 1})]
+    assert len(decided) == len(funnel_fws) and set(decided) <= {"prerelaxed", "funnel_cut", "duplicate"}
+    assert db["locks"].count_documents({}) == 0  # every formula's and hull's claim released
+    # the figures of the other fault tests, for the funnel's Fireworks (the relax ones wait for their own rockets)
+    lost = sum(1 for fw in funnel_fws if completed.get(fw, 0) == 0) + abs(len(ml_tasks) - len(funnel_fws))
+    record_figures("kill_9_funnel_rocket", {"fireworks": len(funnel_fws), "unfinished": 0, "lost": lost,
+                                            "duplicated": sum(n - 1 for n in completed.values())})
+    status = json.loads(cli("status", "campaign.yaml", "--json").stdout)["funnel"]
+    assert status["relaxed"] == len(funnel_fws) and status["passed"] + status["cut"] + status["relaxed_duplicates"] == len(funnel_fws)

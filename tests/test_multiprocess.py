@@ -64,6 +64,7 @@ FAMILY_CAMPAIGN = {
     "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a"]}],
     "generate": {"lattice_scales": [0.97, 0.98, 0.99, 1.0, 1.01, 1.02]},  # six copies of one B2 family
     "screen": {"max_formation_energy_per_atom": 2.0},
+    "funnel": {"engine": "none"},
 }
 
 RACER = """
@@ -292,6 +293,7 @@ def test_batched_rockets_with_a_cpu_rocket(mongo_launchpad_file, tmp_path):
         "name": "batched", "elements": ["Fe", "Al", "Ni"],
         "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a", "AB3_cP4_221_a_c", "AB2C_cF16_225_a_c_b", "ABC_cF12_216_b_c_a"]}],
         "generate": {"lattice_scales": [0.98, 1.0, 1.02]},
+        "funnel": {"engine": "none"},  # the batched predict rocket beside CPU rockets (the funnel's rockets: test_funnel.py)
         "output_dir": str(tmp_path / "out"),
     })
     settings = get_settings(launchpad_file=mongo_launchpad_file)

@@ -25,6 +25,7 @@ def campaign(tmp_path, **screen):
         "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a", "AB3_cP4_221_a_c"]}],
         "generate": {"lattice_scales": [0.97, 1.0, 1.03]},
         "screen": {"max_formation_energy_per_atom": 1.0, **screen},
+        "funnel": {"engine": "none"},  # the screen's modes: no funnel between them and the relax
         "output_dir": str(tmp_path / "out"),
     })
 
