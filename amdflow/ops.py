@@ -690,6 +690,7 @@ def _templates_text(cfg: CampaignConfig) -> str:
 
 def write_campaign_report(db: AmdflowDB, cfg: CampaignConfig) -> tuple[Path, dict[str, Any]]:
     """Rebuild the hull, refresh promising/ and the plots, and write ``report.html``; returns (path, analyze summary)."""
+    from amdflow.report.funnel import PARITY_FILE, funnel_stages, hit_rate, parity_png
     from amdflow.report.html import ReportData, write_report
     from amdflow.stages import PLOT_FILE, PLOT_HTML, analyze_stage, campaign_thermo, promising_rows
 
@@ -725,10 +726,40 @@ def write_campaign_report(db: AmdflowDB, cfg: CampaignConfig) -> tuple[Path, dic
         "hull": status["thermo"],
     }
     out = Path(cfg.output_dir or ".")
+    funnel = status.get("funnel") or {}
+    if funnel:
+        info["funnel (ML potential)"] = (f"{cfg.funnel.engine} {cfg.funnel.model or ''} ({funnel['run_type']}): cut "
+                                         f"{cfg.funnel.max_e_above_hull} eV/atom above its own hull"
+                                         + (f", top {cfg.funnel.top_k_per_formula} per formula" if cfg.funnel.top_k_per_formula else ""))
+    points = parity_points(db, cfg, doc)
+    threshold = cfg.analyze.promising_e_above_hull
+    parity = parity_png(points, out / PARITY_FILE, doc["run_type"], funnel.get("run_type"), threshold)
+    labels = {"E_f predicted": f"CGCNN ({screen.checkpoint})", "E_f, E above hull (final)": f"{cfg.relax.engine} ({doc['run_type']})"}
+    if funnel:
+        labels["E above ML hull"] = f"{cfg.funnel.engine} {cfg.funnel.model or ''} ({funnel['run_type']})"
     data = ReportData(
         campaign=cfg.name, chemsys=cfg.chemsys, summary=info, counts=counts, rows=rows,
-        promising_threshold=cfg.analyze.promising_e_above_hull, known=known,
+        promising_threshold=threshold, known=known,
         plot_png=PLOT_FILE if summary.get("plot") else None, plot_html=PLOT_HTML if summary.get("plot_html") else None,
-        plot_note=summary.get("plot_note", ""),
+        plot_note=summary.get("plot_note", ""), stages=funnel_stages(status["candidates"], funnel or None),
+        hit_rate=hit_rate(points, threshold), final_relaxations=len(points),
+        parity_png=PARITY_FILE if parity else None, energy_labels=labels,
     )
     return write_report(out, data), summary
+
+
+def parity_points(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any]) -> list[Any]:
+    """Every candidate of the campaign on its final hull, with its ML and CGCNN energies (the report's parity data)."""
+    from amdflow.report.funnel import ParityPoint
+
+    final = {t["candidate_id"]: t for t in db.thermo.find(
+        {"campaign": cfg.name, "hull_chemsys": cfg.chemsys, "run_type": doc["run_type"], "candidate_id": {"$ne": None}},
+        {"_id": 0, "candidate_id": 1, "formula": 1, "e_above_hull": 1, "formation_energy_per_atom": 1})}
+    out = []
+    for c in db.candidates.find({"candidate_id": {"$in": sorted(final)}},
+                                {"_id": 0, "candidate_id": 1, "prediction.formation_energy_per_atom": 1, "funnel.e_above_hull": 1}):
+        t = final[c["candidate_id"]]
+        out.append(ParityPoint(c["candidate_id"], t["formula"], t["e_above_hull"], t["formation_energy_per_atom"],
+                               (c.get("funnel") or {}).get("e_above_hull"),
+                               (c.get("prediction") or {}).get("formation_energy_per_atom")))
+    return sorted(out, key=lambda p: p.candidate_id)

@@ -199,6 +199,14 @@ def test_funnel_campaign_through_rapidfire(db, lpad, funnel_campaign_dict, tmp_p
     assert funnel["references"] == {"relaxed": 2} and status["references"] == {"relaxed": 2}
     assert status["candidates"]["funnel_cut"] == len(cut)
 
+    from amdflow.ops import write_campaign_report
+
+    page_path, _ = write_campaign_report(db, cfg)
+    page = page_path.read_text()
+    assert "<table id=\"stages\">" in page and "relaxed by the funnel&#x27;s potential" in page
+    assert "id='hit-rate'" in page and "id='funnel-parity'" in page and (page_path.parent / "funnel_parity.png").exists()
+    assert FUNNEL_RUN_TYPE in page and FINAL_RUN_TYPE in page  # which model made which energy
+
 
 @pytest.mark.slow
 def test_batched_funnel_check_before_relax_top_k_and_refunnel(db, lpad, tmp_path):

@@ -203,3 +203,21 @@ def chromium_check(report: Path, tmp_path: Path) -> None:
 @needs_chromium
 def test_report_renders_in_headless_chromium(tmp_path):
     chromium_check(_report(tmp_path), tmp_path)
+
+
+def test_funnel_report_figures_known_answers(tmp_path):
+    from amdflow.report.funnel import ParityPoint, funnel_stages, hit_rate, mae, parity_png
+
+    pts = [ParityPoint("a", "AlNi", 0.0, -0.7, 0.0, -0.57), ParityPoint("b", "Al3Ni", 0.02, -0.35, 0.13, -0.36),
+           ParityPoint("c", "AlNi3", 0.2, -0.47, None, -0.40)]
+    assert hit_rate(pts, 0.05) == pytest.approx(2 / 3) and hit_rate([], 0.05) is None
+    assert mae([(0.0, 0.0), (0.13, 0.02)]) == pytest.approx(0.055)
+    counts = {"screened_out": 2, "duplicate": 4, "funnel_cut": 1, "analyzed": 3}
+    stages = funnel_stages(counts, {"relaxed": 5, "passed": 3, "relaxed_duplicates": 1})
+    assert stages == [("generated", 10), ("passed the CGCNN screen", 8), ("kept by dedup", 5),
+                      ("relaxed by the funnel's potential", 5), ("passed the funnel's cut (not a relaxed duplicate)", 3),
+                      ("relaxed by the final engine", 3)]
+    assert funnel_stages({"analyzed": 2, "duplicate": 1}, None)[-1] == ("relaxed by the final engine", 2)
+    path = parity_png(pts, tmp_path / "parity.png", "chgnet-0.4.2", "sevennet-7net-0-0.13.0", 0.05)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert parity_png([], tmp_path / "none.png", "x", None, 0.05) is None and not (tmp_path / "none.png").exists()

@@ -47,6 +47,11 @@ class ReportData:
     plot_png: str | None = None  # paths relative to the report
     plot_html: str | None = None
     plot_note: str = ""
+    stages: list[tuple[str, int]] = field(default_factory=list)  # candidates that reached each stage (the funnel's cuts)
+    hit_rate: float | None = None  # of the final relaxations, the fraction within promising_threshold
+    final_relaxations: int = 0
+    parity_png: str | None = None
+    energy_labels: dict[str, str] = field(default_factory=dict)  # which model made which energy
     generated_at: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
 
 
@@ -105,6 +110,18 @@ def render_report(data: ReportData) -> str:
         parts.append(_table([group, "count"], [[f"<td>{_e(k)}</td>", f'<td class="num">{v}</td>'] for k, v in counts.items()],
                             table_id=f"counts-{safe_name(group)}"))
     parts.append("</div>")
+    if data.stages:
+        parts.append("<h2>From candidates to final relaxations</h2>")
+        parts.append(_table(["stage", "candidates"], [[f"<td>{_e(k)}</td>", f'<td class="num">{v}</td>'] for k, v in data.stages],
+                            table_id="stages"))
+        if data.hit_rate is not None:
+            parts.append(f"<p id='hit-rate'>Hit rate: {data.hit_rate:.0%} of the {data.final_relaxations} final relaxations landed "
+                         f"at most {data.promising_threshold} eV/atom above the hull.</p>")
+        if data.energy_labels:
+            parts.append(_table(["energy", "made by"], [[f"<td>{_e(k)}</td>", f"<td>{_e(v)}</td>"] for k, v in data.energy_labels.items()],
+                                table_id="energy-sources"))
+        if data.parity_png:
+            parts.append(f"<img class='plot' id='funnel-parity' src='{_e(data.parity_png)}' alt='ML and CGCNN against the final energies'>")
     parts.append(f"<h2>New stable phases ({len(stable)})</h2>")
     parts.append("<p class='muted'>Candidates on the hull of every computed phase (energies eV/atom). A negative "
                  "'E above known hull' lies below every reference and known phase.</p>")
