@@ -375,3 +375,40 @@ def test_funnel_rockets_exactly_once_after_one_is_killed(mongo_launchpad_file, t
                                             "duplicated": sum(n - 1 for n in completed.values())})
     status = json.loads(cli("status", "campaign.yaml", "--json").stdout)["funnel"]
     assert status["relaxed"] == len(funnel_fws) and status["passed"] + status["cut"] + status["relaxed_duplicates"] == len(funnel_fws)
+
+
+@pytest.mark.slow
+def test_a_failing_funnel_relaxation_fizzles_alone_with_its_reason(db, lpad, tmp_path, monkeypatch):
+    """One structure whose ML relaxation raises: that candidate is failed with `funnel: ...`, its Firework FIZZLED with
+    the reason; the rest of the batch is decided; `amdflow rerun --fizzled` and another batch finish it."""
+    from amdflow.ops import rerun_fizzled
+    from amdflow.relax.sevennet_engine import SevenNetEngine
+    from amdflow.rocket import run_batched_rocket
+
+    cfg = campaign_from_dict({"name": "AlNi-broken", "elements": ["Ni", "Al"],
+                              "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a", "AB3_cP4_221_a_c"]}],
+                              "screen": {"max_formation_energy_per_atom": 2.0}, "funnel": {"fmax": 0.1, "max_steps": 60},
+                              "relax": {"fmax": 0.1, "max_steps": 60, "reference_prototypes": ["fcc"]},
+                              "output_dir": str(tmp_path / "out")})
+    add_campaign(db, cfg)
+    run(lpad, tmp_path, ["gpu", "cpu"], {"spec.amdflow_stage": {"$ne": "funnel"}})
+    original = SevenNetEngine.relax_many
+
+    def one_breaks(self, structures, workers=1):
+        results = original(self, structures, workers)
+        return [FloatingPointError("the relaxation diverged (energy nan) after 7 steps") if s.composition.reduced_formula == "AlNi"
+                else r for s, r in zip(structures, results, strict=True)]
+
+    monkeypatch.setattr(SevenNetEngine, "relax_many", one_breaks)
+    report = run_batched_rocket(lpad, batch_size=8, pipeline=False, stage="funnel")
+    assert (report.fireworks, report.fizzled) == (2, 1)
+    broken = db.candidates.find_one({"formula": "AlNi"})
+    assert broken["state"] == "failed" and broken["error"] == "funnel: FloatingPointError: the relaxation diverged (energy nan) after 7 steps"
+    fw = lpad.fireworks.find_one({"fw_id": broken["fw_ids"]["funnel"]})
+    assert fw["state"] == "FIZZLED"
+    assert "diverged" in lpad.launches.find_one({"fw_id": fw["fw_id"]})["action"]["stored_data"]["_message"]
+    assert {c["state"] for c in db.candidates.find({"formula": {"$ne": "AlNi"}})} <= {"prerelaxed", "funnel_cut"}
+    monkeypatch.setattr(SevenNetEngine, "relax_many", original)
+    assert rerun_fizzled(db, cfg.name, "funnel").reset == [fw["fw_id"]]
+    assert run_batched_rocket(lpad, batch_size=8, pipeline=False, stage="funnel").fireworks == 1
+    assert db.candidates.find_one({"formula": "AlNi"})["state"] in ("prerelaxed", "funnel_cut")
