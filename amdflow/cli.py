@@ -496,6 +496,7 @@ def rerun(
 
             found = rerun_lost(db, cfg.name, lost_after, stale_after, on_watch=watching)
             console.print(f"lost launches: {found['lost_launches']} ({found['rerun_fireworks']} Fireworks reset to run again); "
+                          f"{found['dead_checkouts']} Fireworks checked out by a rocket that died before starting them, reset; "
                           f"released {found['claims_released']} stale claims and "
                           f"{found['locks_released'] + found['fireworks_locks_released']} stale workflow locks", highlight=False)
         if fizzled:

@@ -389,7 +389,7 @@ def _next_is_funnel(db: AmdflowDB, campaign: str) -> bool:
     return bool(top) and top["spec"].get("amdflow_stage") == "funnel"
 
 
-def _run_funnel_batch(db: AmdflowDB, cfg: CampaignConfig, at_most: int | None) -> int:
+def _run_funnel_batch(db: AmdflowDB, cfg: CampaignConfig, at_most: int | None, say: Callable[[str], None] | None = None) -> int:
     """One batch of the campaign's READY funnel Fireworks (the batched rocket's path); how many ran."""
     from amdflow.rocket import run_batched_rocket
     from amdflow.settings import get_settings
@@ -398,6 +398,8 @@ def _run_funnel_batch(db: AmdflowDB, cfg: CampaignConfig, at_most: int | None) -
         return 0
     settings = get_settings()
     size = settings.funnel_batch_size if not at_most else min(at_most, settings.funnel_batch_size)
+    if say:
+        say(f"funnel: relaxing a batch of up to {size} with {cfg.funnel.engine}")
     report = run_batched_rocket(db.launchpad, batch_size=size, workers=funnel_workers(settings), campaign=cfg.name,
                                 pipeline=False, stage="funnel", max_batches=1)
     return report.fireworks + report.fizzled
@@ -433,17 +435,19 @@ def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: P
     total = lp.fireworks.count_documents({"spec.campaign": cfg.name})
     while max_fireworks is None or report.launched < max_fireworks:
         counts = fw_state_counts(db, cfg.name)
+        done = sum(counts.get(s, 0) for s in DONE_STATES)
         if progress:
-            progress(sum(counts.get(s, 0) for s in DONE_STATES), total, "running Fireworks")
+            progress(done, total, "running Fireworks")
+        say = (lambda what, done=done: progress(done, total, what)) if progress else None
         ldir = _launch_dir(root)
         with _in_dir(ldir):
             ran = 0
             if _next_is_funnel(db, cfg.name):
-                ran = _run_funnel_batch(db, cfg, max_fireworks and max_fireworks - report.launched)
+                ran = _run_funnel_batch(db, cfg, max_fireworks and max_fireworks - report.launched, say)
             if not ran:
                 ran = int(launch_rocket(lp, fworker, strm_lvl=log_level))
             if not ran:
-                ran = _run_funnel_batch(db, cfg, max_fireworks and max_fireworks - report.launched)
+                ran = _run_funnel_batch(db, cfg, max_fireworks and max_fireworks - report.launched, say)
         _tidy_launch_dir(ldir)
         db.flush()
         if not ran:
@@ -671,9 +675,49 @@ def rerun_lost(db: AmdflowDB, campaign: str, lost_after_s: float, stale_after_s:
             fw_locks += lp.workflows.update_one({"_id": wf_id, "locked": True}, {"$unset": {"locked": ""}}).modified_count
     # before detect_lostruns: its rerun_fw would wait on a stale lock
     lost_launches, lost_fws, _ = lp.detect_lostruns(expiration_secs=lost_after_s, query={"spec.campaign": campaign}, rerun=True)
+    dead = dead_checkouts(lp, campaign, stale_after_s)
+    for fw_id in dead:
+        lp.rerun_fw(fw_id)
     db.flush()
     return {"claims_released": claims, "locks_released": locks, "fireworks_locks_released": fw_locks,
-            "lost_launches": len(lost_launches), "rerun_fireworks": len(lost_fws)}
+            "lost_launches": len(lost_launches), "rerun_fireworks": len(lost_fws), "dead_checkouts": len(dead)}
+
+
+def _as_utc(value: Any) -> datetime | None:
+    """FireWorks writes ``updated_on`` as a datetime (its check-out) or an ISO string (its upserts)."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def dead_checkouts(lp: Any, campaign: str, older_than_s: float) -> list[int]:
+    """Fireworks a rocket checked out (RESERVED) and died before writing their launch; fw_ids, sorted.
+
+    FireWorks' check-out first marks the Firework RESERVED, then writes its launch and marks it
+    RUNNING. A rocket that dies, or whose command meets a restarting database, in between leaves
+    a RESERVED Firework with no launch of its own: no ping to go stale, so ``detect_lostruns``
+    never sees it, and no rocket picks it up again (they take READY ones). Left alone for
+    ``older_than_s`` seconds (a live check-out takes milliseconds), it is dead. Reservations
+    of ``qlaunch -r`` (a RESERVED launch waiting in the queue) and the batched rocket's claims
+    (their own field, released by age in ``release_stale``) are not touched.
+    """
+    from amdflow.batch_launch import CLAIM
+
+    cutoff = utcnow().timestamp() - older_than_s
+    out = []
+    for fw in lp.fireworks.find({"spec.campaign": campaign, "state": "RESERVED", CLAIM: {"$exists": False}},
+                                {"fw_id": 1, "updated_on": 1}):
+        at = _as_utc(fw.get("updated_on"))
+        if at is None or at.timestamp() >= cutoff:
+            continue
+        if lp.launches.find_one({"fw_id": fw["fw_id"], "state": "RESERVED"}, {"_id": 1}) is None:
+            out.append(int(fw["fw_id"]))
+    return sorted(out)
 
 
 def _templates_text(cfg: CampaignConfig) -> str:

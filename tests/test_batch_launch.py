@@ -252,7 +252,8 @@ def test_rerun_lost_recovers_a_batch_killed_while_completing(db, tmp_path):
     old = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
     lp.workflows.update_one({"nodes": claims[0].fw_id}, {"$set": {"locked": f"{LOCK_PREFIX}{old.isoformat()}:999:dead"}})
     found = rerun_lost(db, "camp", lost_after_s=-5, stale_after_s=120)
-    assert found == {"claims_released": 0, "locks_released": 1, "fireworks_locks_released": 0, "lost_launches": 2, "rerun_fireworks": 2}
+    assert found == {"claims_released": 0, "locks_released": 1, "fireworks_locks_released": 0, "lost_launches": 2, "rerun_fireworks": 2,
+                     "dead_checkouts": 0}
     assert {lp.get_fw_by_id(c.fw_id).state for c in claims} == {"READY"}
     assert lp.workflows.count_documents({"locked": {"$exists": True}}) == 0
     assert sorted(ln["state"] for ln in lp.launches.find()) == ["FIZZLED", "FIZZLED"]  # kept as history
@@ -319,3 +320,40 @@ def test_fireworks_own_lock_left_behind_is_released_only_when_unused(db, tmp_pat
     assert lp.get_fw_by_id(lost.fw_id).state == "READY"
     assert rerun_fizzled(db, "camp", lock_wait_s=0.5).reset == [fizzled_fw]
     assert lp.get_fw_by_id(fizzled_fw).state in ("READY", "WAITING")
+
+
+def test_a_checkout_that_died_before_its_launch_is_reset_by_rerun_lost(db, tmp_path):
+    """FireWorks' check-out marks a Firework RESERVED, then writes its launch; a rocket dying in between leaves it RESERVED.
+
+    What CI's database-restart fault test met: 'analyze references Ni' stayed RESERVED with no
+    launch, so neither `detect_lostruns` (no launch to go stale) nor any rocket (they take READY
+    ones) ever ran it. `rerun --lost` resets such a Firework once older than --stale-after, and
+    leaves a young check-out (a live rocket in the middle of it) and a queue reservation alone.
+    """
+    import datetime as dt
+
+    from fireworks import FWorker
+
+    from amdflow.ops import dead_checkouts, rerun_lost
+    from amdflow.workflows import candidate_workflow
+
+    lp = db.launchpad
+    for k in range(3):
+        lp.add_wf(candidate_workflow(f"c{k}", "camp", "AlNi"))
+    dead = lp._get_a_fw_to_run({"spec.campaign": "camp"})  # the first half of checkout_fw, then the rocket died
+    young = lp._get_a_fw_to_run({"spec.campaign": "camp"})
+    queued, _ = lp.reserve_fw(FWorker(), str(tmp_path), fw_id=lp.fireworks.find_one({"state": "READY"})["fw_id"])
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+    for fw in (dead, queued):
+        lp.fireworks.update_one({"fw_id": fw.fw_id}, {"$set": {"updated_on": old}})
+    assert {lp.get_fw_by_id(f.fw_id).state for f in (dead, young, queued)} == {"RESERVED"}
+    assert dead_checkouts(lp, "camp", 120) == [dead.fw_id]
+    assert dead_checkouts(lp, "other", 120) == []
+
+    found = rerun_lost(db, "camp", lost_after_s=3600, stale_after_s=120)
+    assert found["dead_checkouts"] == 1 and found["lost_launches"] == 0
+    assert lp.get_fw_by_id(dead.fw_id).state == "READY"
+    assert lp.workflows.find_one({"nodes": dead.fw_id})["fw_states"][str(dead.fw_id)] == "READY"
+    assert lp.get_fw_by_id(young.fw_id).state == "RESERVED" and lp.get_fw_by_id(queued.fw_id).state == "RESERVED"
+    # and a rocket now runs it
+    assert lp.checkout_fw(FWorker(query={"fw_id": dead.fw_id}), str(tmp_path))[0].fw_id == dead.fw_id
