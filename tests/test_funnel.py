@@ -412,3 +412,38 @@ def test_a_failing_funnel_relaxation_fizzles_alone_with_its_reason(db, lpad, tmp
     assert rerun_fizzled(db, cfg.name, "funnel").reset == [fw["fw_id"]]
     assert run_batched_rocket(lpad, batch_size=8, pipeline=False, stage="funnel").fireworks == 1
     assert db.candidates.find_one({"formula": "AlNi"})["state"] in ("prerelaxed", "funnel_cut")
+
+
+def test_a_collapsing_cell_ends_as_a_failed_relaxation_not_a_record_low_energy(monkeypatch):
+    """What bench_discovery met: SevenNet-0 drove cells to 0.85 A^3/atom and -2e25 eV/atom (a hole of the potential).
+
+    The batched relaxation now ends such a structure with the reason (volume ratio, energy floor)
+    and the rest of the batch relaxes as before. Checked on the guard itself (a state that left
+    the bounds) and through the real SevenNet batch: a bcc Fe cell squeezed to 1.2 A swells back
+    by far more than 1.5x in volume, so with the upper bound lowered to 1.5 it must end as failed
+    while its batch mate, started near equilibrium, relaxes.
+    """
+    from types import SimpleNamespace
+
+    import torch
+    from pymatgen.core import Lattice, Structure
+
+    from amdflow.campaign import FunnelConfig
+    from amdflow.relax import get_funnel_engine
+    from amdflow.relax import torchsim_relax
+    from amdflow.relax.torchsim_relax import ENERGY_FLOOR_EV_PER_ATOM, _unphysical
+
+    cell = torch.stack([torch.eye(3) * 3.0, torch.eye(3) * 2.0, torch.eye(3) * 3.0, torch.eye(3) * 5.0]).double()
+    state = SimpleNamespace(system_idx=torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), n_systems=4, cell=cell,
+                            energy=torch.tensor([-10.0, -10.0, 2 * ENERGY_FLOOR_EV_PER_ATOM - 2, -10.0]).double())
+    # start volumes 13.5 A^3/atom each: kept, collapsed to 4/13.5, below the energy floor, blown up to 62.5/13.5
+    assert _unphysical(state, [13.5] * 4).tolist() == [False, True, True, True]
+
+    engine = get_funnel_engine(FunnelConfig(engine="sevennet", max_steps=40))
+    good = Structure(Lattice.cubic(2.87), ["Fe", "Fe"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    squeezed = Structure(Lattice.cubic(1.2), ["Fe", "Fe"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    monkeypatch.setattr(torchsim_relax, "VOLUME_RATIO_MAX", 1.5)
+    results = engine.relax_many([good, squeezed], 1)
+    assert not isinstance(results[0], BaseException) and -9.5 < results[0].energy / 2 < -7.0, results[0]
+    assert isinstance(results[1], FloatingPointError) and "went unphysical" in str(results[1]), results[1]
+    assert "started at 0.86" in str(results[1])

@@ -24,6 +24,16 @@ from pymatgen.core import Structure
 
 from amdflow.relax.base import RelaxResult
 
+# A universal potential has holes: measured on MP perovskite decorations (scripts/bench_discovery.py),
+# SevenNet-0 under FIRE + cell filter drove 5 of 192 cells into collapse (down to 0.85 A^3/atom and
+# -2e25 eV/atom; others at -50 to -98 eV/atom, while no MP element lies below -14.3 eV/atom). Such a
+# cell also slows its whole batch (its neighbour lists explode). A structure whose volume leaves
+# [VOLUME_RATIO_MIN, VOLUME_RATIO_MAX] x its start, or whose energy falls below ENERGY_FLOOR, ends
+# as a failed relaxation with that reason instead of a record-low energy.
+VOLUME_RATIO_MIN = 0.5
+VOLUME_RATIO_MAX = 3.0
+ENERGY_FLOOR_EV_PER_ATOM = -25.0
+
 
 def relax_structures(structures: Sequence[Structure], model: Any, fmax: float, max_steps: int, relax_cell: bool = True,
                      max_atoms_in_flight: int = 512) -> list[RelaxResult | BaseException]:
@@ -47,7 +57,9 @@ def relax_structures(structures: Sequence[Structure], model: Any, fmax: float, m
     batcher = InFlightAutoBatcher(model, memory_scales_with="n_atoms", max_memory_scaler=limit, return_indices=True)
     batcher.load_states(states)
     steps = [0] * len(structures)
+    start_volume = [s.volume / len(s) for s in structures]
     record: dict[int, tuple[bool, float]] = {}  # original index -> (converged, largest force)
+    broken: dict[int, str] = {}  # original index -> why the relaxation is unphysical
     finished: list[Any] = []
     state, _, idx = batcher.next_batch(None, None)
     while state is not None:
@@ -57,11 +69,14 @@ def relax_structures(structures: Sequence[Structure], model: Any, fmax: float, m
                 steps[i] += 1
         force = _largest_force(state, relax_cell)
         energy_ok = torch.isfinite(state.energy)
-        done = (force <= fmax) | ~energy_ok | torch.tensor([steps[i] >= max_steps for i in idx], device=force.device)
+        unphysical = _unphysical(state, [start_volume[i] for i in idx])
+        done = (force <= fmax) | ~energy_ok | unphysical | torch.tensor([steps[i] >= max_steps for i in idx], device=force.device)
         if not bool(done.any()):
             continue
         for k in torch.where(done)[0].tolist():
             record[idx[k]] = (bool(force[k] <= fmax) and bool(energy_ok[k]), float(force[k]))
+            if bool(unphysical[k]) and bool(energy_ok[k]):
+                broken[idx[k]] = _why_unphysical(state, k, start_volume[idx[k]], steps[idx[k]])
         state, completed, idx = batcher.next_batch(state, done)
         finished.extend(completed)
     ordered = batcher.restore_original_order(finished)
@@ -70,6 +85,9 @@ def relax_structures(structures: Sequence[Structure], model: Any, fmax: float, m
     for i, final in enumerate(ordered):
         converged, largest = record[i]
         energy = float(final.energy[0])
+        if i in broken:
+            out.append(FloatingPointError(broken[i]))
+            continue
         if not math.isfinite(energy):
             out.append(FloatingPointError(f"the relaxation diverged (energy {energy}) after {steps[i]} steps"))
             continue
@@ -90,6 +108,29 @@ def _chunks(structures: Sequence[Structure], max_atoms: int) -> list[Sequence[St
         atoms += len(s)
     chunks.append(structures[begin:])
     return chunks
+
+
+def _per_system(state: Any) -> tuple[Any, Any]:
+    """Per structure of the batch: volume per atom (A^3) and energy per atom (eV)."""
+    import torch
+
+    counts = torch.bincount(state.system_idx, minlength=state.n_systems).to(state.energy.dtype)
+    volume = torch.linalg.det(state.cell).abs()
+    return volume / counts, state.energy / counts
+
+
+def _unphysical(state: Any, start_volume: list[float]) -> Any:
+    import torch
+
+    volume, energy = _per_system(state)
+    ratio = volume / torch.tensor(start_volume, dtype=volume.dtype, device=volume.device)
+    return (ratio < VOLUME_RATIO_MIN) | (ratio > VOLUME_RATIO_MAX) | (energy < ENERGY_FLOOR_EV_PER_ATOM)
+
+
+def _why_unphysical(state: Any, k: int, start_volume: float, steps: int) -> str:
+    volume, energy = _per_system(state)
+    return (f"the relaxation went unphysical after {steps} steps: {float(volume[k]):.2f} A^3/atom (started at {start_volume:.2f}), "
+            f"{float(energy[k]):.4g} eV/atom; the potential has a hole here: not a low-energy crystal")
 
 
 def _largest_force(state: Any, relax_cell: bool) -> Any:
