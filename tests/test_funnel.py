@@ -429,8 +429,7 @@ def test_a_collapsing_cell_ends_as_a_failed_relaxation_not_a_record_low_energy(m
     from pymatgen.core import Lattice, Structure
 
     from amdflow.campaign import FunnelConfig
-    from amdflow.relax import get_funnel_engine
-    from amdflow.relax import torchsim_relax
+    from amdflow.relax import get_funnel_engine, torchsim_relax
     from amdflow.relax.torchsim_relax import ENERGY_FLOOR_EV_PER_ATOM, _unphysical
 
     cell = torch.stack([torch.eye(3) * 3.0, torch.eye(3) * 2.0, torch.eye(3) * 3.0, torch.eye(3) * 5.0]).double()
