@@ -382,11 +382,19 @@ def run_campaign(db: AmdflowDB, cfg: CampaignConfig, progress: Progress | None =
         fw_rocket.start_ping_launch = previous_ping
 
 
-def _next_is_funnel(db: AmdflowDB, campaign: str) -> bool:
-    """Whether the campaign's highest-priority READY Firework is a funnel one (FireWorks' order: _priority, high first)."""
-    top = db.launchpad.fireworks.find_one({"spec.campaign": campaign, "state": "READY"}, {"spec.amdflow_stage": 1},
-                                          sort=[("spec._priority", -1)])
-    return bool(top) and top["spec"].get("amdflow_stage") == "funnel"
+def _funnel_batch_due(db: AmdflowDB, campaign: str) -> bool:
+    """Whether to relax the campaign's READY funnel Fireworks now, as one batch: some wait, and nothing upstream of the
+    funnel is READY. Upstream (predictions, dedups, references, known phases, their analyses) is every Firework whose
+    ``_priority`` is above the final relaxations' band (``stages.funnel.RELAX_AFTER_FUNNEL_PRIORITY``); a dedup hands its
+    priority (-E_f) to its funnel Firework, so ordering by priority alone would relax the funnel one candidate at a time."""
+    from amdflow.stages.funnel import RELAX_AFTER_FUNNEL_PRIORITY
+
+    fws = db.launchpad.fireworks
+    if fws.find_one({"spec.campaign": campaign, "spec.amdflow_stage": "funnel", "state": "READY"}, {"_id": 1}) is None:
+        return False
+    upstream = fws.find_one({"spec.campaign": campaign, "state": "READY", "spec.amdflow_stage": {"$ne": "funnel"},
+                             "spec._priority": {"$gt": RELAX_AFTER_FUNNEL_PRIORITY}}, {"_id": 1})
+    return upstream is None
 
 
 def _run_funnel_batch(db: AmdflowDB, cfg: CampaignConfig, at_most: int | None, say: Callable[[str], None] | None = None) -> int:
@@ -426,9 +434,9 @@ def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: P
     if db.embedded is not None:
         lost = lp.detect_lostruns(expiration_secs=0, rerun=True, query={"spec.campaign": cfg.name})
         report.recovered = len(lost[1])
-    # Funnel Fireworks run in batches (one relaxation batch, one hull build), in their turn by priority:
-    # after every dedup (those come first: a batch then holds all the candidates that passed), before
-    # the final relaxations (which sit below them: see stages.funnel.RELAX_AFTER_FUNNEL_PRIORITY).
+    # Funnel Fireworks run in batches (one relaxation batch, one hull build): once nothing upstream of
+    # them is READY (every prediction, dedup and reference has run, so a batch holds all the candidates
+    # that passed), before the final relaxations (see _funnel_batch_due).
     fworker = FWorker(name="amdflow-run", category=["gpu", "cpu", "vasp"],
                       query={"spec.campaign": cfg.name, "spec.amdflow_stage": {"$ne": "funnel"}})
     root = Path(cfg.output_dir or ".") / "launches"
@@ -442,7 +450,7 @@ def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: P
         ldir = _launch_dir(root)
         with _in_dir(ldir):
             ran = 0
-            if _next_is_funnel(db, cfg.name):
+            if _funnel_batch_due(db, cfg.name):
                 ran = _run_funnel_batch(db, cfg, max_fireworks and max_fireworks - report.launched, say)
             if not ran:
                 ran = int(launch_rocket(lp, fworker, strm_lvl=log_level))

@@ -17,7 +17,10 @@ natural cut.
 
 Predicted energy above hull, as Matbench Discovery defines it: an ML total energy gets
 the MP2020 corrections (pymatgen's ``MaterialsProject2020Compatibility``; run type GGA or
-GGA+U and MP's U values from the composition, POTCARs not checked: we have none),
+GGA+U and MP's U values from the composition, POTCARs not checked: we have none) when the
+potential was trained on uncorrected energies (SevenNet-0: MPtrj ``uncorrected_total_energy``),
+and none when it was trained on corrected ones (CHGNet: MPtrj ``energy_per_atom``, which is
+after MP2020; correcting again counts the anion and +U corrections twice),
 formation energy against MP's elemental reference entries (``../shared/datasets/
 mp_elemental_refs``), and ``E_hull_pred = E_hull_MP + (E_f_pred - E_f_MP)``: the rest of the
 hull is held at DFT. CGCNN predicts E_f directly. Truth: MP ``energy_above_hull <= 0``
@@ -129,9 +132,17 @@ def elemental_refs() -> dict[str, float]:
 _U: dict[str, dict[str, float]] | None = None
 
 
-def mp2020_formation_energy(structure: Any, energy: float, refs: dict[str, float]) -> float | None:
-    """E_f (eV/atom) of an ML total energy with the MP2020 corrections, against MP's elemental references."""
+#: Whether a funnel potential's energies already carry the MP2020 corrections (its MPtrj training label).
+TRAINED_ON_CORRECTED = {"chgnet": True, "sevennet": False}
+
+
+def mp2020_formation_energy(structure: Any, energy: float, refs: dict[str, float], correct: bool = True) -> float | None:
+    """E_f (eV/atom) of an ML total energy against MP's elemental references, with the MP2020 corrections
+    applied first unless ``correct`` is false (a potential trained on corrected energies)."""
     global _U
+    comp = structure.composition
+    if not correct:
+        return (energy - sum(n * refs[el.symbol] for el, n in comp.items())) / comp.num_atoms
     from pymatgen.entries.compatibility import MaterialsProject2020Compatibility
     from pymatgen.entries.computed_entries import ComputedStructureEntry
 
@@ -139,7 +150,6 @@ def mp2020_formation_energy(structure: Any, energy: float, refs: dict[str, float
         from pymatgen.io.vasp.sets import MPRelaxSet
 
         _U = MPRelaxSet.CONFIG["INCAR"]["LDAUU"]
-    comp = structure.composition
     symbols = {el.symbol for el in comp.elements}
     hubbards = {}
     for anion in ("O", "F"):
@@ -251,8 +261,12 @@ def main() -> None:
     flat = [(i, s) for i in ids for s in decorations[i]]
     values, cg_s = cgcnn([s for _, s in flat])
     cg_ef: dict[str, float] = {}
+    cg_best: dict[str, tuple[float, int]] = {}  # material -> (CGCNN E_f, index) of its CGCNN-lowest decoration
+    seen: dict[str, int] = {}
     for (i, _), v in zip(flat, values, strict=True):
         cg_ef[i] = min(cg_ef.get(i, math.inf), v)
+        k = seen[i] = seen.get(i, -1) + 1  # the decoration's index within its material (the cache key's)
+        cg_best[i] = min(cg_best.get(i, (math.inf, -1)), (v, k))
     flat5 = [(i, s) for i in ids for s in scaled[i]]
     values5, cg5_s = cgcnn([s for _, s in flat5])
     cg5_ef: dict[str, float] = {}
@@ -264,6 +278,7 @@ def main() -> None:
     refs = elemental_refs()
     keyed = [(f"{i}#{k}", s) for i in ids for k, s in enumerate(decorations[i])]
     ml_ef: dict[str, dict[str, float]] = {}
+    ml_ef_key: dict[str, dict[str, float]] = {}  # per decoration
     ml_s: dict[str, float] = {}
     ml_failed: dict[str, int] = {}
     from pymatgen.core import Structure
@@ -277,12 +292,14 @@ def main() -> None:
             r = cache[name].get(key)
             if r is not None and r["energy"] / len(Structure.from_dict(r["structure"])) < ENERGY_FLOOR_EV_PER_ATOM:
                 r = None  # a cell the potential collapsed (cached before the engine's guard): a failed relaxation
-            value = None if r is None else mp2020_formation_energy(Structure.from_dict(r["structure"]), r["energy"], refs)
+            value = None if r is None else mp2020_formation_energy(Structure.from_dict(r["structure"]), r["energy"], refs,
+                                                                  correct=not TRAINED_ON_CORRECTED[name])
             if value is None:
                 failed += 1
                 continue
             i = key.split("#")[0]
             ef[i] = min(ef.get(i, math.inf), value)
+            ml_ef_key.setdefault(name, {})[key] = value
         ml_ef[name], ml_failed[name] = ef, failed
     ml_hull = {name: {i: e_hull_mp[i] + ef[i] - e_f_mp[i] for i in ids if i in ef} for name, ef in ml_ef.items()}
 
@@ -290,24 +307,31 @@ def main() -> None:
     keep = top(hull, max(1, round(args.pipeline_keep * len(ids))))
     pipeline = {i: v for i, v in ml_hull["sevennet"].items() if i in keep}
     kept_candidates = sum(len(decorations[i]) for i in keep)
+    # the pipeline with CGCNN in top_k mode, k = 1: each formula's CGCNN-lowest decoration goes to SevenNet-0
+    seven_key = ml_ef_key.get("sevennet", {})
+    pipeline_top1 = {i: e_hull_mp[i] + seven_key[f"{i}#{cg_best[i][1]}"] - e_f_mp[i] for i in ids
+                     if f"{i}#{cg_best[i][1]}" in seven_key}
 
     rng = random.Random(args.seed)
     random_scores = {i: rng.random() for i in ids}
     screens = {
         "random": random_scores, "cgcnn_ef": cg_ef, "cgcnn_min_scales": cg5_ef, "cgcnn_hull": hull,
         "funnel_chgnet": ml_hull["chgnet"], "funnel_sevennet": ml_hull["sevennet"], "pipeline": pipeline,
+        "pipeline_top1": pipeline_top1,
     }
     natural = {
         "random": None, "cgcnn_ef": {i for i, v in cg_ef.items() if v <= 0.0}, "cgcnn_min_scales": {i for i, v in cg5_ef.items() if v <= 0.0},
         "cgcnn_hull": {i for i, v in hull.items() if v <= 0.1}, "funnel_chgnet": {i for i, v in ml_hull["chgnet"].items() if v <= 0.1},
         "funnel_sevennet": {i for i, v in ml_hull["sevennet"].items() if v <= 0.1}, "pipeline": {i for i, v in pipeline.items() if v <= 0.1},
+        "pipeline_top1": {i for i, v in pipeline_top1.items() if v <= 0.1},
     }
     per_candidate_s = {"random": 0.0, "cgcnn_ef": cg_s / n_cand, "cgcnn_min_scales": cg5_s / n_cand, "cgcnn_hull": cg_s / n_cand,
                        "funnel_chgnet": ml_s["chgnet"] / n_cand, "funnel_sevennet": ml_s["sevennet"] / n_cand,
-                       "pipeline": (cg_s + ml_s["sevennet"] * kept_candidates / n_cand) / n_cand}
+                       "pipeline": (cg_s + ml_s["sevennet"] * kept_candidates / n_cand) / n_cand,
+                       "pipeline_top1": (cg_s + ml_s["sevennet"] * len(ids) / n_cand) / n_cand}
     maes = {"random": None, "cgcnn_ef": mae(cg_ef, e_f_mp), "cgcnn_min_scales": mae(cg5_ef, e_f_mp), "cgcnn_hull": mae(cg_ef, e_f_mp),
             "funnel_chgnet": mae(ml_ef["chgnet"], e_f_mp), "funnel_sevennet": mae(ml_ef["sevennet"], e_f_mp),
-            "pipeline": mae(ml_ef["sevennet"], e_f_mp)}
+            "pipeline": mae(ml_ef["sevennet"], e_f_mp), "pipeline_top1": mae(ml_ef["sevennet"], e_f_mp)}
     table = []
     for label, scores in screens.items():
         row = {"screen": label, "mae_ef": maes[label], "seconds_per_candidate": round(per_candidate_s[label], 4)}
@@ -330,7 +354,9 @@ def main() -> None:
         "daf_funnel_chgnet": by["funnel_chgnet"]["top20"]["daf"], "daf_funnel_sevennet": by["funnel_sevennet"]["top20"]["daf"],
         "daf_pipeline": by["pipeline"]["top20"]["daf"],
         "hits_top20_pipeline_over_cgcnn": round(by["pipeline"]["top20"]["hits"] / max(by["cgcnn_ef"]["top20"]["hits"], 1), 2),
+        "hits_top20_pipeline_top1_over_cgcnn": round(by["pipeline_top1"]["top20"]["hits"] / max(by["cgcnn_ef"]["top20"]["hits"], 1), 2),
         "pipeline_keep_sweep": sweep(hull, ml_hull["sevennet"], truth, len(ids)),
+        "funnel_cut_sweep": {name: cut_sweep(ml_hull[name], truth, truth_025) for name in ("sevennet", "chgnet")},
     }
     if args.write:
         write_markdown(figures)
@@ -348,10 +374,22 @@ def sweep(cg_hull: dict[str, float], ml_hull: dict[str, float], truth: dict[str,
     return out
 
 
+def cut_sweep(ml_hull: dict[str, float], truth: dict[str, bool], truth_025: dict[str, bool]) -> list[dict[str, Any]]:
+    """The funnel's own cut (max_e_above_hull on the ML hull): what it passes and what it finds, cut by cut."""
+    out = []
+    for cut in (0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3):
+        chosen = {i for i, v in ml_hull.items() if v <= cut}
+        m = metrics(chosen, truth, f"cut {cut}")
+        out.append({"cut": cut, "selected": m["selected"], "hits": m["hits"], "precision": m["precision"],
+                    "recall": m["recall"], "f1": m["f1"], "hits_025": sum(truth_025[i] for i in chosen)})
+    return out
+
+
 def write_markdown(f: dict[str, Any]) -> None:
     names = {"random": "random", "cgcnn_ef": "CGCNN E_f (exa-AMD's order)", "cgcnn_min_scales": "CGCNN, minimum over 5 lattice scales",
              "cgcnn_hull": "CGCNN hull mode (E_hull_pred)", "funnel_chgnet": "funnel: CHGNet", "funnel_sevennet": "funnel: SevenNet-0",
-             "pipeline": f"pipeline: CGCNN keeps {f['pipeline_keep']:.0%}, then SevenNet-0"}
+             "pipeline": f"pipeline: CGCNN keeps {f['pipeline_keep']:.0%}, then SevenNet-0",
+             "pipeline_top1": "pipeline: CGCNN top_k 1 per formula, then SevenNet-0"}
     lines = []
     for r in f["table"]:
         cells = [names[r["screen"]]]
@@ -367,6 +405,11 @@ def write_markdown(f: dict[str, Any]) -> None:
         lines.append("| " + " | ".join(cells) + " |")
     sweep_text = ", ".join(f"{s['keep']:.0%}: {s['hits_top20']} (CGCNN stage recall {s['recall_of_cgcnn_stage']:.2f})"
                            for s in f["pipeline_keep_sweep"])
+    cut_lines = []
+    for name, rows in f["funnel_cut_sweep"].items():
+        cut_lines.append(f"- Funnel cut sweep, {name} (max_e_above_hull on the ML hull: passed / stable found / precision / recall): "
+                         + "; ".join(f"{r['cut']}: {r['selected']} / {r['hits']} / {r['precision']:.2f} / {r['recall']:.2f}" for r in rows)
+                         + ".")
     scope = ("all 1,784 materials" if f["materials"] >= 1784 else
              f"a stratified sample of {f['materials']} of the 1,784 (seeded; the whole set would take more than two hours here)")
     section = f"""
@@ -376,7 +419,8 @@ Machine: {f['machine']}. Data: ../shared MP perovskites, {scope}; {f['stable']} 
 0.025 eV/atom. {f['candidates']} candidates: amdflow's decorations of each material's composition on the ideal prototype of its
 space group ({f['own_prototype']} materials; the others, whose space group has no prototype in the set, on the cubic one), cell from
 the volume rule, unrelaxed; a material's prediction is its lowest decoration. Predicted E_hull as Matbench Discovery defines it
-(MP2020-corrected ML energy, MP elemental references, E_hull_pred = E_hull_MP + E_f_pred - E_f_MP; run type and U values from the
+(ML energy MP2020-corrected when the potential was trained on uncorrected energies: SevenNet-0 yes, CHGNet no, its MPtrj label
+is already corrected; MP elemental references, E_hull_pred = E_hull_MP + E_f_pred - E_f_MP; run type and U values from the
 composition, POTCARs unchecked). Relaxations: FIRE + Frechet cell filter, fmax 0.05 eV/A, at most {f['max_steps']} steps (Matbench:
 500). Failed or rejected ML energies: {f['ml_failed']}.
 
@@ -387,7 +431,10 @@ Columns "top k %": stable materials found / precision / DAF when the budget is t
 {chr(10).join(lines)}
 
 - Full pipeline over CGCNN alone, stable crystals in the same DFT budget (top 20 %): **{f['hits_top20_pipeline_over_cgcnn']}x**.
+- Full pipeline with CGCNN in top_k mode (k = 1 per formula: half the funnel's relaxations here) over CGCNN alone, top 20 %:
+  **{f['hits_top20_pipeline_top1_over_cgcnn']}x**.
 - The pipeline's CGCNN stage, stable materials found in the top 20 % by the share it keeps: {sweep_text}.
+{chr(10).join(cut_lines)}
 - Wall time here: generation {f['generate_s']} s, CGCNN {f['cgcnn_s']} s, SevenNet-0 {f['sevennet_s']} s (batched, one process),
   CHGNet {f['chgnet_s']} s (worker processes), for {f['candidates']} candidates.
 - **Training-set leak**: CHGNet and SevenNet-0 were trained on MPtrj, Materials Project relaxations that include most of these

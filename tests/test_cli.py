@@ -218,3 +218,9 @@ def test_campaign_of_only_the_required_keys_runs_every_stage_and_builds_a_hull(t
     store = read_store(out / "launchpad_store.json")
     refs = sorted(doc["prototype"] for _, doc in store["amdflow"]["references"]["documents"])
     assert refs == sorted(["A_cF4_225_a", "A_cI2_229_a", "A_hP2_194_c"] * 4)  # the defaults as AFLOW labels, x 2 elements x 2 levels
+    # the funnel relaxed its candidates as one batch (after every dedup), not one after another as each dedup finished
+    funnel_fws = [fw for fw in fw_docs(store) if fw["spec"].get("amdflow_stage") == "funnel" and fw["state"] == "COMPLETED"]
+    assert len(funnel_fws) >= 2, [fw["name"] for fw in funnel_fws]
+    launched = {doc["launch_id"]: doc for doc in launch_docs(store)}
+    spans = [(launched[fw["launches"][-1]]["time_start"], launched[fw["launches"][-1]]["time_end"]) for fw in funnel_fws]
+    assert max(start for start, _ in spans) < min(end for _, end in spans), spans  # all ran at once
