@@ -331,7 +331,9 @@ def _status_table(info: dict[str, Any]) -> Table:
         for state, n in funnel["references"].items():
             table.add_row("funnel", f"references {state}", str(n))
     for stage, t in info["stage_times"].items():
-        table.add_row("run time", stage, f"{t['launches']} x {t['mean_s']:.2f} s = {t['total_s']:.1f} s")
+        wall = t.get("wall_s", t["total_s"])
+        together = "" if wall >= 0.99 * t["total_s"] else " (batched/parallel)"
+        table.add_row("run time", stage, f"{t['launches']} in {wall:.1f} s wall{together}")
     return table
 
 

@@ -252,15 +252,51 @@ def fw_state_counts(db: AmdflowDB, campaign: str) -> dict[str, int]:
 
 
 def stage_times(db: AmdflowDB, campaign: str) -> dict[str, dict[str, float]]:
-    """Completed launches per stage: count, total and mean run time (seconds)."""
+    """Completed launches per stage: count, summed run time, and wall time (the union of their time spans, so that
+    a batch of launches that ran together, or rockets in parallel, count once), seconds."""
     lp = db.launchpad
     stage_of = {fw["fw_id"]: fw["spec"].get("amdflow_stage", "?")
                 for fw in lp.fireworks.find({"spec.campaign": campaign}, {"fw_id": 1, "spec.amdflow_stage": 1})}
     totals: dict[str, list[float]] = {}
-    for launch in lp.launches.find({"fw_id": {"$in": list(stage_of)}, "state": "COMPLETED"}, {"fw_id": 1, "runtime_secs": 1}):
-        totals.setdefault(stage_of[launch["fw_id"]], []).append(float(launch.get("runtime_secs") or 0.0))
-    return {stage: {"launches": len(v), "total_s": round(sum(v), 2), "mean_s": round(sum(v) / len(v), 3)}
-            for stage, v in sorted(totals.items())}
+    spans: dict[str, list[tuple[datetime, datetime]]] = {}
+    for launch in lp.launches.find({"fw_id": {"$in": list(stage_of)}, "state": "COMPLETED"},
+                                   {"fw_id": 1, "runtime_secs": 1, "time_start": 1, "time_end": 1}):
+        stage = stage_of[launch["fw_id"]]
+        totals.setdefault(stage, []).append(float(launch.get("runtime_secs") or 0.0))
+        start, end = _as_datetime(launch.get("time_start")), _as_datetime(launch.get("time_end"))
+        if start is not None and end is not None:
+            spans.setdefault(stage, []).append((start, end))
+    out = {}
+    for stage, v in sorted(totals.items()):
+        wall = _union_seconds(spans.get(stage, [])) if len(spans.get(stage, [])) == len(v) else sum(v)
+        out[stage] = {"launches": len(v), "total_s": round(sum(v), 2), "mean_s": round(sum(v) / len(v), 3),
+                      "wall_s": round(wall, 2)}
+    return out
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    """A launch's time stamp: a datetime (MongoDB) or its ISO string (FireWorks' JSON form)."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, str):
+        parsed = datetime.fromisoformat(value)
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None
+
+
+def _union_seconds(spans: list[tuple[datetime, datetime]]) -> float:
+    """Seconds covered by the union of [start, end] spans."""
+    total, current = 0.0, None
+    for start, end in sorted(spans):
+        if current is None or start > current[1]:
+            if current is not None:
+                total += (current[1] - current[0]).total_seconds()
+            current = (start, end)
+        elif end > current[1]:
+            current = (current[0], end)
+    if current is not None:
+        total += (current[1] - current[0]).total_seconds()
+    return total
 
 
 def campaign_status(db: AmdflowDB, campaign: str) -> dict[str, Any]:
@@ -397,19 +433,23 @@ def _funnel_batch_due(db: AmdflowDB, campaign: str) -> bool:
     return upstream is None
 
 
-def _run_funnel_batch(db: AmdflowDB, cfg: CampaignConfig, at_most: int | None, say: Callable[[str], None] | None = None) -> int:
-    """One batch of the campaign's READY funnel Fireworks (the batched rocket's path); how many ran."""
+def _run_batch(db: AmdflowDB, cfg: CampaignConfig, stage: str, at_most: int | None,
+               say: Callable[[str], None] | None = None) -> int:
+    """One batch of the campaign's READY ``stage`` Fireworks (predict or funnel: the batched rocket's path); how many ran."""
     from amdflow.rocket import run_batched_rocket
     from amdflow.settings import get_settings
 
-    if not db.launchpad.fireworks.count_documents({"spec.campaign": cfg.name, "spec.amdflow_stage": "funnel", "state": "READY"}):
+    if db.launchpad.fireworks.find_one({"spec.campaign": cfg.name, "spec.amdflow_stage": stage, "state": "READY"},
+                                       {"_id": 1}) is None:
         return 0
     settings = get_settings()
-    size = settings.funnel_batch_size if not at_most else min(at_most, settings.funnel_batch_size)
+    size = settings.funnel_batch_size if stage == "funnel" else settings.predict_batch_size
+    size = min(at_most, size) if at_most else size
     if say:
-        say(f"funnel: relaxing a batch of up to {size} with {cfg.funnel.engine}")
-    report = run_batched_rocket(db.launchpad, batch_size=size, workers=funnel_workers(settings), campaign=cfg.name,
-                                pipeline=False, stage="funnel", max_batches=1)
+        say(f"funnel: relaxing a batch of up to {size} with {cfg.funnel.engine}" if stage == "funnel"
+            else f"predict: a batch of up to {size} with CGCNN")
+    report = run_batched_rocket(db.launchpad, batch_size=size, workers=funnel_workers(settings) if stage == "funnel" else 1,
+                                campaign=cfg.name, pipeline=False, stage=stage, max_batches=1)
     return report.fireworks + report.fizzled
 
 
@@ -438,7 +478,7 @@ def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: P
     # them is READY (every prediction, dedup and reference has run, so a batch holds all the candidates
     # that passed), before the final relaxations (see _funnel_batch_due).
     fworker = FWorker(name="amdflow-run", category=["gpu", "cpu", "vasp"],
-                      query={"spec.campaign": cfg.name, "spec.amdflow_stage": {"$ne": "funnel"}})
+                      query={"spec.campaign": cfg.name, "spec.amdflow_stage": {"$nin": ["funnel", "predict"]}})
     root = Path(cfg.output_dir or ".") / "launches"
     total = lp.fireworks.count_documents({"spec.campaign": cfg.name})
     while max_fireworks is None or report.launched < max_fireworks:
@@ -449,13 +489,14 @@ def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: P
         say = (lambda what, done=done: progress(done, total, what)) if progress else None
         ldir = _launch_dir(root)
         with _in_dir(ldir):
-            ran = 0
-            if _funnel_batch_due(db, cfg.name):
-                ran = _run_funnel_batch(db, cfg, max_fireworks and max_fireworks - report.launched, say)
+            left = max_fireworks and max_fireworks - report.launched
+            ran = _run_batch(db, cfg, "predict", left, say)  # CGCNN in batches, as the GPU rocket does
+            if not ran and _funnel_batch_due(db, cfg.name):
+                ran = _run_batch(db, cfg, "funnel", left, say)
             if not ran:
                 ran = int(launch_rocket(lp, fworker, strm_lvl=log_level))
             if not ran:
-                ran = _run_funnel_batch(db, cfg, max_fireworks and max_fireworks - report.launched, say)
+                ran = _run_batch(db, cfg, "funnel", left, say)
         _tidy_launch_dir(ldir)
         db.flush()
         if not ran:

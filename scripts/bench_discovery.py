@@ -311,27 +311,34 @@ def main() -> None:
     seven_key = ml_ef_key.get("sevennet", {})
     pipeline_top1 = {i: e_hull_mp[i] + seven_key[f"{i}#{cg_best[i][1]}"] - e_f_mp[i] for i in ids
                      if f"{i}#{cg_best[i][1]}" in seven_key}
+    # the same with one decoration per formula drawn at random: what CGCNN's choice within a formula is worth
+    pick = random.Random(args.seed + 1)
+    drawn = {i: pick.randrange(len(decorations[i])) for i in ids}
+    random_top1 = {i: e_hull_mp[i] + seven_key[f"{i}#{drawn[i]}"] - e_f_mp[i] for i in ids if f"{i}#{drawn[i]}" in seven_key}
 
     rng = random.Random(args.seed)
     random_scores = {i: rng.random() for i in ids}
     screens = {
         "random": random_scores, "cgcnn_ef": cg_ef, "cgcnn_min_scales": cg5_ef, "cgcnn_hull": hull,
         "funnel_chgnet": ml_hull["chgnet"], "funnel_sevennet": ml_hull["sevennet"], "pipeline": pipeline,
-        "pipeline_top1": pipeline_top1,
+        "pipeline_top1": pipeline_top1, "random_top1": random_top1,
     }
     natural = {
         "random": None, "cgcnn_ef": {i for i, v in cg_ef.items() if v <= 0.0}, "cgcnn_min_scales": {i for i, v in cg5_ef.items() if v <= 0.0},
         "cgcnn_hull": {i for i, v in hull.items() if v <= 0.1}, "funnel_chgnet": {i for i, v in ml_hull["chgnet"].items() if v <= 0.1},
         "funnel_sevennet": {i for i, v in ml_hull["sevennet"].items() if v <= 0.1}, "pipeline": {i for i, v in pipeline.items() if v <= 0.1},
         "pipeline_top1": {i for i, v in pipeline_top1.items() if v <= 0.1},
+        "random_top1": {i for i, v in random_top1.items() if v <= 0.1},
     }
     per_candidate_s = {"random": 0.0, "cgcnn_ef": cg_s / n_cand, "cgcnn_min_scales": cg5_s / n_cand, "cgcnn_hull": cg_s / n_cand,
                        "funnel_chgnet": ml_s["chgnet"] / n_cand, "funnel_sevennet": ml_s["sevennet"] / n_cand,
                        "pipeline": (cg_s + ml_s["sevennet"] * kept_candidates / n_cand) / n_cand,
-                       "pipeline_top1": (cg_s + ml_s["sevennet"] * len(ids) / n_cand) / n_cand}
+                       "pipeline_top1": (cg_s + ml_s["sevennet"] * len(ids) / n_cand) / n_cand,
+                       "random_top1": ml_s["sevennet"] * len(ids) / n_cand / n_cand}
     maes = {"random": None, "cgcnn_ef": mae(cg_ef, e_f_mp), "cgcnn_min_scales": mae(cg5_ef, e_f_mp), "cgcnn_hull": mae(cg_ef, e_f_mp),
             "funnel_chgnet": mae(ml_ef["chgnet"], e_f_mp), "funnel_sevennet": mae(ml_ef["sevennet"], e_f_mp),
-            "pipeline": mae(ml_ef["sevennet"], e_f_mp), "pipeline_top1": mae(ml_ef["sevennet"], e_f_mp)}
+            "pipeline": mae(ml_ef["sevennet"], e_f_mp), "pipeline_top1": mae(ml_ef["sevennet"], e_f_mp),
+            "random_top1": mae(ml_ef["sevennet"], e_f_mp)}
     table = []
     for label, scores in screens.items():
         row = {"screen": label, "mae_ef": maes[label], "seconds_per_candidate": round(per_candidate_s[label], 4)}
@@ -357,6 +364,7 @@ def main() -> None:
         "hits_top20_pipeline_top1_over_cgcnn": round(by["pipeline_top1"]["top20"]["hits"] / max(by["cgcnn_ef"]["top20"]["hits"], 1), 2),
         "pipeline_keep_sweep": sweep(hull, ml_hull["sevennet"], truth, len(ids)),
         "funnel_cut_sweep": {name: cut_sweep(ml_hull[name], truth, truth_025) for name in ("sevennet", "chgnet")},
+        "cgcnn_threshold_sweep": threshold_sweep(cg_ef, ml_hull["sevennet"], truth, len(ids)),
     }
     if args.write:
         write_markdown(figures)
@@ -371,6 +379,18 @@ def sweep(cg_hull: dict[str, float], ml_hull: dict[str, float], truth: dict[str,
         chosen = top({i: v for i, v in ml_hull.items() if i in kept}, round(0.2 * n))
         out.append({"keep": keep, "hits_top20": sum(truth[i] for i in chosen), "recall_of_cgcnn_stage": round(
             sum(truth[i] for i in kept) / max(sum(truth.values()), 1), 3)})
+    return out
+
+
+def threshold_sweep(cg_ef: dict[str, float], ml_hull: dict[str, float], truth: dict[str, bool], n: int) -> list[dict[str, Any]]:
+    """CGCNN in threshold mode before the funnel: what each max_formation_energy_per_atom keeps, and what SevenNet-0 then
+    finds in the top 20 %."""
+    out = []
+    for cut in (0.0, 0.25, 0.5, 1.0, 2.0):
+        kept = {i for i, v in cg_ef.items() if v <= cut}
+        chosen = top({i: v for i, v in ml_hull.items() if i in kept}, round(0.2 * n))
+        out.append({"max_formation_energy_per_atom": cut, "kept": len(kept), "stable_kept": sum(truth[i] for i in kept),
+                    "hits_top20": sum(truth[i] for i in chosen)})
     return out
 
 
@@ -389,7 +409,8 @@ def write_markdown(f: dict[str, Any]) -> None:
     names = {"random": "random", "cgcnn_ef": "CGCNN E_f (exa-AMD's order)", "cgcnn_min_scales": "CGCNN, minimum over 5 lattice scales",
              "cgcnn_hull": "CGCNN hull mode (E_hull_pred)", "funnel_chgnet": "funnel: CHGNet", "funnel_sevennet": "funnel: SevenNet-0",
              "pipeline": f"pipeline: CGCNN keeps {f['pipeline_keep']:.0%}, then SevenNet-0",
-             "pipeline_top1": "pipeline: CGCNN top_k 1 per formula, then SevenNet-0"}
+             "pipeline_top1": "pipeline: CGCNN top_k 1 per formula, then SevenNet-0",
+             "random_top1": "control: 1 random decoration per formula, then SevenNet-0"}
     lines = []
     for r in f["table"]:
         cells = [names[r["screen"]]]
@@ -435,6 +456,9 @@ Columns "top k %": stable materials found / precision / DAF when the budget is t
   **{f['hits_top20_pipeline_top1_over_cgcnn']}x**.
 - The pipeline's CGCNN stage, stable materials found in the top 20 % by the share it keeps: {sweep_text}.
 {chr(10).join(cut_lines)}
+- CGCNN threshold before the funnel (max_formation_energy_per_atom: materials kept / stable kept / SevenNet-0's top-20 % hits
+  among them): {"; ".join(f"{r['max_formation_energy_per_atom']}: {r['kept']} / {r['stable_kept']} / {r['hits_top20']}"
+                             for r in f["cgcnn_threshold_sweep"])}.
 - Wall time here: generation {f['generate_s']} s, CGCNN {f['cgcnn_s']} s, SevenNet-0 {f['sevennet_s']} s (batched, one process),
   CHGNet {f['chgnet_s']} s (worker processes), for {f['candidates']} candidates.
 - **Training-set leak**: CHGNet and SevenNet-0 were trained on MPtrj, Materials Project relaxations that include most of these

@@ -25,7 +25,8 @@ def test_example_is_valid_and_resolves_paths(tmp_path):
     assert cfg.chemsys == "Ce-Fe-In"
     assert cfg.output_dir == (tmp_path / "CeFeIn").resolve()
     assert cfg.relax.reference_prototypes == [REFERENCE_PROTOTYPES[k] for k in ("fcc", "bcc", "hcp")]
-    assert cfg.screen.max_formation_energy_per_atom == 0.0
+    assert (cfg.screen.mode, cfg.screen.top_k, cfg.screen.max_formation_energy_per_atom) == ("top_k", 3, 1.0)  # recall-first
+    assert cfg.funnel.max_e_above_hull == 0.05
 
 
 def test_unknown_key_is_named(tmp_path):

@@ -119,6 +119,7 @@ def test_campaign_cli_kill_and_resume(tmp_path, binary_campaign_dict):
     times = status["stage_times"]
     assert times["reference"]["launches"] == 2 and times["predict"]["launches"] == 6
     assert times["relax"]["total_s"] > 0
+    assert 0 < times["predict"]["wall_s"] <= times["predict"]["total_s"] + 0.01  # one after another here: wall ~ summed
 
     report = amdflow("report", "campaign.yaml", cwd=tmp_path)
     assert "AlNi" in report.stdout

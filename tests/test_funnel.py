@@ -414,14 +414,14 @@ def test_a_failing_funnel_relaxation_fizzles_alone_with_its_reason(db, lpad, tmp
     assert db.candidates.find_one({"formula": "AlNi"})["state"] in ("prerelaxed", "funnel_cut")
 
 
-def test_a_collapsing_cell_ends_as_a_failed_relaxation_not_a_record_low_energy(monkeypatch):
+def test_a_collapsing_cell_ends_as_a_failed_relaxation_not_a_record_low_energy():
     """What bench_discovery met: SevenNet-0 drove cells to 0.85 A^3/atom and -2e25 eV/atom (a hole of the potential).
 
     The batched relaxation now ends such a structure with the reason (volume ratio, energy floor)
     and the rest of the batch relaxes as before. Checked on the guard itself (a state that left
-    the bounds) and through the real SevenNet batch: a bcc Fe cell squeezed to 1.2 A swells back
-    by far more than 1.5x in volume, so with the upper bound lowered to 1.5 it must end as failed
-    while its batch mate, started near equilibrium, relaxes.
+    the bounds) and through the real SevenNet batch: in a bcc Fe cell squeezed to 1.2 A SevenNet-0
+    finds a hole (below the energy floor in one step), so it must end as failed while its batch
+    mate, started near equilibrium, relaxes.
     """
     from types import SimpleNamespace
 
@@ -429,20 +429,26 @@ def test_a_collapsing_cell_ends_as_a_failed_relaxation_not_a_record_low_energy(m
     from pymatgen.core import Lattice, Structure
 
     from amdflow.campaign import FunnelConfig
-    from amdflow.relax import get_funnel_engine, torchsim_relax
-    from amdflow.relax.torchsim_relax import ENERGY_FLOOR_EV_PER_ATOM, _unphysical
+    from amdflow.generate.volume import atomic_volume
+    from amdflow.relax import get_funnel_engine
+    from amdflow.relax.torchsim_relax import ENERGY_FLOOR_EV_PER_ATOM, _unphysical, _volume_bounds
 
     cell = torch.stack([torch.eye(3) * 3.0, torch.eye(3) * 2.0, torch.eye(3) * 3.0, torch.eye(3) * 5.0]).double()
     state = SimpleNamespace(system_idx=torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), n_systems=4, cell=cell,
                             energy=torch.tensor([-10.0, -10.0, 2 * ENERGY_FLOOR_EV_PER_ATOM - 2, -10.0]).double())
     # start volumes 13.5 A^3/atom each: kept, collapsed to 4/13.5, below the energy floor, blown up to 62.5/13.5
-    assert _unphysical(state, [13.5] * 4).tolist() == [False, True, True, True]
+    assert _unphysical(state, [(0.5 * 13.5, 3.0 * 13.5)] * 4).tolist() == [False, True, True, True]
+    # the bounds: from the smaller / the larger of the start and the elements' own volume, so that a cell the volume
+    # rule left at a third of its elements' volume may expand to it (the demo's Ce3InFe, 10.4 -> 31.6 A^3/atom)
+    fe = atomic_volume("Fe")
+    compressed = Structure(Lattice.cubic((2 * fe / 3) ** (1 / 3)), ["Fe", "Fe"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    low, high = _volume_bounds(compressed)
+    assert low == pytest.approx(0.5 * fe / 3) and high == pytest.approx(3.0 * fe)
 
     engine = get_funnel_engine(FunnelConfig(engine="sevennet", max_steps=40))
     good = Structure(Lattice.cubic(2.87), ["Fe", "Fe"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     squeezed = Structure(Lattice.cubic(1.2), ["Fe", "Fe"], [[0, 0, 0], [0.5, 0.5, 0.5]])
-    monkeypatch.setattr(torchsim_relax, "VOLUME_RATIO_MAX", 1.5)
-    results = engine.relax_many([good, squeezed], 1)
+    results = engine.relax_many([good, squeezed], 1)  # squeezed: SevenNet-0 falls to -1.7e8 eV/atom in one step
     assert not isinstance(results[0], BaseException) and -9.5 < results[0].energy / 2 < -7.0, results[0]
     assert isinstance(results[1], FloatingPointError) and "went unphysical" in str(results[1]), results[1]
     assert "started at 0.86" in str(results[1])

@@ -27,9 +27,11 @@ from amdflow.relax.base import RelaxResult
 # A universal potential has holes: measured on MP perovskite decorations (scripts/bench_discovery.py),
 # SevenNet-0 under FIRE + cell filter drove 5 of 192 cells into collapse (down to 0.85 A^3/atom and
 # -2e25 eV/atom; others at -50 to -98 eV/atom, while no MP element lies below -14.3 eV/atom). Such a
-# cell also slows its whole batch (its neighbour lists explode). A structure whose volume leaves
-# [VOLUME_RATIO_MIN, VOLUME_RATIO_MAX] x its start, or whose energy falls below ENERGY_FLOOR, ends
-# as a failed relaxation with that reason instead of a record-low energy.
+# cell also slows its whole batch (its neighbour lists explode). A structure whose volume per atom
+# falls below VOLUME_RATIO_MIN x the smaller, or rises above VOLUME_RATIO_MAX x the larger, of its
+# start and its elements' own volumes (pymatgen's molar volumes: the volume rule gives some
+# substituted cells a third of that, and they rightly expand), or whose energy falls below
+# ENERGY_FLOOR, ends as a failed relaxation with that reason instead of a record-low energy.
 VOLUME_RATIO_MIN = 0.5
 VOLUME_RATIO_MAX = 3.0
 ENERGY_FLOOR_EV_PER_ATOM = -25.0
@@ -58,6 +60,7 @@ def relax_structures(structures: Sequence[Structure], model: Any, fmax: float, m
     batcher.load_states(states)
     steps = [0] * len(structures)
     start_volume = [s.volume / len(s) for s in structures]
+    bounds = [_volume_bounds(s) for s in structures]  # (lowest, highest) physical volume per atom
     record: dict[int, tuple[bool, float]] = {}  # original index -> (converged, largest force)
     broken: dict[int, str] = {}  # original index -> why the relaxation is unphysical
     finished: list[Any] = []
@@ -69,7 +72,7 @@ def relax_structures(structures: Sequence[Structure], model: Any, fmax: float, m
                 steps[i] += 1
         force = _largest_force(state, relax_cell)
         energy_ok = torch.isfinite(state.energy)
-        unphysical = _unphysical(state, [start_volume[i] for i in idx])
+        unphysical = _unphysical(state, [bounds[i] for i in idx])
         done = (force <= fmax) | ~energy_ok | unphysical | torch.tensor([steps[i] >= max_steps for i in idx], device=force.device)
         if not bool(done.any()):
             continue
@@ -119,12 +122,21 @@ def _per_system(state: Any) -> tuple[Any, Any]:
     return volume / counts, state.energy / counts
 
 
-def _unphysical(state: Any, start_volume: list[float]) -> Any:
+def _volume_bounds(structure: Structure) -> tuple[float, float]:
+    """The volume per atom (A^3) a relaxation of ``structure`` may reach before it counts as collapsed or blown up."""
+    from amdflow.generate.volume import atomic_volume
+
+    start = structure.volume / len(structure)
+    elemental = sum(atomic_volume(site.specie.symbol) for site in structure) / len(structure)
+    return VOLUME_RATIO_MIN * min(start, elemental), VOLUME_RATIO_MAX * max(start, elemental)
+
+
+def _unphysical(state: Any, bounds: list[tuple[float, float]]) -> Any:
     import torch
 
     volume, energy = _per_system(state)
-    ratio = volume / torch.tensor(start_volume, dtype=volume.dtype, device=volume.device)
-    return (ratio < VOLUME_RATIO_MIN) | (ratio > VOLUME_RATIO_MAX) | (energy < ENERGY_FLOOR_EV_PER_ATOM)
+    low, high = (torch.tensor(b, dtype=volume.dtype, device=volume.device) for b in zip(*bounds, strict=True))
+    return (volume < low) | (volume > high) | (energy < ENERGY_FLOOR_EV_PER_ATOM)
 
 
 def _why_unphysical(state: Any, k: int, start_volume: float, steps: int) -> str:
