@@ -203,3 +203,17 @@ def test_a_stored_campaign_of_unnormalised_defaults_is_the_same_campaign(db):
     changed = campaign_from_dict({**_REQUIRED["CampaignConfig"], "dedup": {"ltol": 0.3}})
     with pytest.raises(AmdflowError, match="exists with different settings"):
         register_campaign(db, changed)
+
+
+def test_screen_is_recall_first_with_the_funnel_and_exa_amds_threshold_without():
+    """With the funnel on (the default) CGCNN keeps the 3 lowest of each formula up to +1 eV/atom; with
+    funnel: none it is the last filter before the final relax, and its unset fields take exa-AMD's 0.0 cut."""
+    base = {"name": "t", "elements": ["Al", "Ni"], "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a"]}]}
+    on = campaign_from_dict(base).screen
+    assert (on.mode, on.top_k, on.max_formation_energy_per_atom) == ("top_k", 3, 1.0)
+    off = campaign_from_dict({**base, "funnel": {"engine": "none"}}).screen
+    assert (off.mode, off.max_formation_energy_per_atom) == ("threshold", 0.0)
+    chosen = campaign_from_dict({**base, "funnel": {"engine": "none"}, "screen": {"mode": "top_k", "top_k": 2}}).screen
+    assert (chosen.mode, chosen.top_k, chosen.max_formation_energy_per_atom) == ("top_k", 2, 0.0)  # what was written stays
+    stored = campaign_from_dict({**base, "funnel": {"engine": "none"}, "screen": on.model_dump()}).screen
+    assert stored.mode == "top_k" and stored.max_formation_energy_per_atom == 1.0  # a stored (complete) config is kept as is
