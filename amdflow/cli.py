@@ -402,15 +402,17 @@ def hull(
 def rocket(
     launchpad: LaunchpadOpt = None,
     stage: Annotated[str, typer.Option(help="auto (all GPU work: predict, then the funnel's references, then funnel "
-                                            "batches), predict (CGCNN) or funnel (the funnel's universal potential).")] = "auto",
+                                            "batches), predict (CGCNN), funnel (the funnel's universal potential) or "
+                                            "dedup (a CPU rocket: dedup decided bucket by bucket).")] = "auto",
     batch_size: Annotated[int | None, typer.Option(min=1, help="Fireworks checked out per batch (default: 256 predict, "
-                                                              "AMDFLOW_FUNNEL_BATCH_SIZE funnel).")] = None,
+                                                              "AMDFLOW_FUNNEL_BATCH_SIZE funnel, AMDFLOW_DEDUP_BATCH_SIZE "
+                                                              "dedup).")] = None,
     time_limit: Annotated[float | None, typer.Option(help="Stop after this many seconds (e.g. the job's walltime minus a margin).")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="predict: featurization processes (1); funnel: processes for "
                                                            "CHGNet on CPU (default: the cores).")] = None,
     campaign: Annotated[str | None, typer.Option(help="Only this campaign's Fireworks.")] = None,
 ) -> None:
-    """Batched GPU rocket: run READY predict or funnel Fireworks in batches (a queue adapter's rocket_launch)."""
+    """Batched rocket: run READY predict or funnel (GPU) or dedup (CPU) Fireworks in batches (a queue adapter's rocket_launch)."""
     from amdflow.rocket import BATCHED_STAGES, run_batched_rocket, run_gpu_rocket
 
     if stage not in ("auto", *BATCHED_STAGES):
@@ -430,6 +432,9 @@ def rocket(
         elif stage == "funnel":
             report = run_batched_rocket(db.launchpad, batch_size or settings.funnel_batch_size, time_limit,
                                         workers or funnel_workers(settings), campaign, update, stage=stage)
+        elif stage == "dedup":
+            report = run_batched_rocket(db.launchpad, batch_size or settings.dedup_batch_size, time_limit, 1, campaign, update,
+                                        stage=stage)
         else:
             report = run_batched_rocket(db.launchpad, batch_size or 256, time_limit, workers or 1, campaign, update, stage=stage)
     console.print(f"batched rocket: {report.fireworks} {stage} Fireworks completed, {report.fizzled} fizzled, "

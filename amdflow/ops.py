@@ -435,7 +435,7 @@ def _funnel_batch_due(db: AmdflowDB, campaign: str) -> bool:
 
 def _run_batch(db: AmdflowDB, cfg: CampaignConfig, stage: str, at_most: int | None,
                say: Callable[[str], None] | None = None) -> int:
-    """One batch of the campaign's READY ``stage`` Fireworks (predict or funnel: the batched rocket's path); how many ran."""
+    """One batch of the campaign's READY ``stage`` Fireworks (predict, dedup or funnel: the batched rocket's path); how many ran."""
     from amdflow.rocket import run_batched_rocket
     from amdflow.settings import get_settings
 
@@ -443,11 +443,11 @@ def _run_batch(db: AmdflowDB, cfg: CampaignConfig, stage: str, at_most: int | No
                                        {"_id": 1}) is None:
         return 0
     settings = get_settings()
-    size = settings.funnel_batch_size if stage == "funnel" else settings.predict_batch_size
+    size = {"funnel": settings.funnel_batch_size, "dedup": settings.dedup_batch_size}.get(stage, settings.predict_batch_size)
     size = min(at_most, size) if at_most else size
     if say:
-        say(f"funnel: relaxing a batch of up to {size} with {cfg.funnel.engine}" if stage == "funnel"
-            else f"predict: a batch of up to {size} with CGCNN")
+        say({"funnel": f"funnel: relaxing a batch of up to {size} with {cfg.funnel.engine}",
+             "dedup": f"dedup: a batch of up to {size}"}.get(stage, f"predict: a batch of up to {size} with CGCNN"))
     report = run_batched_rocket(db.launchpad, batch_size=size, workers=funnel_workers(settings) if stage == "funnel" else 1,
                                 campaign=cfg.name, pipeline=False, stage=stage, max_batches=1)
     return report.fireworks + report.fizzled
@@ -478,7 +478,7 @@ def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: P
     # them is READY (every prediction, dedup and reference has run, so a batch holds all the candidates
     # that passed), before the final relaxations (see _funnel_batch_due).
     fworker = FWorker(name="amdflow-run", category=["gpu", "cpu", "vasp"],
-                      query={"spec.campaign": cfg.name, "spec.amdflow_stage": {"$nin": ["funnel", "predict"]}})
+                      query={"spec.campaign": cfg.name, "spec.amdflow_stage": {"$nin": ["funnel", "predict", "dedup"]}})
     root = Path(cfg.output_dir or ".") / "launches"
     total = lp.fireworks.count_documents({"spec.campaign": cfg.name})
     while max_fireworks is None or report.launched < max_fireworks:
@@ -491,6 +491,8 @@ def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: P
         with _in_dir(ldir):
             left = max_fireworks and max_fireworks - report.launched
             ran = _run_batch(db, cfg, "predict", left, say)  # CGCNN in batches, as the GPU rocket does
+            if not ran:  # then dedup in batches, bucket by bucket, as the batched CPU rocket does
+                ran = _run_batch(db, cfg, "dedup", left, say)
             if not ran and _funnel_batch_due(db, cfg.name):
                 ran = _run_batch(db, cfg, "funnel", left, say)
             if not ran:

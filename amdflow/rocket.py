@@ -10,7 +10,9 @@ FWAction the PredictTask would return, so ``lpad detect_lostruns`` and ``lpad re
 work per candidate. A candidate that fails fizzles alone. It loops until no predict work
 is ready or its time limit is reached.
 
-The same rocket runs funnel Fireworks (``stage="funnel"``): a batch of candidates is
+The same rocket runs dedup Fireworks (``stage="dedup"``, a CPU rocket): a batch is decided
+bucket by bucket in one greedy pass each (:func:`amdflow.stages.dedup_many`) and completed in
+bulk. And it runs funnel Fireworks (``stage="funnel"``): a batch of candidates is
 relaxed together by the funnel's universal potential (:func:`amdflow.stages.funnel_stage`),
 its ML hull built once, and each launch completed with the FunnelTask's FWAction.
 """
@@ -57,7 +59,8 @@ class _Heartbeat:
         self._thread.join()
 
 
-BATCHED_STAGES = ("predict", "funnel")
+BATCHED_STAGES = ("predict", "dedup", "funnel")
+STAGE_CATEGORY = {"predict": "gpu", "dedup": "cpu", "funnel": "gpu"}  # the Fireworks' _category (amdflow.workflows)
 
 
 def run_batched_rocket(lp: Any, batch_size: int = 256, time_limit_s: float | None = None, workers: int = 1,
@@ -87,7 +90,7 @@ def run_batched_rocket(lp: Any, batch_size: int = 256, time_limit_s: float | Non
     query: dict[str, Any] = {"spec.amdflow_stage": stage}
     if campaign:
         query["spec.campaign"] = campaign
-    fworker = FWorker(name=f"amdflow-batched-rocket@{host}", category="gpu", query=query)
+    fworker = FWorker(name=f"amdflow-batched-rocket@{host}", category=STAGE_CATEGORY[stage], query=query)
     launcher = BatchLauncher(lp, fworker, os.getcwd(), host=host)
     if pipeline is None:
         pipeline = not type(lp.fireworks).__module__.startswith("mongomock")  # mongomock is not thread-safe
@@ -232,6 +235,13 @@ def _predict_batch(db: AmdflowDB, claims: list[Any], workers: int, report: Rocke
                       lambda out, spec: predict_action(out))
 
 
+def _dedup_batch(db: AmdflowDB, claims: list[Any], workers: int, report: RocketReport) -> list[tuple[Any, Any, str]]:
+    from amdflow import stages
+    from amdflow.firetasks.stages import dedup_action
+
+    return _run_batch(db, claims, workers, report, "dedup", lambda d, ids, w: stages.dedup_many(d, ids), dedup_action)
+
+
 def _funnel_batch(db: AmdflowDB, claims: list[Any], workers: int, report: RocketReport) -> list[tuple[Any, Any, str]]:
     from amdflow import stages
     from amdflow.firetasks.stages import funnel_action
@@ -240,4 +250,4 @@ def _funnel_batch(db: AmdflowDB, claims: list[Any], workers: int, report: Rocket
                       funnel_action)
 
 
-_BATCHES = {"predict": _predict_batch, "funnel": _funnel_batch}
+_BATCHES = {"predict": _predict_batch, "dedup": _dedup_batch, "funnel": _funnel_batch}

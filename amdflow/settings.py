@@ -68,6 +68,8 @@ class AmdflowSettings(BaseSettings):
         None, ge=1, description="Torch intra-op threads (default: torch's own choice)."
     )
     predict_batch_size: int = Field(256, ge=1, description="Structures per CGCNN forward pass.")
+    dedup_batch_size: int = Field(1000, ge=1, description="Dedup Fireworks checked out and decided together (`amdflow run`, "
+                                  "`amdflow rocket --stage dedup`).")
     funnel_batch_size: int = Field(64, ge=1, description="Funnel Fireworks relaxed together in one batch (`amdflow run`).")
     funnel_workers: int | None = Field(None, ge=1, description="Processes for a funnel potential without a batched path "
                                        "(CHGNet on CPU); default: the CPU count, at most 8.")

@@ -95,7 +95,8 @@ with open_db(None, get_settings(launchpad_file=lp_file)) as db:
 """
 
 
-def run_race(mongo_launchpad_file, tmp_path, claim: bool, hold_s: float = 1.0, stagger_s: float = 0.3) -> tuple[list[str], list[dict], int]:
+def run_race(mongo_launchpad_file, tmp_path, claim: bool, hold_s: float = 1.0,
+             stagger_s: float = 0.3) -> tuple[list[str], list[dict], int, list[str]]:
     """Six processes predict then dedup one member each of a B2 family.
 
     They predict in order of decreasing energy, ``stagger_s`` apart, and every decision is
@@ -133,18 +134,22 @@ def run_race(mongo_launchpad_file, tmp_path, claim: bool, hold_s: float = 1.0, s
         assert time.time() < deadline and all(p.poll() is None for p in procs), "a racer failed to start"
         time.sleep(0.1)
     (sync / "go").write_text(f"{time.time() + 0.5} {stagger_s}")  # then they go stagger_s apart
+    answers = []  # what each racer's dedup returned (what its Firework would tell FireWorks)
     for p in procs:
-        _, err = p.communicate(timeout=300)
+        out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
+        answers.append(out.strip().splitlines()[-1])
     with open_db(None, settings) as db:
         cands = list(db.candidates.find({"campaign": "race"}))
-        return [c["state"] for c in cands], cands, db.coll("locks").count_documents({})
+        return [c["state"] for c in cands], cands, db.coll("locks").count_documents({}), answers
 
 
 def test_concurrent_dedup_keeps_exactly_one_per_family(mongo_launchpad_file, tmp_path):
-    states, cands, locks = run_race(mongo_launchpad_file, tmp_path, claim=True)
+    states, cands, locks, answers = run_race(mongo_launchpad_file, tmp_path, claim=True)
     assert sorted(states) == ["duplicate"] * 5 + ["unique"]
     rep = next(c for c in cands if c["state"] == "unique")
+    # and the Fireworks were told the same: one kept, five duplicates of it
+    assert sorted(answers) == sorted([rep["candidate_id"]] * 5 + ["None"])
     links = {c["candidate_id"]: c["dedup"]["duplicate_of"] for c in cands}
     for cid in links:  # every duplicate leads to the one representative
         seen = set()
@@ -156,10 +161,15 @@ def test_concurrent_dedup_keeps_exactly_one_per_family(mongo_launchpad_file, tmp
 
 
 def test_without_the_claim_the_same_race_keeps_several(mongo_launchpad_file, tmp_path):
-    """The control: the race above is real, so the claim is what makes dedup parallel-safe."""
+    """The control: the race above is real, so the claim is what makes dedup parallel-safe.
+
+    Each racer decides the whole bucket it sees; the last writer's decisions stand in the
+    documents, but the earlier racers have already told their Fireworks "kept": several
+    members of one family would go on to the relax stage.
+    """
     # a wide window, so that on a loaded machine the later racers still read before the first writes
-    states, _, _ = run_race(mongo_launchpad_file, tmp_path, claim=False, hold_s=4.0, stagger_s=0.2)
-    assert states.count("unique") > 1
+    _, _, _, answers = run_race(mongo_launchpad_file, tmp_path, claim=False, hold_s=4.0, stagger_s=0.2)
+    assert answers.count("None") > 1
 
 
 @pytest.mark.fault

@@ -62,12 +62,10 @@ class DedupTask(_AmdflowTask):
 
     def run_task(self, fw_spec: dict[str, Any]) -> FWAction:
         db = self.db()
-        dup = self._guarded(db, "dedup", lambda: stages.dedup_stage(db, self["candidate_id"]))
-        if dup == stages.SCREENED_BY_TOP_K:
-            return FWAction(stored_data={"screened_out": "top_k"}, defuse_workflow=True)
-        if dup:
-            return FWAction(stored_data={"duplicate_of": dup}, defuse_workflow=True)
-        return FWAction(stored_data={"duplicate_of": None}, update_spec=_pass_priority(fw_spec))
+        (out,) = self._guarded(db, "dedup", lambda: stages.dedup_many(db, [self["candidate_id"]]))
+        if out.error:
+            raise RuntimeError(f"dedup: {out.error}")
+        return dedup_action(out, fw_spec)
 
 
 @explicit_serialize
@@ -164,6 +162,15 @@ def predict_action(out: stages.PredictOutcome) -> FWAction:
     if not out.passed:
         return FWAction(stored_data=stored, defuse_workflow=True)
     return FWAction(stored_data=stored, update_spec={"_priority": priority_from_energy(out.formation_energy_per_atom)})
+
+
+def dedup_action(out: stages.DedupOutcome, fw_spec: dict[str, Any]) -> FWAction:
+    """What a dedup decision does to its workflow (shared by DedupTask and the batched rocket)."""
+    if out.screened_out:
+        return FWAction(stored_data={"screened_out": "top_k"}, defuse_workflow=True)
+    if out.duplicate_of:
+        return FWAction(stored_data={"duplicate_of": out.duplicate_of}, defuse_workflow=True)
+    return FWAction(stored_data={"duplicate_of": None}, update_spec=_pass_priority(fw_spec))
 
 
 def funnel_action(out: stages.FunnelOutcome, fw_spec: dict[str, Any]) -> FWAction:

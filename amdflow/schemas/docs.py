@@ -79,7 +79,7 @@ class DedupRecord(_Doc):
     """The dedup stage's decision."""
 
     duplicate_of: str | None = Field(None, description="Representative candidate id, if duplicate.")
-    compared: int = Field(description="Lower-energy candidates of the same formula compared against.")
+    compared: int = Field(description="Representatives of its bucket compared against (StructureMatcher fits).")
 
 
 class FunnelRecord(_Doc):
@@ -120,6 +120,8 @@ class CandidateDoc(_Doc):
     lattice_scale: float = Field(1.0, description="Linear factor applied after the volume rule.")
     state: CandidateState = CandidateState.GENERATED
     prediction: Prediction | None = None
+    dedup_bucket: int | None = Field(None, description="Sites in the StructureMatcher's reduced cell: candidates of one "
+                                     "formula in different buckets never match (set by the dedup stage).")
     dedup: DedupRecord | None = None
     funnel: FunnelRecord | None = None
     task_id: str | None = None
@@ -208,7 +210,7 @@ COLLECTIONS: dict[str, list[tuple[list[tuple[str, int]], bool]]] = {
     "candidates": [
         ([("candidate_id", 1)], True),
         ([("campaign", 1), ("state", 1)], False),
-        ([("campaign", 1), ("formula", 1)], False),
+        ([("campaign", 1), ("formula", 1), ("dedup_bucket", 1)], False),  # dedup's bucket passes (and per formula)
     ],
     "tasks": [
         ([("task_id", 1)], True),

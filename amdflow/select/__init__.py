@@ -1,5 +1,12 @@
 """Selection: duplicate detection among screened candidates (pure)."""
 
-from amdflow.select.dedup import Peer, find_representative
+from amdflow.select.dedup import (
+    Decision,
+    Member,
+    dedup_bucket,
+    dedup_matcher,
+    greedy_families,
+    reduce_for_matching,
+)
 
-__all__ = ["Peer", "find_representative"]
+__all__ = ["Decision", "Member", "dedup_bucket", "dedup_matcher", "greedy_families", "reduce_for_matching"]

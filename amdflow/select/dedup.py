@@ -1,48 +1,105 @@
 """Duplicate detection with pymatgen's StructureMatcher, within one reduced formula.
 
-Rule: among candidates of the same campaign and reduced formula that passed the
-screen, a candidate is a duplicate of the lowest-energy candidate it matches that
-ranks before it, where candidates rank by (predicted energy, candidate id). So the
-lowest predicted energy of each family is kept, ties go to the smaller id, and the
-outcome does not depend on the order in which dedup steps run once the family's
-predictions are in.
+Rule (exa-AMD's greedy dedup, made order-independent): candidates of one campaign and
+reduced formula that passed the screen are taken in rank order, (predicted energy,
+candidate id); each is a duplicate of the first representative it matches, else it is a
+representative itself. So the lowest predicted energy of each family is kept, ties go to
+the smaller id, and the outcome does not depend on the order in which dedup Fireworks
+run once the family's predictions are in (:mod:`amdflow.stages.dedup` decides a whole
+bucket at once, in rank order).
+
+The rule before this one (amdflow 0.1.0, until December 2026) also followed a match with an already-decided *duplicate* to its
+representative. That changes the outcome only where ``StructureMatcher`` is not
+transitive, and costs a fit against every earlier duplicate for each new representative
+(N x D instead of N x R fits), so it was dropped.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
+# --- Dedup at scale: the matcher's own reduction, done once per structure, and exact buckets -------------------------
+#
+# What ``StructureMatcher.fit(s1, s2)`` does with amdflow's settings (pymatgen 2026.10, ``core/structure_matcher.py``;
+# defaults ``primitive_cell=True``, ``attempt_supercell=False``, ``allow_subset=False``, no ignored species):
+#
+# 1. ``_process_species``: a plain ``Structure`` copy of each (no species removed).
+# 2. composition hashes must be equal (amdflow compares within one reduced formula).
+# 3. ``_preprocess``: each structure is replaced by ``_get_reduced_structure(s, primitive_cell, niggli=True)`` (Niggli
+#    cell, then ``get_primitive_structure()``); with ``attempt_supercell=False`` the supercell factor ``fu`` is 1; the
+#    lattices are rescaled to a common volume (this changes no site count).
+# 4. ``_match`` -> ``_strict_match``: the mask has shape (len(s2), len(s1) * fu) = (len(s2), len(s1)), and
+#    ``if not self._subset and mask.shape[1] != mask.shape[0]: return None`` -- no match.
+#
+# So two structures whose reduced cells (step 3) hold different numbers of sites never match: that number is an exact
+# invariant, and a formula's candidates split into buckets by it that can be deduplicated independently (and in
+# parallel). ``fit(..., skip_structure_reduction=True)`` on structures already reduced by step 3 runs steps 1-4 with step
+# 3's reduction skipped, i.e. the same computation: the reduction (a Niggli reduction and a primitive-cell search, the
+# larger part of a fit on small cells) is then done once per structure instead of once per pair. Both facts are tested
+# against plain ``StructureMatcher.fit`` on every pair of a generated set (tests/test_dedup.py), so a pymatgen release
+# that changes them fails the suite rather than the science.
+
+
+def dedup_matcher(ltol: float = 0.2, stol: float = 0.3, angle_tol: float = 5.0) -> StructureMatcher:
+    """amdflow's matcher: pymatgen's defaults but for the campaign's tolerances."""
+    return StructureMatcher(ltol=ltol, stol=stol, angle_tol=angle_tol)
+
+
+def reduce_for_matching(structure: Structure, matcher: StructureMatcher) -> Structure:
+    """The structure ``matcher.fit`` actually compares: its Niggli-reduced primitive cell (step 3 above)."""
+    (plain,) = matcher._process_species([structure])
+    return matcher._get_reduced_structure(plain, matcher._primitive_cell, True)
+
+
+def dedup_bucket(reduced: Structure) -> int:
+    """Bucket of a reduced structure: its site count; structures in different buckets never match (see above)."""
+    return len(reduced)
+
 
 @dataclass(frozen=True)
-class Peer:
-    """Another candidate of the same formula: id, predicted energy, structure."""
+class Member:
+    """A candidate of one bucket for the greedy pass: rank (predicted energy, id) and its reduced structure."""
 
     candidate_id: str
     energy: float
-    structure: Structure
-    representative: str | None = None  # set when the peer is itself a known duplicate
+    reduced: Structure
+
+    @property
+    def rank(self) -> tuple[float, str]:
+        return (self.energy, self.candidate_id)
 
 
-def find_representative(
-    candidate_id: str,
-    energy: float,
-    structure: Structure,
-    peers: Iterable[Peer],
-    ltol: float = 0.2,
-    stol: float = 0.3,
-    angle_tol: float = 5.0,
-) -> tuple[str | None, int]:
-    """(id of the candidate this one duplicates, or None; number of peers compared)."""
-    rank = (energy, candidate_id)
-    ahead = sorted((p for p in peers if (p.energy, p.candidate_id) < rank), key=lambda p: (p.energy, p.candidate_id))
-    if not ahead:
-        return None, 0
-    matcher = StructureMatcher(ltol=ltol, stol=stol, angle_tol=angle_tol)
-    for n, peer in enumerate(ahead, start=1):
-        if matcher.fit(structure, peer.structure):
-            return peer.representative or peer.candidate_id, n
-    return None, len(ahead)
+@dataclass(frozen=True)
+class Decision:
+    candidate_id: str
+    duplicate_of: str | None
+    compared: int
+
+
+def greedy_families(undecided: Iterable[Member], representatives: Iterable[Member],
+                    matcher: StructureMatcher) -> list[Decision]:
+    """exa-AMD's greedy rule, in rank order: each candidate is a duplicate of the first representative it matches
+    (representatives in rank order), else it becomes a representative.
+
+    ``representatives`` are the bucket's members kept earlier (by an earlier pass); every structure is reduced already
+    (:func:`reduce_for_matching`). With every member's prediction in, the outcome depends only on the ranks: the
+    lowest (energy, id) of each family is kept, whatever order the Fireworks ran in.
+    """
+    reps = sorted(representatives, key=lambda m: m.rank)
+    decisions = []
+    for member in sorted(undecided, key=lambda m: m.rank):
+        dup, compared = None, 0
+        for rep in reps:
+            compared += 1
+            if matcher.fit(member.reduced, rep.reduced, skip_structure_reduction=True):
+                dup = rep.candidate_id
+                break
+        if dup is None:
+            bisect.insort(reps, member, key=lambda m: m.rank)
+        decisions.append(Decision(member.candidate_id, dup, compared))
+    return decisions

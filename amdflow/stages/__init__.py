@@ -39,7 +39,7 @@ from amdflow.stages.common import (
     run_type_of,
     set_state,
 )
-from amdflow.stages.dedup import SCREENED_BY_TOP_K, dedup_stage, top_k_rank
+from amdflow.stages.dedup import SCREENED_BY_TOP_K, DedupOutcome, dedup_many, dedup_stage
 from amdflow.stages.funnel import (
     FunnelCut,
     FunnelOutcome,
@@ -73,6 +73,7 @@ __all__ = [
     "PLOT_HTML",
     "PROMISING_DIR",
     "SCREENED_BY_TOP_K",
+    "DedupOutcome",
     "FunnelCut",
     "FunnelOutcome",
     "KnownReport",
@@ -82,6 +83,7 @@ __all__ = [
     "campaign_thermo",
     "campaign_training_data",
     "claim",
+    "dedup_many",
     "dedup_stage",
     "funnel_hull_stage",
     "funnel_run_type_of",
@@ -106,5 +108,4 @@ __all__ = [
     "run_type_of",
     "set_state",
     "task_doc",
-    "top_k_rank",
 ]
