@@ -10,7 +10,14 @@ import pytest
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Lattice, Structure
 
-from amdflow.select import Member, dedup_bucket, dedup_matcher, greedy_families, reduce_for_matching
+from amdflow.select import (
+    Member,
+    dedup_bucket,
+    dedup_matcher,
+    greedy_families,
+    may_match,
+    reduce_for_matching,
+)
 
 
 def b2(a=2.9, swap=False):
@@ -84,16 +91,22 @@ def test_buckets_and_reduced_fits_agree_with_plain_structure_matcher_on_every_pa
     matcher = dedup_matcher(0.2, 0.3, 5.0)
     reduced = [reduce_for_matching(s, matcher) for s in structures]
     buckets = [dedup_bucket(r) for r in reduced]
+    pool = [Member(str(i), 0.0, r) for i, r in enumerate(reduced)]
     assert len(set(buckets)) >= 3  # the invariant does split the formula
-    matches = across_sizes = 0
-    for i, j in itertools.combinations(range(len(structures)), 2):
+    matches = across_sizes = ruled_out = same_bucket = 0
+    for i, j in itertools.permutations(range(len(structures)), 2):  # fit(s1, s2) is not symmetric: both orders
         fit = plain.fit(structures[i], structures[j])
         assert matcher.fit(reduced[i], reduced[j], skip_structure_reduction=True) == fit, (i, j)
+        if buckets[i] == buckets[j]:
+            same_bucket += 1
+            ruled_out += not may_match(pool[i], pool[j], 0.2)
         if fit:
             matches += 1
             assert buckets[i] == buckets[j], (i, j)  # a match never crosses buckets
+            assert may_match(pool[i], pool[j], 0.2), (i, j)  # nor fails the lattice test
             across_sizes += len(structures[i]) != len(structures[j])
-    assert matches >= 40 and across_sizes >= 3  # scaled copies, displaced copies and supercells did match
+    assert matches >= 80 and across_sizes >= 6  # scaled copies, displaced copies and supercells did match
+    assert ruled_out > same_bucket / 4  # and the lattice test spares a good part of the fits
 
 
 # ---------------------------------------------------------------- the stage on the database

@@ -76,7 +76,7 @@ lp_file, cid, sync_dir, slot = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.ar
 if sys.argv[4] == "noclaim":  # the same race with the claim disabled
     import contextlib
     import amdflow.stages.dedup
-    amdflow.stages.dedup.claim = lambda db, key, timeout_s=600: contextlib.nullcontext()
+    amdflow.stages.dedup.claim = lambda db, key, **kw: contextlib.nullcontext(True)
 from amdflow.screen.predict import get_predictor
 get_predictor()  # load the model before the start signal
 import amdflow.select.dedup, pymatgen.analysis.structure_matcher  # and what dedup imports on first use

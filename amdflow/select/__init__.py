@@ -6,7 +6,9 @@ from amdflow.select.dedup import (
     dedup_bucket,
     dedup_matcher,
     greedy_families,
+    may_match,
     reduce_for_matching,
 )
 
-__all__ = ["Decision", "Member", "dedup_bucket", "dedup_matcher", "greedy_families", "reduce_for_matching"]
+__all__ = ["Decision", "Member", "dedup_bucket", "dedup_matcher", "greedy_families",
+    "may_match", "reduce_for_matching"]

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
@@ -40,9 +41,20 @@ from pymatgen.core import Structure
 # invariant, and a formula's candidates split into buckets by it that can be deduplicated independently (and in
 # parallel). ``fit(..., skip_structure_reduction=True)`` on structures already reduced by step 3 runs steps 1-4 with step
 # 3's reduction skipped, i.e. the same computation: the reduction (a Niggli reduction and a primitive-cell search, the
-# larger part of a fit on small cells) is then done once per structure instead of once per pair. Both facts are tested
-# against plain ``StructureMatcher.fit`` on every pair of a generated set (tests/test_dedup.py), so a pymatgen release
-# that changes them fails the suite rather than the science.
+# larger part of a fit on small cells) is then done once per structure instead of once per pair.
+#
+# Inside a bucket, a cheap exact test rules out most non-matching pairs before the fit. In step 4, ``fit(s1, s2)`` needs
+# a lattice mapping from ``s1.lattice.find_all_mappings(s2.lattice, ltol, angle_tol)`` whose integer matrix has
+# determinant +-1 (``_get_lattices`` with supercell size 1): three vectors of s1's lattice forming a basis of it, the
+# i-th with length in (L_i / (1 + ltol), L_i * (1 + ltol)) for s2's cell lengths L_i (``core/lattice.py``). Any basis's
+# k-th shortest vector is at least the lattice's k-th successive minimum lambda_k, so a match needs
+# lambda_k(s1) < (1 + ltol) * sorted(L)_k for k = 1, 2, 3. The successive minima are the Niggli cell's lengths (in 3D a
+# Niggli cell is Buerger- and so Minkowski-reduced, whose lengths are the minima). Step 3 scales both cells to one
+# volume, so the test compares lengths divided by the cube root of each cell's volume. It is one-sided (s1 is the
+# candidate, s2 the representative, as ``greedy_families`` calls ``fit``) and removes about half the fits in a bucket.
+#
+# All three facts are tested against plain ``StructureMatcher.fit`` on every pair of a generated set
+# (tests/test_dedup.py), so a pymatgen release that changes them fails the suite rather than the science.
 
 
 def dedup_matcher(ltol: float = 0.2, stol: float = 0.3, angle_tol: float = 5.0) -> StructureMatcher:
@@ -61,6 +73,9 @@ def dedup_bucket(reduced: Structure) -> int:
     return len(reduced)
 
 
+LATTICE_SLACK = 1e-6  # relative: the lattice test may only err towards fitting (floating point, Niggli's tolerance)
+
+
 @dataclass(frozen=True)
 class Member:
     """A candidate of one bucket for the greedy pass: rank (predicted energy, id) and its reduced structure."""
@@ -68,10 +83,23 @@ class Member:
     candidate_id: str
     energy: float
     reduced: Structure
+    minima: np.ndarray = field(init=False, repr=False)  # successive minima / V^(1/3)
+    lengths: np.ndarray = field(init=False, repr=False)  # sorted cell lengths / V^(1/3)
+
+    def __post_init__(self) -> None:
+        scale = self.reduced.volume ** (1 / 3)
+        minima = np.sort(self.reduced.lattice.get_niggli_reduced_lattice().lengths) / scale
+        object.__setattr__(self, "minima", minima)
+        object.__setattr__(self, "lengths", np.sort(self.reduced.lattice.lengths) / scale)
 
     @property
     def rank(self) -> tuple[float, str]:
         return (self.energy, self.candidate_id)
+
+
+def may_match(candidate: Member, representative: Member, ltol: float) -> bool:
+    """False only if ``fit(candidate, representative)`` cannot be True (the lattice test above)."""
+    return bool(np.all(candidate.minima < (1 + ltol) * representative.lengths * (1 + LATTICE_SLACK)))
 
 
 @dataclass(frozen=True)
@@ -95,6 +123,8 @@ def greedy_families(undecided: Iterable[Member], representatives: Iterable[Membe
     for member in sorted(undecided, key=lambda m: m.rank):
         dup, compared = None, 0
         for rep in reps:
+            if not may_match(member, rep, matcher.ltol):
+                continue
             compared += 1
             if matcher.fit(member.reduced, rep.reduced, skip_structure_reduction=True):
                 dup = rep.candidate_id

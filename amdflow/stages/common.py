@@ -79,12 +79,14 @@ HULL_CLAIM_STALE_S = 120.0  # hull builds take seconds; a claim this old was lef
 
 
 @contextlib.contextmanager
-def claim(db: AmdflowDB, key: str, timeout_s: float = 600.0, stale_s: float = CLAIM_STALE_S) -> Iterator[None]:
+def claim(db: AmdflowDB, key: str, timeout_s: float = 600.0, stale_s: float = CLAIM_STALE_S,
+          wait: bool = True) -> Iterator[bool]:
     """Hold an exclusive claim on ``key`` across processes (MongoDB's unique _id makes the insert atomic).
 
     A claim older than ``stale_s`` belongs to a dead process and is taken over. Releasing
     is retried for a while, so a database restart during the claim does not leave it
-    behind (``amdflow rerun --lost`` also clears stale claims).
+    behind (``amdflow rerun --lost`` also clears stale claims). ``wait=False``: one try;
+    the block gets False (and must do nothing) when another process holds the claim.
     """
     import os
     import random
@@ -102,13 +104,16 @@ def claim(db: AmdflowDB, key: str, timeout_s: float = 600.0, stale_s: float = CL
             break
         except DuplicateKeyError:
             stale = utcnow().timestamp() - stale_s
-            locks.delete_one({"_id": key, "at": {"$lt": datetime.fromtimestamp(stale, UTC)}})
+            taken_over = locks.delete_one({"_id": key, "at": {"$lt": datetime.fromtimestamp(stale, UTC)}}).deleted_count
+            if not wait and not taken_over:
+                yield False
+                return
             if time.monotonic() > deadline:
                 raise AmdflowError(f"could not claim '{key}' within {timeout_s:.0f} s: is a rocket stuck? "
                                    "`amdflow rerun CAMPAIGN --lost` clears stale claims") from None
             time.sleep(0.02 + random.random() * 0.05)
     try:
-        yield
+        yield True
     finally:
         for attempt in range(8):  # about 30 s: a restarting server comes back
             try:

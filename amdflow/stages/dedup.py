@@ -22,6 +22,7 @@ necessarily the lowest (predictions run first, by priority, so this is rare).
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -118,19 +119,28 @@ def _dedup_formula(db: AmdflowDB, cfg: CampaignConfig, formula: str, running: se
             _screen_top_k(db, cfg, formula, running)
     matcher = dedup_matcher(cfg.dedup.ltol, cfg.dedup.stol, cfg.dedup.angle_tol)
     reduced: dict[str, Structure] = {}  # this call's reductions: each structure decoded and reduced once
-    todo = list(db.candidates.find({**base, "dedup_bucket": None}, {"_id": 0, "candidate_id": 1, "structure": 1}))
-    if todo:  # buckets are pure functions of the structure: computed once, by whoever comes first
-        writes = []
-        for d in todo:
-            reduced[d["candidate_id"]] = reduce_for_matching(Structure.from_dict(d["structure"]), matcher)
-            writes.append(UpdateOne({"candidate_id": d["candidate_id"], "dedup_bucket": None},
-                                    {"$set": {"dedup_bucket": dedup_bucket(reduced[d["candidate_id"]])}}))
-        bulk_write(db.candidates, writes)
-    buckets = sorted({d["dedup_bucket"] for d in db.candidates.find({**base, "candidate_id": {"$in": list(running)}},
+    missing = {**base, "dedup_bucket": None}
+    if db.candidates.find_one(missing, {"_id": 1}) is not None:
+        # a bucket is a pure function of the structure: computed once for the formula, by whoever comes first
+        with claim(db, f"dedup-buckets:{campaign}:{formula}"):
+            writes = []
+            for d in db.candidates.find(missing, {"_id": 0, "candidate_id": 1, "structure": 1}):
+                reduced[d["candidate_id"]] = reduce_for_matching(Structure.from_dict(d["structure"]), matcher)
+                writes.append(UpdateOne({"candidate_id": d["candidate_id"], "dedup_bucket": None},
+                                        {"$set": {"dedup_bucket": dedup_bucket(reduced[d["candidate_id"]])}}))
+            bulk_write(db.candidates, writes)
+    pending = sorted({d["dedup_bucket"] for d in db.candidates.find({**base, "candidate_id": {"$in": list(running)}},
                                                                      {"dedup_bucket": 1})})
-    for bucket in buckets:
-        with claim(db, f"dedup:{campaign}:{formula}:{bucket}"):
-            _decide_bucket(db, cfg, formula, bucket, running, matcher, reduced)
+    random.shuffle(pending)  # rockets on one formula start on different buckets (the outcome does not depend on it)
+    while pending:
+        for bucket in list(pending):  # every bucket no other rocket is deciding right now
+            with claim(db, f"dedup:{campaign}:{formula}:{bucket}", wait=False) as held:
+                if held:
+                    _decide_bucket(db, cfg, formula, bucket, running, matcher, reduced)
+                    pending.remove(bucket)
+        if pending:  # the rest are being decided elsewhere: wait for one, then look again
+            with claim(db, f"dedup:{campaign}:{formula}:{pending[0]}"):
+                _decide_bucket(db, cfg, formula, pending.pop(0), running, matcher, reduced)
 
 
 def _screen_top_k(db: AmdflowDB, cfg: CampaignConfig, formula: str, running: set[str]) -> None:
