@@ -211,6 +211,11 @@ class AmdflowDB:
         # the batched rocket's transient claim and lock fields (sparse: only docs mid-batch carry them)
         self.launchpad.fireworks.create_index("amdflow_claim.at", sparse=True)
         self.launchpad.workflows.create_index("locked", sparse=True)
+        # the batched rocket's filters, every field in one index (a planner that will not filter after an index scan,
+        # like the wire test server's, otherwise scans the collection for each; MongoDB would use fw_id / nodes alone)
+        self.launchpad.fireworks.create_index([("fw_id", 1), ("amdflow_claim.token", 1)])
+        self.launchpad.workflows.create_index([("nodes", 1), ("locked", 1)])
+        self.launchpad.launches.create_index([("launch_id", 1), ("state", 1)])
         self._indexed = True
 
     def flush(self) -> None:

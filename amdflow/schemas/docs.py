@@ -210,7 +210,8 @@ COLLECTIONS: dict[str, list[tuple[list[tuple[str, int]], bool]]] = {
     "candidates": [
         ([("candidate_id", 1)], True),
         ([("campaign", 1), ("state", 1)], False),
-        ([("campaign", 1), ("formula", 1), ("dedup_bucket", 1)], False),  # dedup's bucket passes (and per formula)
+        # dedup's queries (and any per formula): every field of each is in the index, in order
+        ([("campaign", 1), ("formula", 1), ("prediction.passed", 1), ("dedup_bucket", 1)], False),
     ],
     "tasks": [
         ([("task_id", 1)], True),

@@ -126,11 +126,12 @@ def _dedup_formula(db: AmdflowDB, cfg: CampaignConfig, formula: str, running: se
             writes = []
             for d in db.candidates.find(missing, {"_id": 0, "candidate_id": 1, "structure": 1}):
                 reduced[d["candidate_id"]] = reduce_for_matching(Structure.from_dict(d["structure"]), matcher)
-                writes.append(UpdateOne({"candidate_id": d["candidate_id"], "dedup_bucket": None},
+                writes.append(UpdateOne({"candidate_id": d["candidate_id"]},
                                         {"$set": {"dedup_bucket": dedup_bucket(reduced[d["candidate_id"]])}}))
             bulk_write(db.candidates, writes)
-    pending = sorted({d["dedup_bucket"] for d in db.candidates.find({**base, "candidate_id": {"$in": list(running)}},
-                                                                     {"dedup_bucket": 1})})
+    pending = sorted({d["dedup_bucket"] for d in db.candidates.find({"candidate_id": {"$in": list(running)}},
+                                                                     {"dedup_bucket": 1, "prediction.passed": 1})
+                      if (d.get("prediction") or {}).get("passed") is True})
     random.shuffle(pending)  # rockets on one formula start on different buckets (the outcome does not depend on it)
     while pending:
         for bucket in list(pending):  # every bucket no other rocket is deciding right now
