@@ -283,6 +283,10 @@ class RelaxConfig(_Strict):
     fmax: float = Field(0.05, gt=0, le=5.0, description="Force convergence (eV/Angstrom).")
     max_steps: int = Field(300, ge=1, le=100_000, description="Optimizer step limit.")
     relax_cell: bool = Field(True, description="Relax the cell shape and volume too.")
+    budget: int | None = Field(None, ge=0, description="Most candidates this campaign relaxes with this engine (the DFT "
+                               "allocation), best-ranked first; the rest wait as over_budget until `amdflow budget` "
+                               "releases more. None: no limit. Read when the campaign is first added; later changes "
+                               "go through `amdflow budget` (not part of the settings hash).")
     vasp: VaspConfig = Field(default_factory=VaspConfig, description="VASP settings (engine: vasp).")
     cp2k: Cp2kConfig = Field(default_factory=Cp2kConfig, description="CP2K settings (engine: cp2k).")
     reference_prototypes: list[str] = Field(
@@ -475,7 +479,8 @@ class CampaignConfig(_Strict):
 
     def config_hash(self) -> str:
         """sha256 of the settings that decide results (the output folder is excluded)."""
-        data = self.model_dump(mode="json", exclude={"output_dir"})
+        # the output folder and the DFT budget (an allocation, changed while rockets run) decide no result
+        data = self.model_dump(mode="json", exclude={"output_dir": True, "relax": {"budget"}})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -330,6 +330,10 @@ def _status_table(info: dict[str, Any]) -> Table:
             table.add_row(f"funnel ({funnel['run_type']})" if key == "relaxed" else "funnel", key, str(funnel[key]))
         for state, n in funnel["references"].items():
             table.add_row("funnel", f"references {state}", str(n))
+    budget = info.get("budget") or {}
+    if budget.get("limit") is not None or budget.get("over_budget"):
+        table.add_row("relax budget", "used / limit", f"{budget['used']} / {budget['limit']}")
+        table.add_row("relax budget", "over_budget (waiting)", str(budget["over_budget"]))
     for stage, t in info["stage_times"].items():
         wall = t.get("wall_s", t["total_s"])
         together = "" if wall >= 0.99 * t["total_s"] else " (batched/parallel)"
@@ -472,6 +476,23 @@ def refunnel(
                   + (f", top {cfg.funnel.top_k_per_formula} per formula" if cfg.funnel.top_k_per_formula else "")
                   + f": {counts['released']} released to the final relax, {counts['cut']} newly cut, {counts['unchanged']} "
                   f"unchanged, {counts['started']} already relaxing or relaxed; run `amdflow run {campaign}`", highlight=False)
+
+
+@app.command()
+@handle_errors
+def budget(
+    campaign: CampaignArg = Path("campaign.yaml"),
+    change: Annotated[str, typer.Argument(help="+N or -N (relative), N (absolute) or none (no limit).")] = "+0",
+    launchpad: LaunchpadOpt = None,
+) -> None:
+    """Change the campaign's relax budget (relax.budget) while rockets run; waiting candidates go on, best-ranked first."""
+    from amdflow.ops import change_budget
+
+    with _campaign_db(campaign, launchpad) as (cfg, db):
+        out = change_budget(db, cfg.name, change)
+    limit = "no limit" if out["budget"] is None else f"{out['budget']} relaxations"
+    console.print(f"relax budget: {limit} ({out['used']} started); {out['released']} waiting candidates released, "
+                  f"{out['waiting']} still waiting; run `amdflow run {campaign}` or let the rockets take them", highlight=False)
 
 
 @app.command()

@@ -302,7 +302,7 @@ def _union_seconds(spans: list[tuple[datetime, datetime]]) -> float:
 def campaign_status(db: AmdflowDB, campaign: str) -> dict[str, Any]:
     """Counts per state: candidates, Fireworks, references, hull."""
     doc = db.campaigns.find_one({"name": campaign}, {"_id": 0, "config": 1, "chemsys": 1, "run_type": 1, "model_id": 1,
-                                                    "funnel_run_type": 1})
+                                                    "funnel_run_type": 1, "budget_used": 1})
     if doc is None:
         raise AmdflowError(f"campaign '{campaign}' is not in the database: add it with `amdflow add CAMPAIGN.yaml`")
     cand = {d["_id"]: d["n"] for d in db.candidates.aggregate([{"$match": {"campaign": campaign}}, {"$group": {"_id": "$state", "n": {"$sum": 1}}}])}
@@ -323,6 +323,8 @@ def campaign_status(db: AmdflowDB, campaign: str) -> dict[str, Any]:
         "references": refs,
         "stage_times": stage_times(db, campaign),
         "funnel": funnel_status(db, campaign, doc),
+        "budget": {"limit": doc["config"]["relax"].get("budget"), "used": int(doc.get("budget_used", 0)),
+                   "over_budget": cand.get(CandidateState.OVER_BUDGET.value, 0)},
         "thermo": {
             "materials": db.thermo.count_documents(thermo_q),
             "stable": db.thermo.count_documents({**thermo_q, "is_stable": True}),
@@ -535,6 +537,60 @@ def rescreen(db: AmdflowDB, cfg: CampaignConfig) -> dict[str, int]:
         counts["reset"] += 1
     db.flush()
     return counts
+
+
+def parse_budget_change(change: str, current: int | None) -> int | None:
+    """``+N`` / ``-N`` (relative), ``N`` (absolute) or ``none`` (no limit) -> the new budget."""
+    text = change.strip().lower()
+    if text in ("none", "unlimited"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise AmdflowError(f"budget change '{change}' is not +N, -N, N or none: e.g. `amdflow budget CAMPAIGN +500`") from None
+    if text[0] in "+-":
+        if current is None:
+            raise AmdflowError(f"the campaign has no relax budget to change by {change}: give a number (e.g. 500) or none")
+        value = current + value
+    if value < 0:
+        raise AmdflowError(f"budget {value} is negative: give a number of relaxations >= 0")
+    return value
+
+
+def change_budget(db: AmdflowDB, name: str, change: str) -> dict[str, Any]:
+    """Set the campaign's relax budget and release that many waiting (over_budget) candidates, best-ranked first.
+
+    Released candidates have their relax Firework run again (and its analyze re-ignited);
+    their relaxations take slots as they start, so a release never exceeds the budget,
+    whatever runs meanwhile. Lowering the budget stops relaxations not yet started.
+    """
+    from amdflow.stages import load_campaign_config
+
+    cfg, doc = load_campaign_config(db, name)
+    limit = parse_budget_change(change, cfg.relax.budget)
+    db.campaigns.update_one({"name": name}, {"$set": {"config.relax.budget": limit, "updated_at": utcnow()}})
+    used = int(doc.get("budget_used", 0))
+    free = None if limit is None else max(limit - used, 0)
+    waiting = list(db.candidates.find({"campaign": name, "state": CandidateState.OVER_BUDGET.value},
+                                      {"_id": 0, "candidate_id": 1, "fw_ids": 1, "funnel": 1}))
+    lp = db.launchpad
+    relax_ids = [c["fw_ids"]["relax"] for c in waiting if "relax" in (c.get("fw_ids") or {})]
+    fws = {f["fw_id"]: f for f in lp.fireworks.find({"fw_id": {"$in": relax_ids}}, {"fw_id": 1, "spec._priority": 1})}
+
+    def rank(c: dict[str, Any]) -> tuple[float, str]:  # the relax Firework's priority: best (highest) first
+        return (-float(fws.get(c["fw_ids"].get("relax"), {}).get("spec", {}).get("_priority", 0.0)), c["candidate_id"])
+
+    released = 0
+    for cand in sorted(waiting, key=rank)[:free]:
+        fw_ids = cand["fw_ids"]
+        lp.rerun_fw(fw_ids["relax"])
+        if "analyze" in fw_ids and lp.fireworks.find_one({"fw_id": fw_ids["analyze"], "state": "DEFUSED"}, {"_id": 1}):
+            lp.reignite_fw(fw_ids["analyze"])
+        back = CandidateState.PRERELAXED if cand.get("funnel") else CandidateState.UNIQUE
+        db.candidates.update_one({"candidate_id": cand["candidate_id"]}, {"$set": {"state": back.value, "updated_at": utcnow()}})
+        released += 1
+    db.flush()
+    return {"budget": limit, "used": used, "released": released, "waiting": len(waiting) - released}
 
 
 def refunnel(db: AmdflowDB, cfg: CampaignConfig) -> dict[str, int]:

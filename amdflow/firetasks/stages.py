@@ -91,7 +91,8 @@ class RelaxTask(_AmdflowTask):
     """Relax the candidate with the campaign's engine; writes a task doc.
 
     With the funnel on, the funnel's decision is checked again first: a candidate now
-    outside its cut completes this Firework without relaxing, defusing the rest.
+    outside its cut completes this Firework without relaxing, defusing the rest. So does a
+    candidate beyond the campaign's ``relax.budget`` (over_budget, released by ``amdflow budget``).
     """
 
     required_params = ["candidate_id"]
@@ -103,12 +104,14 @@ class RelaxTask(_AmdflowTask):
             task_id = self._guarded(db, "relax", lambda: stages.relax_candidate_stage(db, self["candidate_id"], Path(os.getcwd()), env))
         except stages.FunnelCut as cut:
             return FWAction(stored_data={"funnel_cut": str(cut)}, defuse_workflow=True)
+        except stages.OverBudget as over:  # waits: `amdflow budget` reruns this Firework
+            return FWAction(stored_data={"over_budget": str(over)}, defuse_workflow=True)
         return FWAction(stored_data={"task_id": task_id}, update_spec=_pass_priority(fw_spec))
 
     def _guarded(self, db: AmdflowDB, stage: str, func: Any) -> Any:
         try:
             return func()
-        except stages.FunnelCut:  # a decision, recorded by the stage: not a failure
+        except (stages.FunnelCut, stages.OverBudget):  # decisions, recorded by the stage: not failures
             raise
         except Exception as err:
             stages.record_failure(db, self["candidate_id"], stage, err)

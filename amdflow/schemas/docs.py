@@ -32,6 +32,7 @@ class CandidateState(StrEnum):
     DUPLICATE = "duplicate"  # matches a lower-energy candidate (unrelaxed, or after the funnel's relaxation): children defused
     PRERELAXED = "prerelaxed"  # relaxed by the funnel's potential and passed its cut: waiting for the final relax
     FUNNEL_CUT = "funnel_cut"  # relaxed by the funnel's potential, above its cut on the ML hull: children defused
+    OVER_BUDGET = "over_budget"  # its relaxation would exceed relax.budget: waits for `amdflow budget`
     RELAXED = "relaxed"  # relaxation finished, task doc written
     ANALYZED = "analyzed"  # formation energy and hull position known
     FAILED = "failed"  # a stage raised; see `error`

@@ -56,12 +56,14 @@ from amdflow.stages.known import (
 )
 from amdflow.stages.predict import PredictOutcome, predict_stage
 from amdflow.stages.relax import (
+    OverBudget,
     level_engine,
     pending_references,
     reference_id,
     reference_structure,
     relax_candidate_stage,
     relax_reference_stage,
+    take_budget_slot,
     task_doc,
 )
 from amdflow.stages.training import campaign_training_data
@@ -77,6 +79,7 @@ __all__ = [
     "FunnelCut",
     "FunnelOutcome",
     "KnownReport",
+    "OverBudget",
     "PredictOutcome",
     "analyze_stage",
     "campaign_doc",
@@ -107,5 +110,6 @@ __all__ = [
     "relax_reference_stage",
     "run_type_of",
     "set_state",
+    "take_budget_slot",
     "task_doc",
 ]

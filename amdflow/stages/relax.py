@@ -33,6 +33,32 @@ def task_doc(kind: str, task_id: str, structure: Structure, result: Any, engine:
     )
 
 
+class OverBudget(Exception):
+    """The relax stage's check: the campaign's relax budget is spent (the candidate waits; message says how many)."""
+
+
+def take_budget_slot(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any]) -> None:
+    """Count this candidate's relaxation against ``relax.budget``, or raise :class:`OverBudget` and mark it over_budget.
+
+    The count is one atomic conditional increment on the campaign document, so parallel
+    rockets never start more than the budget. A candidate keeps its slot (``budget_slot``):
+    a rerun of its relaxation (fizzled, lost, walltime) does not count twice. A rocket killed
+    between the increment and the mark leaves one slot counted but unused: the budget errs
+    towards fewer relaxations, never more.
+    """
+    if doc.get("budget_slot"):
+        return
+    limit = cfg.relax.budget
+    query: dict[str, Any] = {"name": cfg.name}
+    if limit is not None:
+        query["$or"] = [{"budget_used": {"$lt": limit}}, {"budget_used": {"$exists": False}}]
+    if (limit is not None and limit <= 0) or db.campaigns.find_one_and_update(query, {"$inc": {"budget_used": 1}},
+                                                                             {"_id": 1}) is None:
+        set_state(db, doc["candidate_id"], CandidateState.OVER_BUDGET)
+        raise OverBudget(f"relax budget of {limit} spent: waits for `amdflow budget {cfg.name} +N`")
+    db.candidates.update_one({"candidate_id": doc["candidate_id"]}, {"$set": {"budget_slot": True}})
+
+
 def relax_candidate_stage(db: AmdflowDB, candidate_id: str, directory: Path | None = None, env: dict[str, Any] | None = None) -> str:
     """Relax a candidate with the campaign's engine; writes a task doc, returns its id. ``env``: the FWorker's env."""
     from amdflow.relax import get_engine
@@ -46,6 +72,7 @@ def relax_candidate_stage(db: AmdflowDB, candidate_id: str, directory: Path | No
         from amdflow.stages.funnel import check_before_relax
 
         structure = check_before_relax(db, cfg, doc) or structure  # the final relax starts from the ML-relaxed cell
+    take_budget_slot(db, cfg, doc)  # raises OverBudget when the allocation is spent
     resume = doc.get("resume") or {}
     start = Structure.from_dict(resume["structure"]) if resume.get("structure") else structure
     try:
