@@ -616,6 +616,7 @@ relax:
   max_steps: 300
   relax_cell: true
   reference_prototypes: [fcc, bcc, hcp]   # elemental phases relaxed the same way
+# budget: 500                # most candidates relaxed (the DFT allocation), best first; `amdflow budget` changes it later
 
 analyze:
   promising_e_above_hull: 0.05            # eV/atom: at most this far above the hull -> promising/
