@@ -225,3 +225,26 @@ def test_campaign_of_only_the_required_keys_runs_every_stage_and_builds_a_hull(t
     launched = {doc["launch_id"]: doc for doc in launch_docs(store)}
     spans = [(launched[fw["launches"][-1]]["time_start"], launched[fw["launches"][-1]]["time_end"]) for fw in funnel_fws]
     assert max(start for start, _ in spans) < min(end for _, end in spans), spans  # all ran at once
+
+
+@pytest.mark.slow
+def test_run_of_hundreds_of_candidates_prints_no_traceback(tmp_path):
+    """`amdflow run` on a few hundred candidates (batched predict and dedup, FireWorks' rocket for the rest) on the
+    embedded store: no traceback on stderr (FireWorks' ping thread used to print "No Launch exists" ones), and every
+    Firework finishes. ``relax.budget: 0`` keeps relaxations out: each relax Firework completes as over_budget."""
+    campaign = {
+        "name": "many", "elements": ["Ni", "Al"], "templates": [{"source": "aflow", "max_sites": 4}],
+        "generate": {"lattice_scales": [0.98, 1.0, 1.02]}, "screen": {"max_formation_energy_per_atom": 0.5},
+        "funnel": {"engine": "none"}, "relax": {"budget": 0, "reference_prototypes": ["fcc"], "max_steps": 50},
+        "output_dir": str(tmp_path / "out"),
+    }
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml.safe_dump(campaign))
+    added = json.loads(amdflow("add", str(path), cwd=tmp_path).stdout.strip().splitlines()[-1])
+    assert added["new_candidates"] >= 200
+    run = amdflow("run", str(path), cwd=tmp_path)
+    assert "Traceback" not in run.stderr and "Error" not in run.stderr, run.stderr[-3000:]
+    status = json.loads(amdflow("status", str(path), "--json", cwd=tmp_path).stdout)
+    assert set(status["fireworks"]) <= {"COMPLETED", "DEFUSED"}
+    assert status["candidates"]["over_budget"] >= 10 and status["candidates"]["relaxed"] == 0
+    assert status["budget"]["used"] == 0
