@@ -37,7 +37,8 @@ def test_inputs_handle_the_three_traps(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "CP2K-RESTART.wfn").write_text("stale")
     text = _inp(_si(), Cp2kConfig(), tmp_path)
-    assert "UKS False" in text and "SCF_GUESS ATOMIC" in text
+    assert "UKS False" in text and "SCF_GUESS ATOMIC" in text and "EPS_DEFAULT 1e-12" in text
+    assert "EPS_DEFAULT 1e-08" in _inp(_si(), Cp2kConfig(eps_default=1e-8), tmp_path)
     assert not list((tmp_path / "run").glob("*.wfn"))
     assert "DZVP-MOLOPT-SR-GTH" in text and "GTH-PBE" in text and "RUN_TYPE CELL_OPT" in text
     fe = Structure(Lattice.cubic(2.87), ["Fe", "Fe"], [[0, 0, 0], [0.5, 0.5, 0.5]])
@@ -82,12 +83,15 @@ def test_tiny_campaign_relaxed_with_cp2k_through_custodian(db, lpad, tmp_path, m
         "funnel": {"engine": "none"},  # CP2K alone: the funnel's own tests are in test_funnel.py
         "relax": {"engine": "cp2k", "reference_prototypes": ["diamond"],
                   # test settings: at 250 Ry the cell gradient of these cells levels off near 0.01 Ha/bohr (stress
-                  # noise), so the test converges to 0.015; production uses 400 Ry and CP2K's 4.5e-4
-                  "cp2k": {"cutoff": 250, "kpoint_density": 10, "max_force": 1.5e-2, "max_iter": 10, "eps_scf": 1e-5}},
+                  # noise), so the test converges to 0.015; production uses 400 Ry and CP2K's 4.5e-4. EPS_DEFAULT
+                  # 1e-8 (not 1e-12) halves the grid work: Si's CELL_OPT took 39 s instead of 83 s, energy within 1e-6 Ha
+                  "cp2k": {"cutoff": 250, "kpoint_density": 10, "max_force": 1.5e-2, "max_iter": 10, "eps_scf": 1e-5,
+                           "eps_default": 1e-8}},
         "output_dir": str(tmp_path / "out"),
     })
     report = add_campaign(db, cfg)
     assert report.new_candidates == 1
+    monkeypatch.setenv("AMDFLOW_CUSTODIAN_POLL_S", "1")  # Custodian notices each finished CP2K run within a second, not 10
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one CP2K thread: under pytest -n 2 the other core runs the other tests
     cwd = os.getcwd()
     (tmp_path / "launches").mkdir()

@@ -89,7 +89,9 @@ def test_auth_and_tls_against_the_wire_server(secured, tmp_path):
     port, ca = secured
     good = _lp_file(tmp_path / "good.yaml", port, ca)
     good.chmod(0o644)
+    start = time.perf_counter()
     ok = _amdflow("hull", "--launchpad", str(good), cwd=tmp_path)
+    baseline = time.perf_counter() - start  # start-up, imports and one connection on this (maybe loaded) machine
     assert ok.returncode == 0 and "0 hull system(s) rebuilt" in ok.stderr, ok.stderr
     assert "readable by other users: chmod 600" in " ".join(ok.stderr.split())
     good.chmod(0o600)
@@ -110,7 +112,9 @@ def test_auth_and_tls_against_the_wire_server(secured, tmp_path):
         out = proc.stdout + proc.stderr
         assert proc.returncode == 2 and message in " ".join(out.split()), (lp_file.name, out)
         assert "Traceback" not in out and secret not in out and PASSWORD not in out
-        assert took < 10 + 5, took  # a clear answer within the server-selection timeout, plus start-up
+        # A clear answer within our 5 s server-selection timeout plus this machine's start-up, well short of
+        # pymongo's default 30 s: measured against the good run, so a loaded CI runner does not fail it.
+        assert took < baseline + 10 + 5, (took, baseline)
 
 
 def test_no_credentials_in_documents_logs_or_launch_folders(secured, tmp_path):

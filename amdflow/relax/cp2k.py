@@ -80,7 +80,8 @@ def input_set(structure: Structure, cfg: Cp2kConfig) -> Any:
     override = {"FORCE_EVAL": {"DFT": {"SCF": {"SCF_GUESS": "ATOMIC"}}}}
     cp2k_input = cls(structure=structure, basis_and_potential=bp, xc_functionals=["PBE"], cutoff=cfg.cutoff, rel_cutoff=cfg.rel_cutoff,
                      kpoints=Kpoints.gamma_automatic(kpoint_mesh(structure, cfg.kpoint_density)), multiplicity=0, ot=False,
-                     smearing=cfg.smearing, spin_polarized=spin, eps_scf=cfg.eps_scf, override_default_params=override)
+                     smearing=cfg.smearing, spin_polarized=spin, eps_scf=cfg.eps_scf, eps_default=cfg.eps_default,
+                     override_default_params=override)
     if cfg.job != "static":  # the set adds MOTION after the overrides: set the optimizer's limits on the result
         section = "CELL_OPT" if cfg.job == "cell_opt" else "GEO_OPT"
         # every criterion scales with max_force, in CP2K's own ratios (defaults: 4.5e-4 Ha/bohr, RMS 3e-4,
