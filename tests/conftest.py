@@ -16,6 +16,10 @@ import pytest
 warnings.filterwarnings("ignore")
 os.environ.pop("MONGOMOCK_SERVERSTORE_FILE", None)
 os.environ.setdefault("AMDFLOW_CONFIG_FILE", "")  # never read a developer's ~/.amdflow.yaml
+# One OpenMP/torch thread per process (inherited by every rocket and CLI the tests start): pytest -n 2 already
+# fills the cores, and tests that run 2-4 rockets at once oversubscribed them with 2 threads each (measured: six
+# kill -9 tests took 290 s with torch's default threads, 159 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AMDFLOW_SHARED_DIR", REPO.parent / "shared"))
