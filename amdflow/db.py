@@ -4,36 +4,28 @@ MongoDB (production): ``AMDFLOW_LAUNCHPAD_FILE`` (or ``--launchpad``) names a La
 YAML such as ``fw_configs/my_launchpad.yaml``. amdflow's collections live in the same
 database as the LaunchPad's and use the LaunchPad's connection.
 
-Embedded (laptop default): FireWorks' mongomock store, a file in the campaign folder.
-It is single-process (each process holds a private copy of the whole store and writes it
-back), so amdflow
-
-* holds an exclusive lock on the campaign folder while the store is open, and a second
-  amdflow process fails at once with a message recommending MongoDB;
-* keeps ONE in-memory store per process that every LaunchPad of the process shares (a
-  second LaunchPad would otherwise load a stale private copy);
-* writes the store back atomically (temp file + rename) after every Firework and on
-  close, so an interrupted or killed run loses at most the Firework in flight, instead
-  of everything (mongomock-persistence alone writes only at interpreter exit).
-
-``MONGOMOCK_SERVERSTORE_FILE`` is set before FireWorks is imported (FireWorks reads it
-at import), and ``FW_config.yaml`` + ``my_launchpad.yaml`` are written beside the store so
-that ``lpad -l my_launchpad.yaml ...`` run in the campaign folder opens the same store
-(while no amdflow process has it open).
+Embedded (laptop default): FireWorks' mongomock store in the campaign folder,
+single-process, locked, persisted as a snapshot plus a journal after every Firework
+(:mod:`amdflow.embedded` says how and what a kill -9 loses).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from amdflow.errors import AmdflowError, StoreBusyError
+from amdflow.embedded import (  # noqa: F401 - re-exported
+    DB_NAME,
+    JOURNAL_FILE,
+    LOCK_FILE,
+    STORE_FILE,
+    EmbeddedStore,
+)
+from amdflow.errors import AmdflowError
 from amdflow.schemas import COLLECTIONS
 from amdflow.settings import AmdflowSettings, get_settings
 
@@ -42,111 +34,7 @@ logger = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from fireworks import LaunchPad
 
-STORE_FILE = "launchpad_store.json"
-LOCK_FILE = ".amdflow.lock"
-DB_NAME = "amdflow"
 MONGO_TIMEOUT_MS = 5000
-
-
-class EmbeddedStore:
-    """The campaign folder's mongomock store, locked and shared inside this process."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        self.path = self.folder / STORE_FILE
-        self._lock_fh: Any = None
-        self._previous_env: str | None = None
-        self.server_store: Any = None
-
-    def open(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        lock_path = self.folder / LOCK_FILE
-        fh = open(lock_path, "a+")  # noqa: SIM115 - held for the store's lifetime
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
-            fh.close()
-            raise StoreBusyError(
-                f"the embedded store in {self.folder} is in use by another amdflow process (pid {holder}); "
-                "it is single-process: wait for that process, or use MongoDB "
-                "(AMDFLOW_LAUNCHPAD_FILE=fw_configs/my_launchpad.yaml) to run rockets in parallel"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        self._lock_fh = fh
-        if not self.path.exists():
-            self.path.write_text("{}")
-        self._previous_env = os.environ.get("MONGOMOCK_SERVERSTORE_FILE")
-        os.environ["MONGOMOCK_SERVERSTORE_FILE"] = str(self.path)
-        self._write_fw_configs()
-        import bson.json_util
-        import mongomock.gridfs
-        import mongomock_persistence  # noqa: F401 - patches mongomock's stores for (de)serialization
-        from mongomock.store import DatabaseStore, ServerStore
-
-        # FireWorks does this at import only when the variable was already set; do it
-        # here too so that the import order of FireWorks does not matter.
-        mongomock.gridfs.enable_gridfs_integration()
-
-        try:
-            data = bson.json_util.loads(self.path.read_text())
-        except ValueError as err:
-            self.close(flush=False)
-            raise AmdflowError(
-                f"embedded store {self.path} is unreadable ({err}): restore it from a backup or start a new campaign folder"
-            ) from None
-        store = ServerStore.__new__(ServerStore)
-        store._filename = str(self.path)
-        store._databases = {k: DatabaseStore.from_dict(v) for k, v in data.items()}
-        self.server_store = store
-
-    def _write_fw_configs(self) -> None:
-        import yaml
-
-        (self.folder / "my_launchpad.yaml").write_text(
-            yaml.safe_dump({"host": "localhost", "name": DB_NAME, "logdir": None, "strm_lvl": "INFO"})
-        )
-        (self.folder / "FW_config.yaml").write_text(
-            yaml.safe_dump(
-                {
-                    "MONGOMOCK_SERVERSTORE_FILE": str(self.path.resolve()),
-                    "LAUNCHPAD_LOC": str((self.folder / "my_launchpad.yaml").resolve()),
-                }
-            )
-        )
-
-    def flush(self) -> None:
-        """Write the store atomically (temp file + rename)."""
-        if self.server_store is None:
-            return
-        import bson.json_util
-
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(bson.json_util.dumps(self.server_store.to_dict()))
-        os.replace(tmp, self.path)
-
-    def client(self, *args: Any, **kwargs: Any) -> Any:
-        """A mongomock client on the shared store (signature of pymongo.MongoClient)."""
-        import mongomock
-
-        return mongomock.MongoClient(_store=self.server_store)
-
-    def close(self, flush: bool = True) -> None:
-        if flush:
-            self.flush()
-        self.server_store = None
-        if self._previous_env is None:
-            os.environ.pop("MONGOMOCK_SERVERSTORE_FILE", None)
-        else:
-            os.environ["MONGOMOCK_SERVERSTORE_FILE"] = self._previous_env
-        if self._lock_fh is not None:
-            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
-            self._lock_fh.close()
-            self._lock_fh = None
 
 
 @dataclass

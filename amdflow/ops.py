@@ -259,8 +259,11 @@ def stage_times(db: AmdflowDB, campaign: str) -> dict[str, dict[str, float]]:
                 for fw in lp.fireworks.find({"spec.campaign": campaign}, {"fw_id": 1, "spec.amdflow_stage": 1})}
     totals: dict[str, list[float]] = {}
     spans: dict[str, list[tuple[datetime, datetime]]] = {}
-    for launch in lp.launches.find({"fw_id": {"$in": list(stage_of)}, "state": "COMPLETED"},
-                                   {"fw_id": 1, "runtime_secs": 1, "time_start": 1, "time_end": 1}):
+    # the state is tested here: FireWorks' fw_id index then serves the query alone (few launches are not COMPLETED)
+    for launch in lp.launches.find({"fw_id": {"$in": list(stage_of)}},
+                                   {"fw_id": 1, "runtime_secs": 1, "time_start": 1, "time_end": 1, "state": 1}):
+        if launch.get("state") != "COMPLETED":
+            continue
         stage = stage_of[launch["fw_id"]]
         totals.setdefault(stage, []).append(float(launch.get("runtime_secs") or 0.0))
         start, end = _as_datetime(launch.get("time_start")), _as_datetime(launch.get("time_end"))
@@ -903,9 +906,10 @@ def parity_points(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any]) -> li
     """Every candidate of the campaign on its final hull, with its ML and CGCNN energies (the report's parity data)."""
     from amdflow.report.funnel import ParityPoint
 
+    # candidate_id tested here, not with $ne in the query: an index serves (run_type, hull_chemsys, campaign) exactly
     final = {t["candidate_id"]: t for t in db.thermo.find(
-        {"campaign": cfg.name, "hull_chemsys": cfg.chemsys, "run_type": doc["run_type"], "candidate_id": {"$ne": None}},
-        {"_id": 0, "candidate_id": 1, "formula": 1, "e_above_hull": 1, "formation_energy_per_atom": 1})}
+        {"campaign": cfg.name, "hull_chemsys": cfg.chemsys, "run_type": doc["run_type"]},
+        {"_id": 0, "candidate_id": 1, "formula": 1, "e_above_hull": 1, "formation_energy_per_atom": 1}) if t.get("candidate_id")}
     out = []
     for c in db.candidates.find({"candidate_id": {"$in": sorted(final)}},
                                 {"_id": 0, "candidate_id": 1, "prediction.formation_energy_per_atom": 1, "funnel.e_above_hull": 1}):

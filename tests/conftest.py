@@ -55,6 +55,14 @@ def lpad(monkeypatch: pytest.MonkeyPatch):
     store = ServerStore.__new__(ServerStore)
     store._databases = {}
     monkeypatch.setattr(fw_launchpad, "MongoClient", lambda *a, **k: mongomock.MongoClient(_store=store))
+    # mongomock is not thread-safe (an update clears and refills the stored document in place), so the Rocket's ping
+    # thread, racing rapidfire's next check-out, found no launch ("No Launch exists with launch_id=N"): in-process,
+    # the store has no other process to guard against; amdflow.ops.run_campaign does the same on the embedded store
+    import fireworks.core.rocket as fw_rocket
+
+    from amdflow.ops import _no_ping_thread
+
+    monkeypatch.setattr(fw_rocket, "start_ping_launch", _no_ping_thread)
     lp = fw_launchpad.LaunchPad(host="localhost", name="amdflow_test", strm_lvl="ERROR")
     lp.reset(password=None, require_password=False)
     return lp

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -252,6 +253,28 @@ def test_campaign_survives_kill_9_of_a_rocket(mongo_launchpad_file, tmp_path, bi
     assert "AlNi" in report.stdout
     watched = cli("status", "campaign.yaml", "--watch", "--interval", "0.2")  # nothing left to run: one refresh, then exit
     assert "COMPLETED" in watched.stdout
+    assert_status_and_report_use_indexes(mongo_launchpad_file, tmp_path / "campaign.yaml")
+
+
+def assert_status_and_report_use_indexes(lp_file: Path, campaign_file: Path) -> None:
+    """Every read `amdflow status` and `amdflow report` send is planned on an index (explain: no COLLSCAN)."""
+    import yaml
+    from pymongo import MongoClient
+
+    from amdflow.campaign import load_campaign
+    from amdflow.db import open_db
+    from amdflow.ops import campaign_status, write_campaign_report
+    from amdflow.settings import get_settings
+    from amdflow.testing.query_plans import collection_scans, record_reads
+
+    spec = yaml.safe_load(lp_file.read_text())
+    cfg = load_campaign(campaign_file)
+    with record_reads(spec["name"]) as reads, open_db(None, get_settings(launchpad_file=lp_file)) as db:
+        campaign_status(db, cfg.name)
+        write_campaign_report(db, cfg)
+    assert len(reads) > 10
+    scans = collection_scans(MongoClient(spec["host"]), reads)
+    assert scans == [], "\n".join(json.dumps(s["command"], default=str)[:300] for s in scans)
 
 
 def test_qlaunch_with_the_shipped_slurm_adapter_and_a_fake_sbatch(mongo_launchpad_file, tmp_path):

@@ -227,6 +227,10 @@ COLLECTIONS: dict[str, list[tuple[list[tuple[str, int]], bool]]] = {
         ([("material_id", 1), ("hull_chemsys", 1)], True),
         ([("campaign", 1), ("e_above_hull", 1)], False),
         ([("run_type", 1), ("hull_chemsys", 1)], False),
+        # status, report and analyze: every field of each query in one index (explain-checked by the tests)
+        ([("run_type", 1), ("hull_chemsys", 1), ("is_stable", 1), ("campaign", 1)], False),
+        ([("run_type", 1), ("hull_chemsys", 1), ("campaign", 1), ("e_above_hull", 1)], False),
+        ([("run_type", 1), ("hull_chemsys", 1), ("candidate_id", 1)], False),
     ],
     # one record per (run type, hull system): the sources digest of its last build
     "thermo_builds": [([("run_type", 1), ("hull_chemsys", 1)], True)],

@@ -63,8 +63,9 @@ def analyze_stage(db: AmdflowDB, campaign: str, candidate_id: str | None = None,
     else:
         q = {"hull_chemsys": cfg.chemsys, "run_type": run_type}
         summary = {"thermo": db.thermo.count_documents(q), "stable": db.thermo.count_documents({**q, "is_stable": True}),
-                   "promising": db.thermo.count_documents({**q, "campaign": cfg.name, "candidate_id": {"$ne": None},
-                                                           "e_above_hull": {"$lte": cfg.analyze.promising_e_above_hull}}),
+                   "promising": sum(1 for t in db.thermo.find({**q, "campaign": cfg.name,  # candidates only, on an index
+                                                                   "e_above_hull": {"$lte": cfg.analyze.promising_e_above_hull}},
+                                                              {"_id": 0, "candidate_id": 1}) if t.get("candidate_id")),
                    "unchanged": True}
     if candidate_id is not None and not ops:
         logger.info("candidate %s: no hull yet (elemental references pending)", candidate_id)
