@@ -24,13 +24,8 @@ snapshot is complete). It names itself with a token in a database of its own
 (``amdflow_store_meta``); the journal's first line names the snapshot it continues, so a
 journal left from before a snapshot is never replayed onto it.
 
-How writes are seen: mongomock stores each document as a dict in a ``CollectionStore``;
-inserts and deletes go through the store's ``__setitem__``/``__delitem__``, updates change
-the stored dict in place through ``Collection._apply_update_document`` (or
-``_apply_update_pipeline``). amdflow wraps those four to note the ``_id`` written, and
-``drop``/``rename`` to ask for a full snapshot. The tests compare a replayed store with the
-live one after every kind of write FireWorks makes. (mongomock-persistence stores no
-indexes, so neither does this; amdflow re-creates its own at every open.)
+How writes are seen: :mod:`amdflow.mongomock_patches` (which also makes mongomock's lookups
+and unique indexes cost what they touch, not the collection).
 """
 
 from __future__ import annotations
@@ -42,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from amdflow.errors import AmdflowError, StoreBusyError
+from amdflow.mongomock_patches import clear_dirty, dirty_keys, install, key_of, needs_snapshot
 
 STORE_FILE = "launchpad_store.json"
 JOURNAL_FILE = "launchpad_store.journal"
@@ -51,74 +47,6 @@ META_DB = "amdflow_store_meta"
 # the journal is folded into a new snapshot once it holds more bytes than the snapshot (and at least this many):
 # each document byte is then written at most about twice, whatever the store's size
 MIN_JOURNAL_BYTES = 4 << 20
-
-
-# --- write tracking on mongomock's stores ---------------------------------------------------------------------------
-
-def _key(doc_id: Any) -> Any:
-    from mongomock import helpers
-
-    return helpers.hashdict(doc_id) if isinstance(doc_id, dict) else doc_id
-
-
-def _mark(store: Any, key: Any) -> None:
-    dirty = store.__dict__.get("_amdflow_dirty")
-    if dirty is None:  # a dict, not a set: new documents replay in the order they were inserted
-        dirty = store.__dict__["_amdflow_dirty"] = {}
-    dirty[key] = None
-
-
-def _mark_meta(store: Any) -> None:
-    store.__dict__["_amdflow_meta"] = True
-
-
-def _install_tracking() -> None:
-    """Wrap mongomock's write paths once per process (idempotent); other mongomock users only pay a set insert per write."""
-    import mongomock.collection
-    import mongomock_persistence  # noqa: F401 - patches the stores for (de)serialization; must come first
-    from mongomock.store import CollectionStore, DatabaseStore
-
-    if getattr(CollectionStore, "_amdflow_tracked", False):
-        return
-    set_item, del_item = CollectionStore.__setitem__, CollectionStore.__delitem__
-    drop = CollectionStore.drop
-    rename = DatabaseStore.rename
-    coll_cls = mongomock.collection.Collection
-    apply_doc, apply_pipeline = coll_cls._apply_update_document, coll_cls._apply_update_pipeline
-
-    def __setitem__(self: Any, key: Any, val: Any) -> None:
-        set_item(self, key, val)
-        _mark(self, key)
-
-    def __delitem__(self: Any, key: Any) -> None:
-        del_item(self, key)
-        _mark(self, key)
-
-    def _drop(self: Any) -> None:
-        drop(self)
-        _mark_meta(self)
-
-    def _rename(self: Any, name: Any, new_name: Any) -> None:
-        rename(self, name, new_name)
-        _mark_meta(self)
-
-    def _apply_update_document(self: Any, existing_document: Any, *args: Any, **kwargs: Any) -> Any:
-        out = apply_doc(self, existing_document, *args, **kwargs)
-        _mark(self._store, _key(existing_document.get("_id")))
-        return out
-
-    def _apply_update_pipeline(self: Any, existing_document: Any, *args: Any, **kwargs: Any) -> Any:
-        out = apply_pipeline(self, existing_document, *args, **kwargs)
-        _mark(self._store, _key(existing_document.get("_id")))
-        return out
-
-    CollectionStore.__setitem__ = __setitem__  # type: ignore[method-assign]
-    CollectionStore.__delitem__ = __delitem__  # type: ignore[method-assign]
-    CollectionStore.drop = _drop  # type: ignore[method-assign]
-    DatabaseStore.rename = _rename  # type: ignore[method-assign]
-    coll_cls._apply_update_document = _apply_update_document
-    coll_cls._apply_update_pipeline = _apply_update_pipeline
-    CollectionStore._amdflow_tracked = True  # type: ignore[attr-defined]
 
 
 def _collections(server_store: Any) -> Any:
@@ -155,7 +83,7 @@ class EmbeddedStore:
         self._write_fw_configs()
         import mongomock.gridfs
 
-        _install_tracking()
+        install()
         # FireWorks does this at import only when the variable was already set; do it
         # here too so that the import order of FireWorks does not matter.
         mongomock.gridfs.enable_gridfs_integration()
@@ -205,10 +133,7 @@ class EmbeddedStore:
         self._token = doc["value"] if doc else ""
         self._replay()
         for *_, coll_store in _collections(store):  # what was loaded is on disk
-            coll_store.__dict__.pop("_amdflow_dirty", None)
-            coll_store.__dict__.pop("_amdflow_meta", None)
-        for db_store in store._databases.values():
-            db_store.__dict__.pop("_amdflow_meta", None)
+            clear_dirty(coll_store)
 
     def _replay(self) -> None:
         """Apply the journal's committed entries if it continues this snapshot; cut a torn tail off."""
@@ -249,7 +174,7 @@ class EmbeddedStore:
     def _apply(self, records: list[dict[str, Any]]) -> None:
         for rec in records:
             coll_store = self.server_store[rec["db"]][rec["c"]]
-            key = _key(rec["k"])
+            key = key_of(rec["k"])
             if "d" in rec:
                 coll_store._documents[key] = rec["d"]
             else:
@@ -280,12 +205,12 @@ class EmbeddedStore:
 
         changed: list[tuple[str, str, Any, Any]] = []
         n_docs = 0
-        for db_name, db_store, coll_name, coll_store in _collections(self.server_store):
+        for db_name, _db_store, coll_name, coll_store in _collections(self.server_store):
             n_docs += len(coll_store._documents)
-            if db_store.__dict__.get("_amdflow_meta") or coll_store.__dict__.get("_amdflow_meta"):
+            if needs_snapshot(coll_store):
                 self.snapshot()
                 return
-            for key in coll_store.__dict__.get("_amdflow_dirty", ()):
+            for key in dirty_keys(coll_store):
                 changed.append((db_name, coll_name, coll_store, key))
         if not changed:
             return
@@ -312,7 +237,7 @@ class EmbeddedStore:
         self.stats["journal_appends"] += 1
         self.stats["journal_docs"] += len(changed)
         for _, _, coll_store, _ in changed:
-            coll_store.__dict__.pop("_amdflow_dirty", None)
+            coll_store.__dict__.pop("_amdflow_dirty", None)  # (its meta flag is unset: checked above)
         if self._journal_bytes > max(self._snapshot_bytes, MIN_JOURNAL_BYTES):
             self.snapshot()
 
@@ -334,10 +259,7 @@ class EmbeddedStore:
         self._snapshot_bytes, self._journal_bytes = len(text), 0
         self.stats["snapshots"] += 1
         for *_, coll_store in _collections(self.server_store):
-            coll_store.__dict__.pop("_amdflow_dirty", None)
-            coll_store.__dict__.pop("_amdflow_meta", None)
-        for db_store in self.server_store._databases.values():
-            db_store.__dict__.pop("_amdflow_meta", None)
+            clear_dirty(coll_store)
 
     def client(self, *args: Any, **kwargs: Any) -> Any:
         """A mongomock client on the shared store (signature of pymongo.MongoClient)."""

@@ -21,6 +21,12 @@ os.environ.setdefault("AMDFLOW_CONFIG_FILE", "")  # never read a developer's ~/.
 # kill -9 tests took 290 s with torch's default threads, 159 s with one).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# mongomock as the embedded store patches it (lookup maps, write tracking: amdflow.mongomock_patches), in every test
+# process from the start, so that the tier-2 store behaves the same whichever test first opened an embedded store
+from amdflow.mongomock_patches import install as _install_mongomock_patches  # noqa: E402
+
+_install_mongomock_patches()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AMDFLOW_SHARED_DIR", REPO.parent / "shared"))
 
