@@ -15,8 +15,9 @@ store (:func:`install`, idempotent):
 * **Lookup maps**: the first query with an equality (or ``$in`` of plain values) on a field
   builds a map value -> documents for that field, kept exact by the same hooks; later
   queries on that field test only the documents the map names, in the collection's order.
-  A field that ever holds an array or a sub-document (where MongoDB matches by element)
-  is left to mongomock's scan. The full filter is still applied to every document the map
+  An array of plain values is filed under each element (as MongoDB's multikey indexes
+  do: ``{"nodes": 5}`` matches a workflow whose ``nodes`` hold 5); a field that ever holds
+  a sub-document, or an array of them, is left to mongomock's scan. The full filter is still applied to every document the map
   names, so a map can only narrow the documents tested, never change an answer.
 * **Unique indexes** are checked against per-index counts of key values, kept across a run
   of inserts, instead of by a query per insert.
@@ -103,24 +104,49 @@ def _mark_meta(store: Any) -> None:
     store.__dict__["_amdflow_meta"] = True
 
 
+def _map_values(doc: Any, path: str) -> list[Any] | None:
+    """The values a map files ``doc`` under: its scalar (or None, or _MISSING), or each element of an array of scalars
+    (a multikey index: ``{path: v}`` matches an array holding v); None when the map cannot model the field."""
+    cur = doc
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(cur, dict):
+            if part not in cur:
+                return [_MISSING]
+            cur = cur[part]
+        elif isinstance(cur, list):
+            return None
+        else:
+            return [_MISSING]
+        if isinstance(cur, list) and i == len(parts) - 1:
+            if all(v is None or _is_scalar(v) for v in cur):
+                return list(dict.fromkeys(cur))
+            return None
+    if cur is None or _is_scalar(cur):
+        return [cur]
+    return None
+
+
 def _map_add(st: dict[str, Any], key: Any, doc: Any) -> None:
     for path in list(st["maps"]):
-        v = _value(doc, path)
-        if v is _UNSAFE:
+        values = _map_values(doc, path)
+        if values is None:
             del st["maps"][path]
             st["unsafe"].add(path)
         else:
-            st["maps"][path].setdefault(v, {})[key] = None
+            m = st["maps"][path]
+            for v in values:
+                m.setdefault(v, {})[key] = None
 
 
 def _map_remove(st: dict[str, Any], key: Any, doc: Any) -> None:
     for path, m in st["maps"].items():
-        v = _value(doc, path)
-        bucket = m.get(v)
-        if bucket is not None:
-            bucket.pop(key, None)
-            if not bucket:
-                del m[v]
+        for v in _map_values(doc, path) or ():
+            bucket = m.get(v)
+            if bucket is not None:
+                bucket.pop(key, None)
+                if not bucket:
+                    del m[v]
 
 
 def _build_map(store: Any, st: dict[str, Any], path: str) -> dict[Any, dict[Any, None]] | None:
@@ -129,11 +155,12 @@ def _build_map(store: Any, st: dict[str, Any], path: str) -> dict[Any, dict[Any,
         st["next"] = len(st["seq"])
     m: dict[Any, dict[Any, None]] = {}
     for key, doc in store._documents.items():
-        v = _value(doc, path)
-        if v is _UNSAFE:
+        values = _map_values(doc, path)
+        if values is None:
             st["unsafe"].add(path)
             return None
-        m.setdefault(v, {})[key] = None
+        for v in values:
+            m.setdefault(v, {})[key] = None
     st["maps"][path] = m
     return m
 

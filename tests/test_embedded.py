@@ -237,7 +237,8 @@ def test_lookup_maps_answer_exactly_what_a_scan_answers():
         return rng.choice([1, 2, 3, 2.0, "a", "b", None, True, [1, 2], ["a"], {"x": 1}, "c"])
 
     def doc(i):
-        d = {"uid": i, "k": value(), "s": rng.choice(["x", "y", "z"]), "n": {"m": value()}}
+        d = {"uid": i, "k": value(), "s": rng.choice(["x", "y", "z"]), "n": {"m": value()},
+             "arr": rng.sample([1, 2, 3, "a", "b", 2.0], rng.randrange(4))}  # a multikey field
         if rng.random() < 0.2:
             del d["k"]
         return d
@@ -245,7 +246,7 @@ def test_lookup_maps_answer_exactly_what_a_scan_answers():
     coll.insert_many([doc(i) for i in range(300)])
     uid = 300
     for step in range(400):
-        field = rng.choice(["k", "s", "n.m", "uid"])
+        field = rng.choice(["k", "s", "n.m", "uid", "arr"])
         v = value()
         q = rng.choice([{field: v} if not isinstance(v, (list, dict)) else {field: 1},
                         {field: {"$in": [value(), value()]}} if field != "uid" else {field: {"$in": [rng.randrange(320), 5]}},
@@ -261,7 +262,8 @@ def test_lookup_maps_answer_exactly_what_a_scan_answers():
             coll.insert_one(doc(uid))
             uid += 1
         else:
-            coll.update_one({"uid": rng.randrange(uid)}, {"$set": {"n.m": value(), "s": rng.choice("xyz")}})
+            coll.update_one({"uid": rng.randrange(uid)}, {"$set": {"n.m": value(), "s": rng.choice("xyz")},
+                                                          "$push": {"arr": rng.choice([1, 3, "b"])}})
         if step % 50 == 0:  # an aggregation that starts with $match, against mongomock's own on every document
             import copy
 
@@ -271,3 +273,6 @@ def test_lookup_maps_answer_exactly_what_a_scan_answers():
             brute = aggregate.process_pipeline([copy.deepcopy(d) for d in store._documents.values()], coll.database,
                                                pipeline, None)
             assert sorted(map(repr, coll.aggregate(pipeline))) == sorted(map(repr, brute))
+    maps = coll._store.__dict__["_amdflow"]["maps"]
+    assert {"uid", "s", "arr"} <= set(maps), "the queries above went through the lookup maps"
+    assert {"k", "n.m"} <= coll._store.__dict__["_amdflow"]["unsafe"], "fields holding sub-documents are left to the scan"
