@@ -14,11 +14,13 @@ store (:func:`install`, idempotent):
   and a drop or rename asks for a full snapshot. :mod:`amdflow.embedded` journals them.
 * **Lookup maps**: the first query with an equality (or ``$in`` of plain values) on a field
   builds a map value -> documents for that field, kept exact by the same hooks; later
-  queries on that field test only the documents the map names, in the collection's order.
+  queries on that field read only the documents the map names, in the collection's order,
+  and test them on the query's other fields (a ``$in`` of 40,000 Fireworks ids, tested
+  element by element against each of 14,000 launches, made ``amdflow status`` take 165 s
+  at 10k candidates).
   An array of plain values is filed under each element (as MongoDB's multikey indexes
   do: ``{"nodes": 5}`` matches a workflow whose ``nodes`` hold 5); a field that ever holds
-  a sub-document, or an array of them, is left to mongomock's scan. The full filter is still applied to every document the map
-  names, so a map can only narrow the documents tested, never change an answer.
+  a sub-document, or an array of them, is left to mongomock's scan.
 * **Unique indexes** are checked against per-index counts of key values, kept across a run
   of inserts, instead of by a query per insert.
 * **Aggregations** that start with ``$match`` read only the matching documents (mongomock
@@ -120,11 +122,17 @@ def _map_values(doc: Any, path: str) -> list[Any] | None:
             return [_MISSING]
         if isinstance(cur, list) and i == len(parts) - 1:
             if all(v is None or _is_scalar(v) for v in cur):
-                return list(dict.fromkeys(cur))
+                return list(dict.fromkeys(_tag(v) for v in cur))
             return None
     if cur is None or _is_scalar(cur):
-        return [cur]
+        return [_tag(cur)]
     return None
+
+
+def _tag(value: Any) -> Any:
+    """The value as a map's key. As is: a bucket then holds what mongomock's equality matches (which, like Python,
+    takes True == 1 == 1.0, where MongoDB keeps booleans apart from numbers)."""
+    return value
 
 
 def _map_add(st: dict[str, Any], key: Any, doc: Any) -> None:
@@ -165,13 +173,17 @@ def _build_map(store: Any, st: dict[str, Any], path: str) -> dict[Any, dict[Any,
     return m
 
 
-def planned_keys(store: Any, query: Any) -> list[Any] | None:
-    """The keys of the documents that can match ``query``, in collection order, from the narrowest usable map; None
-    when no field of the query can use one (then every document is tested)."""
+def planned_keys(store: Any, query: Any) -> tuple[list[Any], str] | None:
+    """The keys of the documents that can match ``query``, in collection order, from the narrowest usable map, and the
+    field that map answered exactly; None when no field of the query can use one (then every document is tested).
+
+    A map's bucket holds exactly the documents mongomock's equality (or element equality, for an array) matches:
+    plain values by Python's ``==`` and hash; a NaN (never equal to itself) is never looked up."""
     if not isinstance(query, dict) or not query:
         return None
     st = _state(store)
     best: dict[Any, None] | None = None
+    best_path = ""
     for path, cond in query.items():
         if not isinstance(path, str) or path.startswith("$") or path in st["unsafe"]:
             continue
@@ -185,6 +197,9 @@ def planned_keys(store: Any, query: Any) -> list[Any] | None:
             values = [cond]
         else:  # None (also matches a missing field), regex, sub-document, array: mongomock's scan
             continue
+        if any(v != v for v in values):  # NaN
+            continue
+        values = [_tag(v) for v in values]
         m = st["maps"].get(path)
         if m is None:
             m = _build_map(store, st, path)
@@ -197,13 +212,13 @@ def planned_keys(store: Any, query: Any) -> list[Any] | None:
             for v in values:
                 keys.update(m.get(v, {}))
         if best is None or len(keys) < len(best):
-            best = keys
+            best, best_path = keys, path
             if len(best) <= 1:
                 break
     if best is None:
         return None
     seq = st["seq"]
-    return sorted(best, key=seq.__getitem__)
+    return sorted(best, key=seq.__getitem__), best_path
 
 
 # --- unique indexes ------------------------------------------------------------------------------------------------
@@ -352,11 +367,15 @@ def install() -> None:
         return wrapped
 
     def _iter_documents(self: Any, filter: Any) -> Any:
-        keys = planned_keys(self._store, filter)
-        if keys is None:
+        plan = planned_keys(self._store, filter)
+        if plan is None:
             return iter_documents(self, filter)
+        keys, exact = plan
         docs = self._store._documents
-        return (docs[k] for k in keys if k in docs and filter_applies(filter, docs[k]))
+        rest = {k: v for k, v in filter.items() if k != exact}  # the map answered that field exactly (e.g. a long $in)
+        if not rest:
+            return (docs[k] for k in keys if k in docs)
+        return (docs[k] for k in keys if k in docs and filter_applies(rest, docs[k]))
 
     def _aggregate(self: Any, pipeline: Any, session: Any = None, **kwargs: Any) -> Any:
         first = pipeline[0] if pipeline else None

@@ -229,16 +229,17 @@ def test_lookup_maps_answer_exactly_what_a_scan_answers():
     import mongomock
     from mongomock.filtering import filter_applies
 
-    rng = random.Random(7)
+    rng = random.Random(int(os.environ.get("AMDFLOW_TEST_SEED", "7")))
     coll = mongomock.MongoClient().db.things
     coll.create_index("uid", unique=True)
 
     def value():
-        return rng.choice([1, 2, 3, 2.0, "a", "b", None, True, [1, 2], ["a"], {"x": 1}, "c"])
+        return rng.choice([1, 2, 3, 2.0, 0, "a", "b", None, True, False, [1, 2], ["a"], {"x": 1}, "c"])
 
     def doc(i):
         d = {"uid": i, "k": value(), "s": rng.choice(["x", "y", "z"]), "n": {"m": value()},
-             "arr": rng.sample([1, 2, 3, "a", "b", 2.0], rng.randrange(4))}  # a multikey field
+             "arr": rng.sample([1, 2, 3, "a", "b", 2.0, True, 0], rng.randrange(4)),  # a multikey field
+             "flag": rng.choice([True, False, 1, 0, 1.0])}  # MongoDB: true != 1
         if rng.random() < 0.2:
             del d["k"]
         return d
@@ -246,7 +247,7 @@ def test_lookup_maps_answer_exactly_what_a_scan_answers():
     coll.insert_many([doc(i) for i in range(300)])
     uid = 300
     for step in range(400):
-        field = rng.choice(["k", "s", "n.m", "uid", "arr"])
+        field = rng.choice(["k", "s", "n.m", "uid", "arr", "flag"])
         v = value()
         q = rng.choice([{field: v} if not isinstance(v, (list, dict)) else {field: 1},
                         {field: {"$in": [value(), value()]}} if field != "uid" else {field: {"$in": [rng.randrange(320), 5]}},
@@ -274,5 +275,5 @@ def test_lookup_maps_answer_exactly_what_a_scan_answers():
                                                pipeline, None)
             assert sorted(map(repr, coll.aggregate(pipeline))) == sorted(map(repr, brute))
     maps = coll._store.__dict__["_amdflow"]["maps"]
-    assert {"uid", "s", "arr"} <= set(maps), "the queries above went through the lookup maps"
+    assert {"uid", "s", "arr", "flag"} <= set(maps), "the queries above went through the lookup maps"
     assert {"k", "n.m"} <= coll._store.__dict__["_amdflow"]["unsafe"], "fields holding sub-documents are left to the scan"
