@@ -247,8 +247,13 @@ def add_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = False
 
 
 def fw_state_counts(db: AmdflowDB, campaign: str) -> dict[str, int]:
-    pipeline = [{"$match": {"spec.campaign": campaign}}, {"$group": {"_id": "$state", "n": {"$sum": 1}}}]
-    return {d["_id"]: d["n"] for d in db.launchpad.fireworks.aggregate(pipeline)}
+    """The campaign's Fireworks per state: one count per FireWorks state on the (spec.campaign, state) index (an
+    aggregation read every Firework: 5 s of `amdflow status` at 10k candidates on the embedded store)."""
+    from fireworks.core.firework import Firework
+
+    counts = {state: db.launchpad.fireworks.count_documents({"spec.campaign": campaign, "state": state})
+              for state in Firework.STATE_RANKS}
+    return {state: n for state, n in counts.items() if n}
 
 
 def stage_times(db: AmdflowDB, campaign: str) -> dict[str, dict[str, float]]:

@@ -277,3 +277,21 @@ def test_lookup_maps_answer_exactly_what_a_scan_answers():
     maps = coll._store.__dict__["_amdflow"]["maps"]
     assert {"uid", "s", "arr", "flag"} <= set(maps), "the queries above went through the lookup maps"
     assert {"k", "n.m"} <= coll._store.__dict__["_amdflow"]["unsafe"], "fields holding sub-documents are left to the scan"
+
+
+def test_cursors_page_like_mongomock():
+    """The cursor patch hands out what mongomock's own cursor does: skip, limit, sort, rewind, an emptied result."""
+    import mongomock
+
+    coll = mongomock.MongoClient().db.c
+    coll.insert_many([{"i": i, "g": i % 3} for i in range(50)])
+    assert [d["i"] for d in coll.find({"g": 1})] == list(range(1, 50, 3))
+    assert [d["i"] for d in coll.find().skip(5).limit(3)] == [5, 6, 7]
+    assert [d["i"] for d in coll.find().sort("i", -1).limit(4)] == [49, 48, 47, 46]
+    cur = coll.find({"g": 2})
+    first = next(cur)["i"]
+    cur.rewind()
+    assert next(cur)["i"] == first == 2
+    assert list(coll.find({"g": 7})) == []
+    cur = coll.find({"g": 0}).sort("i", -1)
+    assert [d["i"] for d in cur][:2] == [48, 45]
