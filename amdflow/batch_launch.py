@@ -91,18 +91,20 @@ class BatchLauncher:
         if self._released_at is None or _now() - self._released_at > _dt.timedelta(seconds=LOCK_STALE_S / 2):
             self._released_at = _now()
             self.release_stale()
-        query = dict(self.fworker.query)
+        query, pinned_elsewhere = _split_fworker_clause(self.fworker.query, self.fworker.name)
         query["state"] = "READY"
         sort = [("spec._priority", DESCENDING)]
         if SORT_FWS.upper() in ("FIFO", "FILO"):
             sort.append(("created_on", ASCENDING if SORT_FWS.upper() == "FIFO" else DESCENDING))
         for _attempt in range(5):  # other rockets may claim the same ones between find and claim
-            ids = [d["fw_id"] for d in lp.fireworks.find(query, {"fw_id": 1}).sort(sort).limit(n)]
+            ids = self._ready_ids(query, pinned_elsewhere, sort, n)
             if not ids:
                 return []
             token = f"{uuid.uuid4().hex}"
             now = _now()
-            lp.fireworks.update_many({**query, "fw_id": {"$in": ids}},
+            # The ids were just read with the whole query; of its fields only `state` changes while a Firework waits,
+            # so the claim tests that alone: `fw_id $in` + `state` is one index lookup on any planner.
+            lp.fireworks.update_many({"fw_id": {"$in": ids}, "state": "READY"},
                                      {"$set": {"state": "RESERVED", "updated_on": recursive_dict(now), CLAIM: {"token": token, "at": now}}})
             docs = list(lp.fireworks.find({"fw_id": {"$in": ids}, f"{CLAIM}.token": token}))
             if docs:
@@ -140,6 +142,20 @@ class BatchLauncher:
                 lp.fireworks.update_one({"fw_id": fw.fw_id}, {"$unset": {CLAIM: ""}})
                 claims.append(Claim(fw, lp.get_launch_by_id(launch_id), bulk=False))
         return claims
+
+    def _ready_ids(self, query: dict[str, Any], pinned_elsewhere: Any, sort: list[Any], n: int) -> list[int]:
+        """The ids of the first ``n`` READY Fireworks in sort order that this FWorker may run.
+
+        The query sent holds only equalities (one compound index serves it); a FWorker's
+        ``_fworker`` clause, when split off, is tested here on the returned ``spec._fworker``.
+        """
+        limit = n
+        while True:
+            docs = list(self.lp.fireworks.find(query, {"fw_id": 1, "spec._fworker": 1}).sort(sort).limit(limit))
+            ids = [d["fw_id"] for d in docs if not pinned_elsewhere(d)]
+            if len(ids) >= n or len(docs) < limit:
+                return ids[:n]
+            limit *= 4  # Fireworks pinned to other workers filled the page: look further
 
     # ------------------------------------------------------------------ ping
     def ping(self, claims: Iterable[Claim]) -> None:
@@ -228,7 +244,7 @@ class BatchLauncher:
         """
         from fireworks.core.firework import Launch, Workflow
         from fireworks.core.launchpad import LazyFirework, get_action_from_gridfs
-        from pymongo import ReplaceOne, UpdateOne
+        from pymongo import ReplaceOne
 
         lp = self.lp
         fw_ids = [fid for fid, _ in items]
@@ -256,7 +272,8 @@ class BatchLauncher:
             if launches:  # like complete_launch: refresh only Fireworks that still hold the launch (not rerun meanwhile)
                 holds = {fid for fid, fw in fetched.items() if any(ln.launch_id in launches for ln in fw.launches)}
                 fw_ids = [fid for fid in fw_ids if fid in holds or fid not in node_wf]
-            fw_ops, wf_ops = [], []
+            fw_changes: list[tuple[int, dict[str, Any]]] = []
+            wf_ops = []
             for wf_doc in wf_docs:
                 nodes = wf_doc["nodes"]
                 fws = []
@@ -270,12 +287,11 @@ class BatchLauncher:
                 for fid in fw_ids:
                     if fid in wf.id_fw:
                         updated |= set(wf.refresh(fid))
-                for fid in sorted(updated):
-                    fw_ops.append(UpdateOne({"fw_id": fid}, {"$set": _changed_fields(wf.id_fw[fid])}))
+                fw_changes.extend((fid, _changed_fields(wf.id_fw[fid])) for fid in sorted(updated))
                 new_doc = wf.to_db_dict()
                 new_doc["_id"] = wf_doc["_id"]
                 wf_ops.append(ReplaceOne({"_id": wf_doc["_id"], "locked": token}, new_doc))  # replace = unlock
-            bulk_write(lp.fireworks, fw_ops)
+            bulk_write(lp.fireworks, _grouped_updates(fw_changes))
             bulk_write(lp.workflows, wf_ops)
         except BaseException:
             # never leave workflows locked: the launches stay the record (`lpad detect_lostruns` reads them)
@@ -307,6 +323,30 @@ def release_stale(lp: Any, claims_older_than_s: float = STALE_AFTER_S, locks_old
     return int(claims.modified_count), int(locks.modified_count)
 
 
+def _split_fworker_clause(query: dict[str, Any], name: str | None) -> tuple[dict[str, Any], Any]:
+    """``FWorker.query`` without its ``_fworker`` ``$or``, and a test for what that clause excludes.
+
+    FireWorks adds ``$or: [{spec._fworker: {$exists: false}}, {spec._fworker: null}, {spec._fworker: NAME}]``
+    to every worker's query. A top-level ``$or`` keeps some planners (the wire test server's:
+    measured 1.7 s per check-out at 10k Fireworks, 4.2 s per claim) from any index; the rest of
+    the query is equalities a compound index answers, and the clause is tested on the
+    documents returned. Any other ``$or`` is left in the query.
+    """
+    query = dict(query)
+    clause = [{"spec._fworker": {"$exists": False}}, {"spec._fworker": None}, {"spec._fworker": name}]
+    if query.get("$or") != clause:
+        return query, lambda doc: False
+    del query["$or"]
+
+    def pinned_elsewhere(doc: dict[str, Any]) -> bool:
+        pinned = (doc.get("spec") or {}).get("_fworker")
+        if isinstance(pinned, list):  # MongoDB's equality on an array: any element
+            return name not in pinned and None not in pinned
+        return pinned is not None and pinned != name
+
+    return query, pinned_elsewhere
+
+
 def _simple_action(action: Any) -> bool:
     """Actions that only touch this workflow's existing Fireworks (no new Fireworks, no GridFS-size data)."""
     return action is None or not (action.additions or action.detours or getattr(action, "append_wfs", None))
@@ -325,6 +365,34 @@ def _lean_firework(doc: dict[str, Any], launches: list[Any]) -> Any:
                   created_on=doc.get("created_on"), fw_id=doc["fw_id"], updated_on=doc.get("updated_on"))
     fw._raw_spec = doc["spec"]  # refresh (update_spec, mod_spec) changes the deep copy only
     return fw
+
+
+def _grouped_updates(changes: list[tuple[int, dict[str, Any]]]) -> list[Any]:
+    """One ``update_many`` per distinct change (all fields but ``updated_on`` equal), else ``update_one``.
+
+    A batch's completion sets most Fireworks to one of a few states with nothing else changed
+    (the finished ones COMPLETED, the children of a screened-out candidate DEFUSED). On MongoDB
+    that is one statement instead of hundreds; on the wire test server it saves 10-20 % (one
+    update of 256 documents: 0.64-0.77 s, 256 single ones: 0.79-0.86 s). The group's
+    ``updated_on`` is the latest of its members' (they differ by microseconds).
+    """
+    from pymongo import UpdateMany, UpdateOne
+
+    groups: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for fid, fields in changes:
+        key = repr(sorted((k, repr(v)) for k, v in fields.items() if k != "updated_on"))
+        groups.setdefault(key, []).append((fid, fields))
+    ops: list[Any] = []
+    for members in groups.values():
+        if len(members) == 1:
+            fid, fields = members[0]
+            ops.append(UpdateOne({"fw_id": fid}, {"$set": fields}))
+            continue
+        fields = dict(members[0][1])
+        if "updated_on" in fields:
+            fields["updated_on"] = max(m[1]["updated_on"] for m in members)
+        ops.append(UpdateMany({"fw_id": {"$in": [fid for fid, _ in members]}}, {"$set": fields}))
+    return ops
 
 
 def _changed_fields(fw: Any) -> dict[str, Any]:

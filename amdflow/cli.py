@@ -606,6 +606,57 @@ def train(
 
 
 @app.command()
+@handle_errors
+def show(
+    campaign: CampaignArg,
+    candidate: Annotated[str, typer.Argument(help="Candidate id, or a unique prefix of one.")],
+    launchpad: LaunchpadOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Everything about one candidate: template, CGCNN screen, dedup, funnel, relaxations, hulls, history, files."""
+    from amdflow.api import open_campaign
+    from amdflow.show import candidate_report, render
+
+    with open_campaign(campaign, launchpad) as camp:
+        rep = candidate_report(camp, candidate)
+    if as_json:
+        print(json.dumps(rep, default=str))
+        return
+    for part in render(rep):
+        out.print(part)
+
+
+@app.command()
+@handle_errors
+def export(
+    campaign: CampaignArg,
+    what: Annotated[str, typer.Option("--what", help="thermo | candidates | tasks | structures.")] = "thermo",
+    fmt: Annotated[str, typer.Option("--format", help="thermo, tasks: csv | json | entries (pymatgen JSON); candidates: csv | "
+                                                      "json; structures: cif | poscar (a folder) | extxyz | json (one file).")] = "csv",
+    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="File (or folder for cif/poscar) to write; default "
+                                                                      "OUTPUT_DIR/export/<what>.<format>.")] = None,
+    stable: Annotated[bool | None, typer.Option("--stable/--unstable", help="Only phases on (off) the hull.")] = None,
+    max_e_above_hull: Annotated[float | None, typer.Option(help="Only phases at most this far above the hull, eV/atom.")] = None,
+    state: Annotated[list[str] | None, typer.Option(help="Only candidates in this state (repeatable), e.g. analyzed.")] = None,
+    run_type: Annotated[str | None, typer.Option(help="Hull of this run type: final (default), funnel, or a run-type key.")] = None,
+    launchpad: LaunchpadOpt = None,
+) -> None:
+    """Write the campaign's hull, candidates, tasks or structures to a file (atomically), for pandas, pymatgen, ASE, VESTA."""
+    from amdflow.api import open_campaign
+    from amdflow.export import check_request
+    from amdflow.export import export as do_export
+
+    check_request(what, fmt)
+    with open_campaign(campaign, launchpad) as camp:
+        if out_path is None:
+            name = f"{what}-{fmt}" if fmt in ("cif", "poscar") else f"{what}.{'json' if fmt == 'entries' else fmt}"  # a folder / a file
+            out_path = camp.output_dir / "export" / name
+        done = do_export(camp, what, fmt, out_path, stable, max_e_above_hull, state or None, run_type)
+    console.print(f"exported {done['count']} {what} as {fmt} -> {done['path']}", highlight=False)
+    print(json.dumps(done))
+
+
+@app.command()
 def version() -> None:
     """Print the amdflow version."""
     out.print(__version__)

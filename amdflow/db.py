@@ -102,6 +102,9 @@ class AmdflowDB:
         # the batched rocket's filters, every field in one index (a planner that will not filter after an index scan,
         # like the wire test server's, otherwise scans the collection for each; MongoDB would use fw_id / nodes alone)
         self.launchpad.fireworks.create_index([("fw_id", 1), ("amdflow_claim.token", 1)])
+        # the batched rocket's check-out: equalities first, then the sort (campaign last: rockets without one use the prefix)
+        self.launchpad.fireworks.create_index([("state", 1), ("spec._category", 1), ("spec.amdflow_stage", 1), ("spec.campaign", 1),
+                                               ("spec._priority", -1)])
         self.launchpad.workflows.create_index([("nodes", 1), ("locked", 1)])
         self.launchpad.launches.create_index([("launch_id", 1), ("state", 1)])
         self._indexed = True
@@ -113,7 +116,7 @@ class AmdflowDB:
 
 
 def bulk_write(coll: Any, ops: list[Any]) -> int:
-    """Unordered bulk write of UpdateOne/ReplaceOne ops (one command on MongoDB); returns how many matched.
+    """Unordered bulk write of UpdateOne/UpdateMany/ReplaceOne ops (one command on MongoDB); returns how many matched.
 
     On mongomock the ops run one by one: its bulk_write rejects pymongo >= 4.11's
     ReplaceOne/UpdateOne (their new ``sort`` argument); in-process, that costs nothing.
@@ -122,11 +125,13 @@ def bulk_write(coll: Any, ops: list[Any]) -> int:
         return 0
     if not type(coll).__module__.startswith("mongomock"):
         return int(coll.bulk_write(ops, ordered=False).matched_count)
-    from pymongo import ReplaceOne, UpdateOne
+    from pymongo import ReplaceOne, UpdateMany, UpdateOne
 
     matched = 0
     for op in ops:
-        if isinstance(op, ReplaceOne):
+        if isinstance(op, UpdateMany):
+            matched += coll.update_many(op._filter, op._doc, upsert=bool(op._upsert)).matched_count
+        elif isinstance(op, ReplaceOne):
             matched += coll.replace_one(op._filter, op._doc, upsert=bool(op._upsert)).matched_count
         elif isinstance(op, UpdateOne):
             matched += coll.update_one(op._filter, op._doc, upsert=bool(op._upsert)).matched_count
@@ -210,29 +215,36 @@ def _mongo_launchpad(path: Path, log_level: str) -> LaunchPad:
 
 
 @contextlib.contextmanager
-def open_db(campaign_dir: Path | None = None, settings: AmdflowSettings | None = None) -> Iterator[AmdflowDB]:
-    """Open the configured database for the duration of a ``with`` block."""
+def open_db(campaign_dir: Path | None = None, settings: AmdflowSettings | None = None, read_only: bool = False) -> Iterator[AmdflowDB]:
+    """Open the configured database for the duration of a ``with`` block.
+
+    ``read_only``: no write at all (no LaunchPad initialisation, no index creation: a MongoDB
+    user with the ``read`` role suffices); on the embedded store, an in-memory copy as of
+    opening, its lock released at once (see :meth:`EmbeddedStore.open`).
+    """
     settings = settings or get_settings()
     if settings.launchpad_file is not None:
         lp = _mongo_launchpad(settings.launchpad_file, settings.rocket_log_level)
-        _init_launchpad(lp)
         db = AmdflowDB(lp)
-        db.ensure_indexes()
+        if not read_only:
+            _init_launchpad(lp)
+            db.ensure_indexes()
         yield db
         return
     if campaign_dir is None:
         raise AmdflowError("no database: give the campaign file (embedded store) or set AMDFLOW_LAUNCHPAD_FILE (MongoDB)")
     store = EmbeddedStore(Path(campaign_dir))
-    store.open()
+    store.open(read_only=read_only)
     try:
         from fireworks import LaunchPad
 
         # Every LaunchPad made inside the block (also by FireWorks itself) shares the store.
         with _client_class(store.client):
             lp = LaunchPad(host="localhost", name=DB_NAME, strm_lvl=settings.rocket_log_level)
-            _init_launchpad(lp)
             db = AmdflowDB(lp, embedded=store)
-            db.ensure_indexes()
+            if not read_only:
+                _init_launchpad(lp)
+                db.ensure_indexes()
             yield db
     finally:
         store.close()

@@ -81,17 +81,27 @@ class EmbeddedStore:
         self._token = ""
         self._snapshot_bytes = 0
         self._journal_bytes = 0
+        self.read_only = False
         self.stats = {"snapshots": 0, "journal_appends": 0, "journal_docs": 0, "replayed_docs": 0, "dropped_torn_bytes": 0}
 
     # -- open ----------------------------------------------------------------------------------------------------------
-    def open(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def open(self, read_only: bool = False) -> None:
+        """Lock, load snapshot + journal. ``read_only``: an in-memory copy as of now; no file is written, the lock is
+        released once loaded (other amdflow processes go on), and nothing done to the copy ever reaches the disk."""
+        self.read_only = read_only
+        if read_only:
+            if not self.path.exists():
+                raise AmdflowError(f"no campaign store in {self.folder}: run `amdflow add CAMPAIGN` first (or set "
+                                   "AMDFLOW_LAUNCHPAD_FILE if the campaign runs on MongoDB)")
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
         self._lock()
         if not self.path.exists():
             self.path.write_text("{}")
         self._previous_env = os.environ.get("MONGOMOCK_SERVERSTORE_FILE")
-        os.environ["MONGOMOCK_SERVERSTORE_FILE"] = str(self.path)
-        self._write_fw_configs()
+        if not read_only:  # (a reader's clients are made on the loaded copy: mongomock must not re-read or write the file)
+            os.environ["MONGOMOCK_SERVERSTORE_FILE"] = str(self.path)
+            self._write_fw_configs()
         import mongomock.gridfs
 
         install()
@@ -103,6 +113,14 @@ class EmbeddedStore:
         except Exception:
             self.close(flush=False)
             raise
+        if read_only:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fh is not None:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
+            self._lock_fh.close()
+            self._lock_fh = None
 
     def _lock(self) -> None:
         fh = open(self.folder / LOCK_FILE, "a+")  # noqa: SIM115 - held for the store's lifetime
@@ -117,10 +135,11 @@ class EmbeddedStore:
                 "it is single-process: wait for that process, or use MongoDB "
                 "(AMDFLOW_LAUNCHPAD_FILE=fw_configs/my_launchpad.yaml) to run rockets in parallel"
             ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
+        if not getattr(self, "read_only", False):  # a reader holds the lock a moment and leaves the holder's pid alone
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
         self._lock_fh = fh
 
     def _load(self) -> None:
@@ -160,7 +179,8 @@ class EmbeddedStore:
         except ValueError:
             header = {}
         if not self._token or header.get("snapshot") != self._token:
-            self.journal_path.unlink()  # from before this snapshot, which already holds it
+            if not self.read_only:
+                self.journal_path.unlink()  # from before this snapshot, which already holds it
             return
         good = offset = len(lines[0]) + 1
         pending: list[dict[str, Any]] = []
@@ -178,8 +198,9 @@ class EmbeddedStore:
                 pending.append(rec)
         if good < len(raw):
             self.stats["dropped_torn_bytes"] = len(raw) - good
-            with open(self.journal_path, "r+b") as fh:
-                fh.truncate(good)
+            if not self.read_only:
+                with open(self.journal_path, "r+b") as fh:
+                    fh.truncate(good)
         self._journal_bytes = good
 
     def _apply(self, records: list[dict[str, Any]]) -> None:
@@ -210,7 +231,7 @@ class EmbeddedStore:
     # -- persist -------------------------------------------------------------------------------------------------------
     def flush(self) -> None:
         """Persist every write since the last flush: a journal append, or a new snapshot when that is cheaper overall."""
-        if self.server_store is None:
+        if self.server_store is None or self.read_only:
             return
 
         changed: list[tuple[str, str, Any, Any]] = []
@@ -253,7 +274,7 @@ class EmbeddedStore:
 
     def snapshot(self) -> None:
         """Write the whole store atomically (temp file + rename) under a new token; the journal starts again."""
-        if self.server_store is None:
+        if self.server_store is None or self.read_only:
             return
 
         self._token = uuid.uuid4().hex
@@ -283,11 +304,10 @@ class EmbeddedStore:
             if self.journal_path.exists():
                 self.snapshot()
         self.server_store = None
-        if self._previous_env is None:
+        if self.read_only:
+            pass
+        elif self._previous_env is None:
             os.environ.pop("MONGOMOCK_SERVERSTORE_FILE", None)
         else:
             os.environ["MONGOMOCK_SERVERSTORE_FILE"] = self._previous_env
-        if self._lock_fh is not None:
-            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
-            self._lock_fh.close()
-            self._lock_fh = None
+        self._unlock()

@@ -323,15 +323,29 @@ def write_markdown(f: dict[str, Any]) -> None:
   indexes): **{w['bytes_per_candidate']:,} bytes per candidate** with its Fireworks and launches.
 """)
         parts.append(projection(w))
-    section = "\n".join(parts)
     path = REPO / "BENCHMARKS.md"
     text = path.read_text()
+    if "embedded" not in f:  # a wire-only run keeps the embedded store's figures already written
+        old = _subsection(text, "### Embedded store")
+        if old:
+            parts.insert(2, old)
+    section = "\n".join(parts)
     start = text.find("## A campaign at scale (")
     if start < 0:
         path.write_text(text.rstrip() + "\n\n" + section)
         return
     end = text.find("\n## ", start + 1)
     path.write_text(text[:start] + section + (text[end + 1:] if end >= 0 else ""))
+
+
+def _subsection(text: str, heading: str) -> str:
+    """The ``### heading`` subsection of this benchmark's section in BENCHMARKS.md ('' if absent)."""
+    section = text.find("## A campaign at scale (")
+    start = text.find(heading, section) if section >= 0 else -1
+    if start < 0:
+        return ""
+    ends = [e for e in (text.find("\n### ", start + 1), text.find("\n## ", start + 1)) if e >= 0]
+    return text[start:min(ends)].rstrip() + "\n" if ends else text[start:].rstrip() + "\n"
 
 
 if __name__ == "__main__":

@@ -175,6 +175,41 @@ def test_workflow_locked_by_another_process_waits_for_it(lpad, tmp_path):
     assert lpad.workflows.count_documents({"locked": {"$exists": True}}) == 0
 
 
+def test_checkout_honours_fworker_pinning_as_fireworks_does(lpad, tmp_path):
+    """`_fworker` is tested on the returned documents (no `$or` sent): the same Fireworks as FireWorks' own query.
+
+    Five of the first page are pinned to another worker, so the first page holds too few for the batch.
+    """
+    from fireworks import FWorker
+
+    from amdflow.batch_launch import BatchLauncher, _split_fworker_clause
+    from amdflow.workflows import candidate_workflow
+
+    pins = ["other"] * 5 + [None, "me", ["me", "other"], ["other"], "me"] + [None] * 4
+    for k, pin in enumerate(pins):
+        wf = candidate_workflow(f"c{k:02d}", "camp", "AlNi")
+        for fw in wf.fws:
+            fw.spec["_priority"] = 100 - k  # the pinned-elsewhere ones come first in sort order
+            if pin is not None:
+                fw.spec["_fworker"] = pin
+        lpad.add_wf(wf)
+    me = FWorker(name="me", category="gpu", query={"spec.amdflow_stage": "predict"})
+    expected = sorted(d["fw_id"] for d in lpad.fireworks.find({**me.query, "state": "READY"}, {"fw_id": 1}))
+    assert len(expected) == 8  # None, "me", ["me", ...], "me", 4 x None: FireWorks' own query, run by the database
+    query, _ = _split_fworker_clause(me.query, "me")
+    assert "$or" not in query
+    claims = BatchLauncher(lpad, me, str(tmp_path)).checkout(3)
+    assert len(claims) == 3
+    got = [c.fw_id for c in claims]
+    rest = BatchLauncher(lpad, me, str(tmp_path)).checkout(100)
+    assert sorted(got + [c.fw_id for c in rest]) == expected
+    # the highest priorities this worker may run came first
+    assert [c.fw.spec.get("_fworker") for c in claims] == [None, "me", ["me", "other"]]
+    # another $or is not taken apart
+    custom = {"$or": [{"spec.x": 1}, {"spec.y": 2}]}
+    assert _split_fworker_clause(custom, "me")[0] == custom
+
+
 def test_stale_claims_and_locks_are_released(lpad, tmp_path):
     """A claim (RESERVED, no launch) or batch lock left by a killed rocket returns to READY / unlocked."""
     import datetime as dt

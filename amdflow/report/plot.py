@@ -224,18 +224,21 @@ def phase_diagram_figure(points: list[PlotPoint], elements: list[str], title: st
     overlaps another (``spread_labels``), else each sits at its fixed offset.
     """
     import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    # A Figure of its own Agg canvas, not pyplot's: whatever backend the caller uses (a notebook's inline one) stays.
     elements = sorted(elements)
     n = len(elements)
     shown, hidden = _select(points, max_e_above_hull)
     edges = hull_edges(shown, elements)
-    cmap = plt.get_cmap("viridis")
+    cmap = matplotlib.colormaps["viridis"]
     norm = matplotlib.colors.Normalize(vmin=0.0, vmax=max(max_e_above_hull, 1e-3))
     three_d = n == 4
-    fig = plt.figure(figsize=(7.5, 6.5))
+    fig = Figure(figsize=(7.5, 6.5))
+    FigureCanvasAgg(fig)
+    if three_d:
+        import mpl_toolkits.mplot3d  # noqa: F401 - registers the 3d projection
     ax = fig.add_subplot(projection="3d") if three_d else fig.add_subplot()
     for a, b in edges:
         xy = np.array([_coords(a, elements), _coords(b, elements)])
@@ -283,8 +286,6 @@ def phase_diagram_figure(points: list[PlotPoint], elements: list[str], title: st
 
 def plot_png(points: list[PlotPoint], elements: list[str], path: Path, title: str = "", max_e_above_hull: float = 0.3) -> Path:
     """Write a PNG of the phase diagram (atomically)."""
-    import matplotlib.pyplot as plt
-
     fig = phase_diagram_figure(points, elements, title, max_e_above_hull)
 
     def save(tmp: Path) -> None:
@@ -297,7 +298,6 @@ def plot_png(points: list[PlotPoint], elements: list[str], path: Path, title: st
         return _atomic_write(path, save)
     finally:
         mpl_logger.setLevel(previous)
-        plt.close(fig)
 
 
 def plot_html(points: list[PlotPoint], elements: list[str], path: Path, title: str = "", max_e_above_hull: float = 0.3) -> Path:

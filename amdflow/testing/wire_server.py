@@ -1,11 +1,18 @@
-"""Start the secantusdb MongoDB-wire server with one patch, for multi-process tests.
+"""Start the secantusdb MongoDB-wire server with two patches, for multi-process tests.
 
 secantusdb 0.7.0b3 (GPL-2.0, used only as a separate test process) answers concurrent
 ``findAndModify`` commands on the same document without isolation: two FireWorks
 rockets can check out the same Firework (measured: 199 launch docs for 200 Fireworks;
 see ../shared/design/database.md). MongoDB makes findAndModify atomic per document; we
 restore that here by serializing the server's findAndModify handler with one lock.
-Nothing else is changed. Run: ``python -m amdflow.testing.wire_server --port N``.
+
+Its matcher tests ``{field: {$in: LIST}}`` by comparing each document value with every
+element of LIST, so an update of a batch's N documents by ``fw_id $in`` costs N x N
+comparisons (measured: a third of the server's time in a dedup batch of 256). MongoDB
+answers ``$in`` from index bounds. ``patch_in_matcher`` answers a LIST of plain integers
+and strings by set membership, with the same result (``tests/test_wire_server.py`` compares
+it with the original on random documents); anything else takes the original path.
+Run: ``python -m amdflow.testing.wire_server --port N``.
 """
 
 from __future__ import annotations
@@ -38,6 +45,69 @@ def patch_find_and_modify() -> None:
         commands._HANDLERS[name] = serialized
 
 
+def _plain(v: Any) -> bool:
+    return type(v) is int or type(v) is str  # not bool (MongoDB: true is not 1), not a subclass
+
+
+def _in_fast(values: list[Any], arg: list[Any], members: frozenset[Any], descend: bool) -> bool | None:
+    """``$in`` of plain ints/strings by membership; None where a value needs the original comparison."""
+    from secantus.query import MISSING, _Positional
+
+    for v in values:
+        if v is MISSING or v is None:
+            continue  # matches only a None in arg, and arg holds none
+        if _plain(v) or type(v) is float:
+            if v in members:  # 3.0 == 3 and hashes equal, as MongoDB's numeric equality
+                return True
+            continue
+        if isinstance(v, list) and not isinstance(v, _Positional):
+            for e in v:
+                if _plain(e) or type(e) is float:
+                    if e in members:
+                        return True
+                elif e is None or isinstance(e, (dict, bool)):
+                    continue  # a document or a bool never equals a plain int/str; a None only a None
+                else:
+                    return None
+            if not descend:
+                return None  # an array compared whole: leave it to the original
+            continue
+        if isinstance(v, (dict, bool)):
+            continue
+        return None
+    return False
+
+
+def patch_in_matcher() -> None:
+    """Answer ``$in`` over plain ints/strings by set membership (idempotent; same result as the original)."""
+    from secantus import query
+
+    original = query._op_matches
+    if getattr(original, "_amdflow_in", False):
+        return
+
+    last = threading.local()  # the query's LIST and its set: one query tests many documents against the same list
+
+    def members_of(arg: list[Any]) -> frozenset[Any] | None:
+        if getattr(last, "arg", None) is not arg or getattr(last, "n", -1) != len(arg):
+            last.arg, last.n = arg, len(arg)  # (holding the list keeps its id from being reused)
+            last.members = frozenset(arg) if all(_plain(a) for a in arg) else None
+        return last.members
+
+    @functools.wraps(original)
+    def op_matches(values: list[Any], op: str, arg: Any, collation: Any = None, *, field: str = "", descend: bool = True) -> bool:
+        if op == "$in" and collation is None and isinstance(arg, list) and len(arg) > 8:
+            members = members_of(arg)
+            if members is not None:
+                got = _in_fast(values, arg, members, descend)
+                if got is not None:
+                    return got
+        return original(values, op, arg, collation, field=field, descend=descend)
+
+    op_matches._amdflow_in = True  # type: ignore[attr-defined]
+    query._op_matches = op_matches
+
+
 def main(argv: list[str] | None = None) -> int:
     from importlib.metadata import version
 
@@ -46,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wire_server: secantusdb {found} found, {PINNED_VERSION} pinned (the patch is for that version)", file=sys.stderr)
         return 2
     patch_find_and_modify()
+    patch_in_matcher()
     from secantus.cli import main as server_main
 
     args = list(sys.argv[1:] if argv is None else argv)
