@@ -130,3 +130,46 @@ def test_parallel_rockets_never_exceed_the_budget(mongo_launchpad_file, binary_c
         assert db.campaigns.find_one({"name": "budget-race"})["budget_used"] == 7
         assert db.candidates.count_documents({"campaign": "budget-race", "budget_slot": True}) == 7
         assert db.candidates.count_documents({"campaign": "budget-race", "state": "over_budget"}) == 33
+
+
+def test_amdflow_run_decides_over_budget_relaxations_in_bulk(db, lpad, binary_campaign_dict, tmp_path, monkeypatch):
+    """Past the budget, `amdflow run` ends the waiting relax Fireworks through one bulk check-out (no Rocket each),
+    with RelaxTask's own decision; the result equals the Rocket's (the test above), and `amdflow budget` still works."""
+    import fireworks.core.rocket_launcher as launcher
+
+    from amdflow import ops
+
+    cfg = campaign_from_dict({**binary_campaign_dict, "relax": {**binary_campaign_dict["relax"], "budget": 1},
+                              "output_dir": str(tmp_path / "out")})
+    add_campaign(db, cfg)
+    rockets: list[str] = []
+    real = launcher.launch_rocket
+
+    def counted(lp, fworker=None, fw_id=None, **kw):
+        doc = lp.fireworks.find_one({"fw_id": fw_id}, {"spec.amdflow_stage": 1}) if fw_id else None
+        rockets.append((doc or {}).get("spec", {}).get("amdflow_stage", "?"))
+        return real(lp, fworker, fw_id=fw_id, **kw)
+
+    monkeypatch.setattr(launcher, "launch_rocket", counted)
+    ops.run_campaign(db, cfg)
+    states = [c["state"] for c in db.candidates.find({"campaign": cfg.name})]
+    waiting = states.count("over_budget")
+    assert states.count("analyzed") == 1 and waiting >= 2
+    assert rockets.count("relax") == 1  # only the one relaxation that had the budget went through a Rocket
+    relax = {fw["spec"]["candidate_id"]: fw for fw in lpad.fireworks.find({"spec.amdflow_stage": "relax"})}
+    for cand in db.candidates.find({"campaign": cfg.name, "state": "over_budget"}):
+        fw = relax[cand["candidate_id"]]
+        assert fw["state"] == "COMPLETED" and len(fw["launches"]) == 1
+        launch = lpad.launches.find_one({"launch_id": fw["launches"][0]})
+        assert "relax budget of 1 spent" in launch["action"]["stored_data"]["over_budget"]
+        analyze = lpad.fireworks.find_one({"fw_id": cand["fw_ids"]["analyze"]})
+        assert analyze["state"] == "DEFUSED"
+    assert not [p for p in (tmp_path / "out" / "launches").rglob("*") if p.is_dir() and not any(p.iterdir())]
+    assert db.tasks.count_documents({"kind": "candidate"}) == 1
+
+    out = change_budget(db, cfg.name, "+1")
+    assert out["released"] == 1
+    ops.run_campaign(db, cfg)
+    states = [c["state"] for c in db.candidates.find({"campaign": cfg.name})]
+    assert states.count("analyzed") == 2 and states.count("over_budget") == waiting - 1
+    assert db.tasks.count_documents({"kind": "candidate"}) == 2
