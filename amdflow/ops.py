@@ -433,14 +433,33 @@ def _funnel_batch_due(db: AmdflowDB, campaign: str) -> bool:
     funnel is READY. Upstream (predictions, dedups, references, known phases, their analyses) is every Firework whose
     ``_priority`` is above the final relaxations' band (``stages.funnel.RELAX_AFTER_FUNNEL_PRIORITY``); a dedup hands its
     priority (-E_f) to its funnel Firework, so ordering by priority alone would relax the funnel one candidate at a time."""
+    from pymongo import DESCENDING
+
     from amdflow.stages.funnel import RELAX_AFTER_FUNNEL_PRIORITY
 
     fws = db.launchpad.fireworks
-    if fws.find_one({"spec.campaign": campaign, "spec.amdflow_stage": "funnel", "state": "READY"}, {"_id": 1}) is None:
+    if not _ready(db, campaign, "funnel"):
         return False
-    upstream = fws.find_one({"spec.campaign": campaign, "state": "READY", "spec.amdflow_stage": {"$ne": "funnel"},
-                             "spec._priority": {"$gt": RELAX_AFTER_FUNNEL_PRIORITY}}, {"_id": 1})
-    return upstream is None
+    # READY Fireworks of the campaign, highest priority first (the (campaign, state) index), until the relax band
+    for doc in fws.find({"spec.campaign": campaign, "state": "READY"}, {"spec.amdflow_stage": 1, "spec._priority": 1}
+                        ).sort([("spec._priority", DESCENDING)]):
+        spec = doc.get("spec") or {}
+        priority = spec.get("_priority")
+        if priority is None or priority <= RELAX_AFTER_FUNNEL_PRIORITY:
+            return True
+        if spec.get("amdflow_stage") != "funnel":
+            return False
+    return True
+
+
+def _ready(db: AmdflowDB, campaign: str, stage: str) -> bool:
+    """Whether any Firework of ``stage`` of the campaign is READY: equalities on the batched check-out's index (a
+    planner without index intersection, like the wire test server's, scanned every Firework for the same query
+    without the category: measured 6 s per call at 30k candidates, three calls per Firework of `amdflow run`)."""
+    from amdflow.workflows import CATEGORIES
+
+    query = {"state": "READY", "spec._category": CATEGORIES[stage], "spec.amdflow_stage": stage, "spec.campaign": campaign}
+    return db.launchpad.fireworks.find_one(query, {"_id": 1}) is not None
 
 
 def _run_batch(db: AmdflowDB, cfg: CampaignConfig, stage: str, at_most: int | None,
@@ -449,8 +468,7 @@ def _run_batch(db: AmdflowDB, cfg: CampaignConfig, stage: str, at_most: int | No
     from amdflow.rocket import run_batched_rocket
     from amdflow.settings import get_settings
 
-    if db.launchpad.fireworks.find_one({"spec.campaign": cfg.name, "spec.amdflow_stage": stage, "state": "READY"},
-                                       {"_id": 1}) is None:
+    if not _ready(db, cfg.name, stage):
         return 0
     settings = get_settings()
     size = {"funnel": settings.funnel_batch_size, "dedup": settings.dedup_batch_size}.get(stage, settings.predict_batch_size)

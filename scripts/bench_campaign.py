@@ -144,6 +144,22 @@ def index_check(lp_path: Path, camp: Path) -> dict[str, Any]:
             "db_data_bytes": int(stats.get("dataSize", 0)), "db_index_bytes": int(stats.get("indexSize", 0))}
 
 
+def api_timings(env: dict[str, str], cwd: Path, camp: Path) -> dict[str, Any]:
+    """Seconds of ``open_campaign`` (a new process: imports included), ``thermo()``, ``candidates()`` and ``amdflow show``."""
+    code = ("import json, sys, time; t0 = time.perf_counter(); import amdflow; c = amdflow.open_campaign(sys.argv[1]); "
+            "t1 = time.perf_counter(); th = c.thermo(); t2 = time.perf_counter(); cs = c.candidates(); t3 = time.perf_counter(); "
+            "ok = cs[cs['state'] == 'analyzed']['candidate_id']; "
+            "print(json.dumps({'open_s': round(t1 - t0, 2), 'thermo_s': round(t2 - t1, 2), 'thermo_rows': len(th), "
+            "'candidates_s': round(t3 - t2, 2), 'candidates': len(cs), 'show_id': (ok.iloc[0] if len(ok) else cs['candidate_id'].iloc[0])}))")
+    out = subprocess.run([sys.executable, "-c", code, str(camp)], cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    start = time.perf_counter()
+    subprocess.run([str(BIN / "amdflow"), "show", str(camp), res.pop("show_id")[:10], "--json"], cwd=cwd, env=env,
+                   capture_output=True, text=True, check=True)
+    res["show_s"] = round(time.perf_counter() - start, 2)
+    return res
+
+
 def wire(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     uri, server = start_server()
     try:
@@ -167,6 +183,7 @@ def wire(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         f["fireworks"] = status["fireworks"]
         f["budget"] = status["budget"]
         f.update(index_check(lp_path, camp))
+        f["api"] = api_timings(env, folder, camp)
         f["bytes_per_candidate"] = round(f["db_bytes"] / max(f["candidates"], 1))
         return f
     finally:
@@ -322,6 +339,11 @@ def write_markdown(f: dict[str, Any]) -> None:
 - Database: {w['db_bytes'] / 1e6:.1f} MB ({w['db_data_bytes'] / 1e6:.1f} MB documents, {w['db_index_bytes'] / 1e6:.1f} MB
   indexes): **{w['bytes_per_candidate']:,} bytes per candidate** with its Fireworks and launches.
 """)
+        if w.get("api"):
+            a = w["api"]
+            parts.append(f"- Results in Python at this size: `open_campaign` {a['open_s']} s (a new process, imports included), "
+                         f"`.thermo()` {a['thermo_s']} s ({a['thermo_rows']:,} rows), `.candidates()` {a['candidates_s']} s "
+                         f"({a['candidates']:,} rows); `amdflow show` of an analyzed candidate {a['show_s']} s.\n")
         parts.append(projection(w))
     path = REPO / "BENCHMARKS.md"
     text = path.read_text()
