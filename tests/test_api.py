@@ -424,3 +424,48 @@ def test_every_other_format_reads_back(finished, tmp_path, what, fmt):
             assert all(Structure.from_dict(r["structure"]) == structures[r["candidate_id"]] for r in rows)
     assert sorted(got) == sorted(expected) and got
     assert json.loads(text.strip().splitlines()[-1])["count"] == len(got)
+
+
+@pytest.mark.multiprocess
+def test_open_campaign_on_mongodb_by_name_sends_no_write(mongo_launchpad_file, binary_campaign_dict, tmp_path):
+    """On a MongoDB LaunchPad (the wire server), by campaign name: the same answers, and not one write command sent."""
+    from pymongo import monitoring
+
+    import amdflow
+    from tests.conftest import campaign_on_server
+
+    _, run = campaign_on_server(tmp_path, mongo_launchpad_file, binary_campaign_dict)
+    run("add", "campaign.yaml")
+    run("run", "campaign.yaml")
+    sent: list[str] = []
+    listening = [True]  # pymongo cannot unregister a listener: it stops recording when the test is done
+
+    class Commands(monitoring.CommandListener):
+        def started(self, event):
+            if listening[0]:
+                sent.append(event.command_name)
+
+        def succeeded(self, event):
+            pass
+
+        def failed(self, event):
+            pass
+
+    monitoring.register(Commands())
+    with amdflow.open_campaign(binary_campaign_dict["name"], launchpad=mongo_launchpad_file) as camp:
+        hull = camp.thermo()
+        cands = camp.candidates()
+        pd = camp.phase_diagram()
+        entries = camp.entries()
+        done = cands.loc[cands["state"] == "analyzed", "candidate_id"]
+        structure = camp.structure(done.iloc[0][:8])
+        history = camp.history(done.iloc[0])
+        stored = list(camp.db.thermo.find({"run_type": camp.run_type, "hull_chemsys": "Al-Ni"}, {"_id": 0, "material_id": 1}))
+    listening[0] = False
+    writes = {"insert", "update", "delete", "findAndModify", "createIndexes", "drop", "dropIndexes"}
+    assert sent and not writes & set(sent), sorted(set(sent))
+    assert sorted(hull["material_id"]) == sorted(d["material_id"] for d in stored) and len(entries) == len(hull)
+    assert {e.entry_id for e in pd.stable_entries} >= set(hull.loc[hull["is_stable"] & (hull["kind"] == "candidate"), "material_id"])
+    assert len(structure) >= 2 and list(history["stage"])[-1] == "analyze"
+    shown = json.loads(run("show", "campaign.yaml", done.iloc[0][:10], "--json").stdout)
+    assert shown["candidate_id"] == done.iloc[0] and shown["thermo"]
