@@ -121,13 +121,15 @@ def per_stage(status: dict[str, Any]) -> dict[str, Any]:
 
 
 def index_check(lp_path: Path, camp: Path) -> dict[str, Any]:
-    """Every read of `amdflow status` and `amdflow report` (run in this process) explained: which scan a collection."""
+    """Every read of `amdflow status`, `amdflow report` and the API's tables (run in this process) explained: which
+    scan a collection."""
     import yaml
     from pymongo import MongoClient
 
+    import amdflow
     from amdflow.campaign import load_campaign
     from amdflow.db import open_db
-    from amdflow.ops import campaign_status
+    from amdflow.ops import campaign_status, write_campaign_report
     from amdflow.settings import get_settings
     from amdflow.testing.query_plans import collection_scans, record_reads
 
@@ -135,11 +137,15 @@ def index_check(lp_path: Path, camp: Path) -> dict[str, Any]:
     cfg = load_campaign(camp)
     with record_reads(spec["name"]) as reads, open_db(None, get_settings(launchpad_file=lp_path)) as db:
         campaign_status(db, cfg.name)
-    status_reads = list(reads)
+        write_campaign_report(db, cfg)
+    with record_reads(spec["name"]) as api_reads, amdflow.open_campaign(cfg.name, launchpad=lp_path) as c:
+        c.thermo()
+        c.candidates()
+    reads = [*reads, *api_reads]
     client = MongoClient(spec["host"])
-    scans = collection_scans(client, status_reads)
+    scans = collection_scans(client, reads)
     stats = client[spec["name"]].command("dbStats")
-    return {"status_reads": len(status_reads), "collection_scans": [json.dumps(s["command"], default=str)[:200] for s in scans],
+    return {"status_reads": len(reads), "collection_scans": [json.dumps(s["command"], default=str)[:200] for s in scans],
             "db_bytes": int(stats.get("dataSize", 0)) + int(stats.get("indexSize", 0)),
             "db_data_bytes": int(stats.get("dataSize", 0)), "db_index_bytes": int(stats.get("indexSize", 0))}
 
@@ -160,6 +166,22 @@ def api_timings(env: dict[str, str], cwd: Path, camp: Path) -> dict[str, Any]:
     return res
 
 
+def peak_rss_mb(pid: int) -> float | None:
+    """A live process's peak resident memory (VmHWM), MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def partial(f: dict[str, Any]) -> None:
+    """The figures so far on stderr, stamped: a run of hours that fails late still leaves what it measured."""
+    print(json.dumps({"at": datetime.now(UTC).strftime("%H:%M:%S"), "partial": f}, default=str), file=sys.stderr, flush=True)
+
+
 def wire(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     uri, server = start_server()
     try:
@@ -171,13 +193,18 @@ def wire(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         added = json.loads(add["tail"].strip().splitlines()[-1])
         f["candidates"] = added["new_candidates"]
         f["add"] = {"s": add["s"], "per_s": round(f["candidates"] / add["s"], 1), "peak_rss_mb": add["peak_rss_mb"]}
+        partial(f)
         f["predict_s"] = rockets("predict", args.rockets, env, folder, "wire", args.predict_batch)
+        partial(f)
         f["dedup_s"] = rockets("dedup", args.rockets, env, folder, "wire", args.dedup_batch)
+        partial(f)
         run = cli(["run", str(camp)], env, folder, folder / "wire-run.log")
         f["run_rest_s"] = run["s"]
+        partial(f)
         status, f["status_s"] = status_json(env, folder, camp, folder / "wire-status.json")
         report = cli(["report", str(camp)], env, folder, folder / "wire-report.log")
         f["report_s"] = report["s"]
+        partial(f)
         f["stages"] = per_stage(status)
         f["candidate_states"] = {k: v for k, v in status["candidates"].items() if v}
         f["fireworks"] = status["fireworks"]
@@ -185,6 +212,8 @@ def wire(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         f.update(index_check(lp_path, camp))
         f["api"] = api_timings(env, folder, camp)
         f["bytes_per_candidate"] = round(f["db_bytes"] / max(f["candidates"], 1))
+        if server is not None:
+            f["server_peak_rss_mb"] = peak_rss_mb(server.pid)
         return f
     finally:
         if server is not None:
@@ -271,7 +300,8 @@ def main() -> None:
         summary.update(wire_candidates=w["candidates"], wire_add_s=w["add"]["s"], wire_add_peak_rss_mb=w["add"]["peak_rss_mb"],
                        wire_predict_s=w["predict_s"], wire_dedup_s=w["dedup_s"], wire_run_rest_s=w["run_rest_s"],
                        wire_status_s=w["status_s"], wire_report_s=w["report_s"], wire_bytes_per_candidate=w["bytes_per_candidate"],
-                       wire_collection_scans=len(w["collection_scans"]))
+                       wire_collection_scans=len(w["collection_scans"]),
+                       wire_server_peak_rss_mb=w.get("server_peak_rss_mb"))
     print(json.dumps(summary))
 
 
@@ -334,10 +364,11 @@ def write_markdown(f: dict[str, Any]) -> None:
   (`amdflow run`): {w['run_rest_s']} s.
 - Stages (from the launches): {stages(w['stages'])}.
 - Candidates: {w['candidate_states']}; budget {w['budget']}.
-- `amdflow status`: {w['status_s']} s ({w['status_reads']} reads; collection scans: {len(w['collection_scans'])}
-  {w['collection_scans'] or ''}); `amdflow report`: {w['report_s']} s.
+- `amdflow status`: {w['status_s']} s; `amdflow report`: {w['report_s']} s. Their reads and the API's tables,
+  explained: {w['status_reads']} reads, collection scans: {len(w['collection_scans'])} {w['collection_scans'] or ''}.
 - Database: {w['db_bytes'] / 1e6:.1f} MB ({w['db_data_bytes'] / 1e6:.1f} MB documents, {w['db_index_bytes'] / 1e6:.1f} MB
-  indexes): **{w['bytes_per_candidate']:,} bytes per candidate** with its Fireworks and launches.
+  indexes): **{w['bytes_per_candidate']:,} bytes per candidate** with its Fireworks and launches; the test server's peak
+  RSS {w.get('server_peak_rss_mb')} MB (it holds every document as Python objects).
 """)
         if w.get("api"):
             a = w["api"]
