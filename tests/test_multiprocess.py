@@ -178,7 +178,8 @@ def test_campaign_survives_kill_9_of_a_rocket(mongo_launchpad_file, tmp_path, bi
     """amdflow add (CLI) -> a rocket killed with -9 mid-relax -> lpad detect_lostruns --rerun -> two rockets finish.
 
     No result is lost or duplicated: every Firework completes (or is defused) with exactly
-    one completed launch, and there is one task document per relaxation.
+    one completed launch, and there is one task document per relaxation. Then status, report and the Python API
+    on the same database (every read on an index; the API sends no write).
     """
     import json
     import signal
@@ -254,6 +255,47 @@ def test_campaign_survives_kill_9_of_a_rocket(mongo_launchpad_file, tmp_path, bi
     watched = cli("status", "campaign.yaml", "--watch", "--interval", "0.2")  # nothing left to run: one refresh, then exit
     assert "COMPLETED" in watched.stdout
     assert_status_and_report_use_indexes(mongo_launchpad_file, tmp_path / "campaign.yaml")
+    assert_open_campaign_by_name_sends_no_write(mongo_launchpad_file, binary_campaign_dict["name"], cli)
+
+
+def assert_open_campaign_by_name_sends_no_write(lp_file: Path, name: str, cli) -> None:
+    """The Python API on a MongoDB LaunchPad, by campaign name: the stored answers, and not one write command sent."""
+    from pymongo import monitoring
+
+    import amdflow
+
+    sent: list[str] = []
+    listening = [True]  # pymongo cannot unregister a listener: it stops recording when this check is done
+
+    class Commands(monitoring.CommandListener):
+        def started(self, event):
+            if listening[0]:
+                sent.append(event.command_name)
+
+        def succeeded(self, event):
+            pass
+
+        def failed(self, event):
+            pass
+
+    monitoring.register(Commands())
+    with amdflow.open_campaign(name, launchpad=lp_file) as camp:
+        hull = camp.thermo()
+        cands = camp.candidates()
+        pd = camp.phase_diagram()
+        entries = camp.entries()
+        done = cands.loc[cands["state"] == "analyzed", "candidate_id"]
+        structure = camp.structure(done.iloc[0][:8])
+        history = camp.history(done.iloc[0])
+        stored = list(camp.db.thermo.find({"run_type": camp.run_type, "hull_chemsys": "Al-Ni"}, {"_id": 0, "material_id": 1}))
+    listening[0] = False
+    writes = {"insert", "update", "delete", "findAndModify", "createIndexes", "drop", "dropIndexes"}
+    assert sent and not writes & set(sent), sorted(set(sent))
+    assert sorted(hull["material_id"]) == sorted(d["material_id"] for d in stored) and len(entries) == len(hull)
+    assert {e.entry_id for e in pd.stable_entries} >= set(hull.loc[hull["is_stable"] & (hull["kind"] == "candidate"), "material_id"])
+    assert len(structure) >= 2 and list(history["stage"])[-1] == "analyze"
+    shown = json.loads(cli("show", "campaign.yaml", done.iloc[0][:10], "--json").stdout)
+    assert shown["candidate_id"] == done.iloc[0] and shown["thermo"]
 
 
 def assert_status_and_report_use_indexes(lp_file: Path, campaign_file: Path) -> None:
