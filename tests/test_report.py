@@ -218,6 +218,14 @@ def test_funnel_report_figures_known_answers(tmp_path):
                       ("relaxed by the funnel's potential", 5), ("passed the funnel's cut (not a relaxed duplicate)", 3),
                       ("relaxed by the final engine", 3)]
     assert funnel_stages({"analyzed": 2, "duplicate": 1}, None)[-1] == ("relaxed by the final engine", 2)
-    path = parity_png(pts, tmp_path / "parity.png", "chgnet-0.4.2", "sevennet-7net-0-0.13.0", 0.05)
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a caller's own backend (a notebook's inline one): drawing the PNG must leave it
+    try:
+        path = parity_png(pts, tmp_path / "parity.png", "chgnet-0.4.2", "sevennet-7net-0-0.13.0", 0.05)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert parity_png([], tmp_path / "none.png", "x", None, 0.05) is None and not (tmp_path / "none.png").exists()

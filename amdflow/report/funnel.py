@@ -58,10 +58,8 @@ def funnel_stages(counts: dict[str, int], funnel: dict[str, int] | None) -> list
 def parity_png(points: Sequence[ParityPoint], path: Path, final_label: str, ml_label: str | None,
                threshold: float) -> Path | None:
     """Two panels: ML vs final E above hull, CGCNN vs final E_f (atomically written); None without points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from amdflow.report.plot import _atomic_write
 
@@ -74,7 +72,10 @@ def parity_png(points: Sequence[ParityPoint], path: Path, final_label: str, ml_l
     cg = [(p.predicted_formation_energy_per_atom, p.final_formation_energy_per_atom) for p in points
           if p.predicted_formation_energy_per_atom is not None]
     panels.append((cg, "E_f predicted (CGCNN)", f"E_f, final ({final_label})", None))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.8), squeeze=False)
+    # A Figure of its own Agg canvas, not pyplot's: the caller's backend (a notebook's inline one) stays as it was.
+    fig = Figure(figsize=(5.2 * len(panels), 4.8))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (pairs, xlabel, ylabel, cut) in zip(axes[0], panels, strict=True):
         if pairs:
             xs, ys = zip(*pairs, strict=True)
@@ -101,4 +102,3 @@ def parity_png(points: Sequence[ParityPoint], path: Path, final_label: str, ml_l
         return _atomic_write(Path(path), save)
     finally:
         mpl.setLevel(previous)
-        plt.close(fig)
