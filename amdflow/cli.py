@@ -52,8 +52,27 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: finished work is saved; run the same command again to continue")
             raise typer.Exit(130) from None
+        except Exception as err:
+            message = database_failure(err, func.__name__)
+            if message is None:
+                raise
+            console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def database_failure(err: BaseException, command: str) -> str | None:
+    """One line for a MongoDB failure in the middle of a command (the server full, restarted, refusing a write); None
+    for anything else. Every command is resumable: what was written stays, and the same command continues from it."""
+    from pymongo.errors import PyMongoError
+
+    if not isinstance(err, PyMongoError):
+        return None
+    text = " ".join(str(err).split(", full error:")[0].split())[:200]
+    return (f"the database failed during `amdflow {command.replace('_', '-')}` ({type(err).__name__}: {text}): what was written "
+            "stays; fix the server (its log says why) and run the same command again to continue (a Firework left "
+            "RUNNING by a rocket: `lpad detect_lostruns --rerun`)")
 
 
 def _settings(launchpad: Path | None) -> Any:

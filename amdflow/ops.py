@@ -171,6 +171,29 @@ def add_workflows(db: AmdflowDB, cfg: CampaignConfig, report: AddReport, progres
             progress(min(done * INSERT_BATCH, len(pending)), len(pending), "adding workflows")
 
 
+def drop_orphan_fireworks(lp: Any, campaign: str) -> int:
+    """Remove the campaign's Fireworks that belong to no workflow; how many.
+
+    FireWorks inserts a workflow's Fireworks, then the workflow (``add_wf``, ``bulk_add_wfs``): an ``amdflow add``
+    stopped between the two (a kill, the server refusing the second insert) leaves READY Fireworks that no workflow
+    holds, which a rocket could check out and then neither lock nor complete. None of them can have run. One read of
+    the campaign's Fireworks and workflows: called only when the last add did not finish (see :func:`add_campaign`).
+    """
+    fw_ids = {fw["fw_id"] for fw in lp.fireworks.find({"spec.campaign": campaign}, {"_id": 0, "fw_id": 1})}
+    held = {n for wf in lp.workflows.find({"metadata.campaign": campaign}, {"_id": 0, "nodes": 1}) for n in wf["nodes"]}
+    orphans = sorted(fw_ids - held)
+    removed = 0
+    for batch in _batches(iter(orphans), INSERT_BATCH):
+        removed += lp.fireworks.delete_many({"fw_id": {"$in": batch}, "state": {"$in": ["READY", "WAITING"]}}).deleted_count
+    return removed
+
+
+def _has_workflow(db: AmdflowDB, campaign: str, kind: str, level: str, **metadata: str) -> bool:
+    query = {"metadata.campaign": campaign, "metadata.amdflow": kind, "metadata.level": level,
+             **{f"metadata.{k}": v for k, v in metadata.items()}}
+    return db.launchpad.workflows.find_one(query, {"_id": 1}) is not None
+
+
 @contextlib.contextmanager
 def _quiet_tqdm() -> Iterator[None]:
     """FireWorks' bulk insert draws its own tqdm bar; amdflow shows one progress display."""
@@ -192,8 +215,12 @@ def campaign_levels(doc: dict[str, Any]) -> list[tuple[str, str]]:
     return levels
 
 
-def add_reference_workflows(db: AmdflowDB, cfg: CampaignConfig, run_type: str, report: AddReport, level: str = "final") -> None:
-    """One reference workflow per element whose reference phases (of ``run_type``, at ``level``) are not in the database."""
+def add_reference_workflows(db: AmdflowDB, cfg: CampaignConfig, run_type: str, report: AddReport, level: str = "final",
+                            recovering: bool = False) -> None:
+    """One reference workflow per element whose reference phases (of ``run_type``, at ``level``) are not in the database.
+
+    ``recovering`` (the last add did not finish): an element whose workflow was added before its reference docs were
+    inserted gets its docs, not a second workflow."""
     from amdflow.stages import pending_references
     from amdflow.workflows import reference_workflow
 
@@ -202,14 +229,18 @@ def add_reference_workflows(db: AmdflowDB, cfg: CampaignConfig, run_type: str, r
     for ref in pending:
         by_element.setdefault(ref.element, []).append(ref.prototype)
     for element, prototypes in by_element.items():
+        if recovering and _has_workflow(db, cfg.name, "reference", level, element=element):
+            continue
         db.launchpad.add_wf(reference_workflow(cfg.name, element, prototypes, level))
         report.new_reference_workflows += 1
     if pending:
         db.references.insert_many([r.to_mongo() for r in pending], ordered=False)
 
 
-def add_known_phases(db: AmdflowDB, cfg: CampaignConfig, run_type: str, report: AddReport, level: str = "final") -> None:
-    """Import the campaign's known phases; relax mode: one workflow relaxing those not relaxed yet (at ``level``)."""
+def add_known_phases(db: AmdflowDB, cfg: CampaignConfig, run_type: str, report: AddReport, level: str = "final",
+                     recovering: bool = False) -> None:
+    """Import the campaign's known phases; relax mode: one workflow relaxing those not relaxed yet (at ``level``);
+    ``recovering``: not a second one where the last add added it and stopped before its reference docs."""
     from amdflow.stages import import_known_phases
     from amdflow.workflows import known_workflow
 
@@ -221,7 +252,8 @@ def add_known_phases(db: AmdflowDB, cfg: CampaignConfig, run_type: str, report: 
                         "note": known.note, "relaxations": 0}
     report.known["relaxations"] += len(known.pending)
     if known.pending:
-        db.launchpad.add_wf(known_workflow(cfg.name, [(r.prototype, r.element) for r in known.pending], level))
+        if not (recovering and _has_workflow(db, cfg.name, "known", level)):
+            db.launchpad.add_wf(known_workflow(cfg.name, [(r.prototype, r.element) for r in known.pending], level))
         db.references.insert_many([r.to_mongo() for r in known.pending], ordered=False)
 
 
@@ -233,15 +265,25 @@ def add_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = False
     report = AddReport()
     check_template_sources(cfg)  # a missing folder or unknown label: nothing registered
     doc = register_campaign(db, cfg, allow_changed)
+    # An add that stops (a kill, the database failing) leaves this mark: the next one repairs what FireWorks' inserts
+    # may have left half done (Fireworks without their workflow; a workflow without its reference docs).
+    recovering = doc.get("add_started_at") is not None
+    db.campaigns.update_one({"name": cfg.name}, {"$set": {"add_started_at": utcnow()}})
+    if recovering and workflows:
+        dropped = drop_orphan_fireworks(db.launchpad, cfg.name)
+        if dropped:
+            logger.warning("the last `amdflow add` of %s stopped inside a workflow insert: %d Firework(s) without their "
+                           "workflow removed (nothing had run); their workflows are added whole", cfg.name, dropped)
     levels = campaign_levels(doc)
     if workflows:  # first: a bad known-phases source stops here, before anything is generated
         for level, run_type in levels:
-            add_known_phases(db, cfg, run_type, report, level)
+            add_known_phases(db, cfg, run_type, report, level, recovering)
     insert_candidates(db, cfg, report, progress, workers)
     if workflows:
         for level, run_type in levels:
-            add_reference_workflows(db, cfg, run_type, report, level)
+            add_reference_workflows(db, cfg, run_type, report, level, recovering)
         add_workflows(db, cfg, report, progress)
+    db.campaigns.update_one({"name": cfg.name}, {"$unset": {"add_started_at": ""}})
     db.flush()
     return report
 

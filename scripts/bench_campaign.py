@@ -183,7 +183,9 @@ def partial(f: dict[str, Any]) -> None:
 
 
 def wire(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    uri, server = start_server()
+    # In memory the server's cache holds the whole database (8.5 kB per candidate with its indexes, more in Python):
+    # 1G, its default, fills near 100k candidates.
+    uri, server = start_server(cache_size=f"{max(2, -(-n * 80_000 // 10**9))}G", log=folder / "server.log")
     try:
         lp_path = lp_file(uri, folder)
         camp = campaign_file(folder, "wire", n, args.max_sites, args.budget, args.relax_steps)

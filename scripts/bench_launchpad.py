@@ -59,7 +59,10 @@ def _counter_class():
     return Counter
 
 
-def start_server() -> tuple[str, subprocess.Popen | None]:
+def start_server(cache_size: str | None = None, log: Path | None = None) -> tuple[str, subprocess.Popen | None]:
+    """The MongoDB-wire test server on a free port (or ``AMDFLOW_TEST_MONGO_URI``'s server). ``cache_size``: its
+    WiredTiger cache (default 1G), which in memory holds the whole database: past it, every write fails with
+    ``internal server error`` (met at 100k candidates). ``log``: where its stderr goes (its tracebacks)."""
     import pymongo
 
     uri = os.environ.get("AMDFLOW_TEST_MONGO_URI")
@@ -70,8 +73,9 @@ def start_server() -> tuple[str, subprocess.Popen | None]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "amdflow.testing.wire_server", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    extra = ["--cache-size", cache_size] if cache_size else []
+    proc = subprocess.Popen([sys.executable, "-m", "amdflow.testing.wire_server", "--host", "127.0.0.1", "--port", str(port), *extra],
+                            stdout=subprocess.DEVNULL, stderr=log.open("a") if log else subprocess.DEVNULL)
     uri = f"mongodb://127.0.0.1:{port}/"
     for _ in range(150):
         try:

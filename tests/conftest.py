@@ -123,8 +123,9 @@ def mongo_uri(tmp_path_factory):
         return
     port = _free_port()
     log = open(tmp_path_factory.mktemp("wire") / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "amdflow.testing.wire_server", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    # test commands on: configureFailPoint, for the tests that make one command of one client fail (by appName)
+    proc = subprocess.Popen([sys.executable, "-m", "amdflow.testing.wire_server", "--host", "127.0.0.1", "--port", str(port),
+                             "--enable-test-commands"], stdout=log, stderr=subprocess.STDOUT)
     uri = f"mongodb://127.0.0.1:{port}/"
     deadline = time.time() + 30
     while True:

@@ -201,3 +201,48 @@ def test_kill_9_of_a_cpu_rocket_holding_a_claim(mongo_launchpad_file, tmp_path, 
         assert c["dedup"]["duplicate_of"] in kept, c["dedup"]
     status = json.loads(cli("status", "campaign.yaml", "--json").stdout)
     assert status["thermo"]["stable_candidates"] >= 1
+
+
+# which insert fails: 0 the candidates; 3 a reference workflow's, after its Fireworks (FireWorks inserts those
+# first); 4 and 6 the inserts after a reference workflow, before its reference docs
+@pytest.mark.parametrize("skip", [0, 3, 4, 6])
+def test_a_database_failure_mid_add_is_one_line_and_the_same_command_finishes(mongo_uri, tmp_path, binary_campaign_dict, skip):
+    """The server refuses one insert of `amdflow add` (``internal server error``, as a full WiredTiger cache answers;
+    met at 100k candidates): one line naming the command and the fix, no traceback; the same command then adds
+    what is missing, one workflow per candidate, nothing doubled."""
+    import uuid
+
+    import pymongo
+
+    name = f"amdflow_fault_{uuid.uuid4().hex[:8]}"
+    lp_file = tmp_path / "lp.yaml"
+    lp_file.write_text(yaml.safe_dump({"host": mongo_uri, "name": name, "strm_lvl": "WARNING",
+                                       "mongoclient_kwargs": {"serverSelectionTimeoutMS": 5000, "appname": "amdflow-fault"}}))
+    env, cli = campaign_on_server(tmp_path, lp_file, binary_campaign_dict)
+    admin = pymongo.MongoClient(mongo_uri).admin
+    admin.command("configureFailPoint", "failCommand", mode={"skip": skip, "times": 1},
+                  data={"failCommands": ["insert"], "errorCode": 1, "appName": "amdflow-fault"})
+    try:
+        failed = subprocess.run([sys.executable, "-m", "amdflow", "add", "campaign.yaml"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        admin.command("configureFailPoint", "failCommand", mode="off")
+    err = " ".join(failed.stderr.split())
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    assert "the database failed during `amdflow add`" in err and "run the same command again" in err, err
+    again = cli("add", "campaign.yaml")
+    added, added_err = json.loads(again.stdout.strip().splitlines()[-1]), again.stderr
+    db = pymongo.MongoClient(mongo_uri)[name]
+    try:
+        cands = list(db.candidates.find({}, {"candidate_id": 1, "fw_ids": 1}))
+        assert len(cands) == 6 and all(c["fw_ids"] for c in cands), (added, cands)
+        per_candidate = [w["metadata"]["candidate_id"] for w in db.workflows.find({"metadata.amdflow": "candidate"}, {"metadata": 1})]
+        assert sorted(per_candidate) == sorted(c["candidate_id"] for c in cands)  # one each: none lost, none doubled
+        wf_fw_ids = {i for w in db.workflows.find({}, {"nodes": 1}) for i in w["nodes"]}
+        assert {fw["fw_id"] for fw in db.fireworks.find({}, {"fw_id": 1})} == wf_fw_ids  # no Firework without its workflow
+        refs = sorted(w["metadata"]["element"] for w in db.workflows.find({"metadata.amdflow": "reference"}, {"metadata": 1}))
+        assert refs == ["Al", "Ni"] and db.references.count_documents({}) == 2  # one reference workflow per element
+        assert "add_started_at" not in db.campaigns.find_one({})  # the finished add took its mark away
+        assert ("without their workflow removed" in added_err) == (skip == 3), added_err[-1000:]
+    finally:
+        pymongo.MongoClient(mongo_uri).drop_database(name)
