@@ -65,12 +65,16 @@ def handle_errors(func: F) -> F:
 def database_failure(err: BaseException, command: str) -> str | None:
     """One line for a MongoDB failure in the middle of a command (the server full, restarted, refusing a write); None
     for anything else. Every command is resumable: what was written stays, and the same command continues from it."""
-    from pymongo.errors import PyMongoError
+    from pymongo.errors import OperationFailure, PyMongoError
 
     if not isinstance(err, PyMongoError):
         return None
     text = " ".join(str(err).split(", full error:")[0].split())[:200]
-    return (f"the database failed during `amdflow {command.replace('_', '-')}` ({type(err).__name__}: {text}): what was written "
+    name = command.replace("_", "-")
+    if isinstance(err, OperationFailure) and err.code == 13:  # Unauthorized: a user without the rights to write
+        return (f"MongoDB refused `amdflow {name}` to this user ({text}): it writes, so the user needs the readWrite role "
+                "on the database; a read-only user can use open_campaign, `amdflow show` and `amdflow export`")
+    return (f"the database failed during `amdflow {name}` ({type(err).__name__}: {text}): what was written "
             "stays; fix the server (its log says why) and run the same command again to continue (a Firework left "
             "RUNNING by a rocket: `lpad detect_lostruns --rerun`)")
 

@@ -162,3 +162,50 @@ def test_no_credentials_in_documents_logs_or_launch_folders(secured, tmp_path):
     for path in (tmp_path / "launches").rglob("*"):
         if path.is_file():
             assert PASSWORD not in path.read_text(errors="ignore"), path
+
+
+def test_a_read_only_user_reads_results_and_is_refused_writes_in_one_line(secured, tmp_path, binary_campaign_dict):
+    """docs/hpc.md's laptop reader: a user with only the `read` role opens the campaign by name, shows and exports
+    it; `amdflow add` is refused by the server (its RBAC) in one line naming the role it needs, and writes nothing."""
+    import json
+    import os
+
+    import pymongo
+
+    import amdflow
+    from tests.conftest import campaign_on_server
+
+    port, ca = secured
+    db_name = "amdflow_reader_test"
+    writer = _lp_file(tmp_path / "writer.yaml", port, ca)
+    spec = yaml.safe_load(writer.read_text())
+    writer.write_text(yaml.safe_dump({**spec, "name": db_name}))
+    writer.chmod(0o600)
+    admin = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/", username="alice", password=PASSWORD, authSource="admin",
+                                tls=True, tlsCAFile=str(ca))
+    admin.admin.command("createUser", "reader", pwd="r3ad-0nly", roles=[{"role": "read", "db": db_name}])
+    reader = tmp_path / "reader.yaml"
+    reader.write_text(yaml.safe_dump({**spec, "name": db_name, "username": "reader", "password": "r3ad-0nly"}))
+    reader.chmod(0o600)
+    _, cli = campaign_on_server(tmp_path, writer, binary_campaign_dict)
+    cli("add", "campaign.yaml")
+    counts = {c: admin[db_name][c].count_documents({}) for c in ("candidates", "fireworks", "workflows")}
+
+    with amdflow.open_campaign(binary_campaign_dict["name"], launchpad=reader) as camp:
+        cands = camp.candidates()
+        assert len(cands) == counts["candidates"] == 6 and camp.thermo().empty  # nothing analysed yet
+    env = {**os.environ, "AMDFLOW_LAUNCHPAD_FILE": str(reader), "AMDFLOW_PROGRESS": "false"}
+
+    def as_reader(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "amdflow", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    shown = as_reader("show", "campaign.yaml", cands["candidate_id"].iloc[0][:8], "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["candidate_id"] == cands["candidate_id"].iloc[0], shown.stderr
+    exported = as_reader("export", "campaign.yaml", "--what", "candidates", "--format", "csv", "--out", str(tmp_path / "c.csv"))
+    assert exported.returncode == 0 and len((tmp_path / "c.csv").read_text().splitlines()) == 7, exported.stderr
+    refused = as_reader("add", "campaign.yaml")
+    err = " ".join(refused.stderr.split())
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "refused `amdflow add` to this user" in err and "readWrite role" in err and "r3ad-0nly" not in err, err
+    assert {c: admin[db_name][c].count_documents({}) for c in counts} == counts
+    admin.drop_database(db_name)
