@@ -85,30 +85,48 @@ def _amdflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           env={**__import__("os").environ, "AMDFLOW_PROGRESS": "false"})
 
 
-def test_auth_and_tls_against_the_wire_server(secured, tmp_path):
+def test_auth_and_tls_against_the_wire_server(secured, tmp_path, caplog):
+    """Through the CLI: the good file works (and a readable one is warned about), a wrong password is one line
+    without a traceback or a secret. The other files in process (each CLI start-up costs seconds on a loaded
+    runner): the same messages, no secret in them."""
+    import logging
+
+    from amdflow.db import _mongo_launchpad
+    from amdflow.errors import AmdflowError
+
     port, ca = secured
     good = _lp_file(tmp_path / "good.yaml", port, ca)
     good.chmod(0o644)
     ok = _amdflow("hull", "--launchpad", str(good), cwd=tmp_path)
     assert ok.returncode == 0 and "0 hull system(s) rebuilt" in ok.stderr, ok.stderr
     assert "readable by other users: chmod 600" in " ".join(ok.stderr.split())
-    good.chmod(0o600)
-    assert "chmod 600" not in _amdflow("hull", "--launchpad", str(good), cwd=tmp_path).stderr
-    ok_uri = _amdflow("hull", "--launchpad", str(_lp_file(tmp_path / "uri.yaml", port, ca, uri=True)), cwd=tmp_path)
-    assert ok_uri.returncode == 0, ok_uri.stderr
+    wrong = _lp_file(tmp_path / "wrong.yaml", port, ca, password="not-the-password")
+    proc = _amdflow("hull", "--launchpad", str(wrong), cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "refused access" in " ".join(out.split()), out
+    assert "Traceback" not in out and "not-the-password" not in out and PASSWORD not in out
 
+    with caplog.at_level(logging.WARNING, logger="amdflow.db"):
+        _mongo_launchpad(good, "ERROR")
+        assert "chmod 600" in caplog.text  # still 0644: the same warning in process
+        caplog.clear()
+        good.chmod(0o600)
+        _mongo_launchpad(good, "ERROR").db.list_collection_names()
+    assert "chmod 600" not in caplog.text
+    uri = _lp_file(tmp_path / "uri.yaml", port, ca, uri=True)
+    uri.chmod(0o600)
+    _mongo_launchpad(uri, "ERROR").db.list_collection_names()
     cases = [
-        (_lp_file(tmp_path / "wrong.yaml", port, ca, password="not-the-password"), "refused access", "not-the-password"),
         (_lp_file(tmp_path / "wrong-uri.yaml", port, ca, password="not-the-password", uri=True), "refused access", "not-the-password"),
         (_lp_file(tmp_path / "anon.yaml", port, ca, password=None), "refused access", PASSWORD),
         (_lp_file(tmp_path / "notls.yaml", port, None), "cannot reach MongoDB", PASSWORD),
     ]
     for lp_file, message, secret in cases:
-        proc = _amdflow("hull", "--launchpad", str(lp_file), cwd=tmp_path)
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 2 and message in " ".join(out.split()), (lp_file.name, out)
-        assert "Traceback" not in out and secret not in out and PASSWORD not in out
-
+        with pytest.raises(AmdflowError) as err:
+            _mongo_launchpad(lp_file, "ERROR")
+        text = str(err.value)
+        assert message in text and "\n" not in text, (lp_file.name, text)
+        assert secret not in text and PASSWORD not in text, (lp_file.name, text)
 
 def test_an_unreachable_server_is_reported_after_the_configured_timeout_not_pymongos_30_s(secured, tmp_path):
     """In process (a subprocess's start-up on a loaded runner made a wall-clock bound flaky): the file's
