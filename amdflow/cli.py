@@ -73,7 +73,7 @@ def database_failure(err: BaseException, command: str) -> str | None:
     name = command.replace("_", "-")
     if isinstance(err, OperationFailure) and err.code == 13:  # Unauthorized: a user without the rights to write
         return (f"MongoDB refused `amdflow {name}` to this user ({text}): it writes, so the user needs the readWrite role "
-                "on the database; a read-only user can use open_campaign, `amdflow show` and `amdflow export`")
+                "on the database; a read-only user can use open_campaign, `amdflow show`, `export` and `status`")
     return (f"the database failed during `amdflow {name}` ({type(err).__name__}: {text}): what was written "
             "stays; fix the server (its log says why) and run the same command again to continue (a Firework left "
             "RUNNING by a rocket: `lpad detect_lostruns --rerun`)")
@@ -317,8 +317,9 @@ def status(
     settings = _settings(launchpad)
 
     def read() -> dict[str, Any]:
-        # opened per refresh: on the embedded store the lock is held only for a moment
-        with open_db(cfg.output_dir, settings) as db:
+        # opened per refresh, read-only: on the embedded store the lock is held only while loading, and a MongoDB
+        # user with the `read` role is enough
+        with open_db(cfg.output_dir, settings, read_only=True) as db:
             return campaign_status(db, cfg.name)
 
     if watch:

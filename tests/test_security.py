@@ -221,6 +221,8 @@ def test_a_read_only_user_reads_results_and_is_refused_writes_in_one_line(secure
     assert shown.returncode == 0 and json.loads(shown.stdout)["candidate_id"] == cands["candidate_id"].iloc[0], shown.stderr
     exported = as_reader("export", "campaign.yaml", "--what", "candidates", "--format", "csv", "--out", str(tmp_path / "c.csv"))
     assert exported.returncode == 0 and len((tmp_path / "c.csv").read_text().splitlines()) == 7, exported.stderr
+    status = as_reader("status", "campaign.yaml", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["candidates_total"] == 6, status.stderr
     refused = as_reader("add", "campaign.yaml")
     err = " ".join(refused.stderr.split())
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
