@@ -9,6 +9,7 @@ reading the exported files back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -103,7 +104,7 @@ def _rocket(path: Path, fw_id: int) -> None:
     from amdflow.db import open_db
 
     cfg = load_campaign(path)
-    with open_db(cfg.output_dir) as db:
+    with contextlib.chdir(path.parent), open_db(cfg.output_dir) as db:  # the Rocket writes FW.json where it runs
         assert launch_rocket(db.launchpad, FWorker(category="vasp"), fw_id=fw_id, strm_lvl="ERROR")
 
 
