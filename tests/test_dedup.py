@@ -15,6 +15,7 @@ from amdflow.select import (
     dedup_bucket,
     dedup_matcher,
     greedy_families,
+    may_map_lattice,
     may_match,
     reduce_for_matching,
 )
@@ -39,7 +40,7 @@ def test_greedy_rule_lowest_energy_of_a_family_is_kept():
     decisions = {d.candidate_id: d for d in greedy_families(pool, [], dedup_matcher())}
     assert decisions["c"].duplicate_of is None and decisions["b"].duplicate_of is None  # two families
     assert decisions["a"].duplicate_of == "b"  # the scaled, swapped B2 is b's family; b is lower
-    assert decisions["a"].compared == 2  # against c (lower, no match), then b
+    assert decisions["a"].compared == 1  # c (lower) has no lattice of B2's shape: only b is fitted
 
 
 def test_greedy_rule_ties_go_to_the_smaller_id_and_input_order_does_not_matter():
@@ -93,20 +94,31 @@ def test_buckets_and_reduced_fits_agree_with_plain_structure_matcher_on_every_pa
     buckets = [dedup_bucket(r) for r in reduced]
     pool = [Member(str(i), 0.0, r) for i, r in enumerate(reduced)]
     assert len(set(buckets)) >= 3  # the invariant does split the formula
-    matches = across_sizes = ruled_out = same_bucket = 0
+    matches = across_sizes = ruled_out = ruled_out_full = same_bucket = 0
     for i, j in itertools.permutations(range(len(structures)), 2):  # fit(s1, s2) is not symmetric: both orders
         fit = plain.fit(structures[i], structures[j])
         assert matcher.fit(reduced[i], reduced[j], skip_structure_reduction=True) == fit, (i, j)
         if buckets[i] == buckets[j]:
             same_bucket += 1
             ruled_out += not may_match(pool[i], pool[j], 0.2)
+            ruled_out_full += not may_match(pool[i], pool[j], 0.2, 5.0)
+            # the full lattice test is find_all_mappings' (determinant 1) on cached lattice points, no weaker
+            has_mapping = any(abs(round(np.linalg.det(m))) == 1 for *_, m in _scaled(reduced[i], reduced[j])
+                              .lattice.find_all_mappings(_scaled(reduced[j], reduced[i]).lattice, 0.2, 5.0, True))
+            assert may_map_lattice(pool[i], pool[j], 0.2, 5.0) >= has_mapping, (i, j)
         if fit:
             matches += 1
             assert buckets[i] == buckets[j], (i, j)  # a match never crosses buckets
-            assert may_match(pool[i], pool[j], 0.2), (i, j)  # nor fails the lattice test
+            assert may_match(pool[i], pool[j], 0.2, 5.0), (i, j)  # nor fails either lattice test
             across_sizes += len(structures[i]) != len(structures[j])
     assert matches >= 80 and across_sizes >= 6  # scaled copies, displaced copies and supercells did match
-    assert ruled_out > same_bucket / 4  # and the lattice test spares a good part of the fits
+    assert ruled_out > same_bucket / 4  # the length test spares a good part of the fits
+    assert ruled_out_full > ruled_out + (same_bucket - ruled_out) / 2  # and the full test most of the rest
+
+
+def _scaled(s: Structure, other: Structure) -> Structure:
+    """``s`` as ``StructureMatcher._preprocess`` rescales it against ``other`` (both to the volume sqrt(V1 V2))."""
+    return Structure(Lattice(s.lattice.matrix * (other.volume / s.volume) ** (1 / 6)), s.species, s.frac_coords)
 
 
 # ---------------------------------------------------------------- the stage on the database

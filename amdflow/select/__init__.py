@@ -6,9 +6,10 @@ from amdflow.select.dedup import (
     dedup_bucket,
     dedup_matcher,
     greedy_families,
+    may_map_lattice,
     may_match,
     reduce_for_matching,
 )
 
 __all__ = ["Decision", "Member", "dedup_bucket", "dedup_matcher", "greedy_families",
-    "may_match", "reduce_for_matching"]
+    "may_map_lattice", "may_match", "reduce_for_matching"]
