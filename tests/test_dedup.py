@@ -94,6 +94,9 @@ def test_buckets_and_reduced_fits_agree_with_plain_structure_matcher_on_every_pa
     buckets = [dedup_bucket(r) for r in reduced]
     pool = [Member(str(i), 0.0, r) for i, r in enumerate(reduced)]
     assert len(set(buckets)) >= 3  # the invariant does split the formula
+    for m in pool:  # the successive minima from the lattice points are the Niggli cell's lengths
+        niggli = m.reduced.lattice.get_niggli_reduced_lattice()
+        np.testing.assert_allclose(m.minima, np.sort(niggli.lengths) / m.reduced.volume ** (1 / 3), rtol=1e-9)
     matches = across_sizes = ruled_out = ruled_out_full = same_bucket = 0
     for i, j in itertools.permutations(range(len(structures)), 2):  # fit(s1, s2) is not symmetric: both orders
         fit = plain.fit(structures[i], structures[j])
