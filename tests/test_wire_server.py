@@ -73,3 +73,30 @@ def test_in_matcher_patch_gives_the_original_answers():
     assert sum(map(sum, before)) > 100  # the cases match something
     for f, b, a in zip(filters, before, after, strict=True):
         assert a == b, f
+
+
+def test_id_point_write_patch_routes_findandmodify_writes_and_keeps_their_answers():
+    """findAndModify's write filter ``{_id, $and: [query]}`` scanned the collection; patched, it is a point lookup."""
+    import bson
+    from secantus import storage
+
+    from amdflow.testing import wire_server
+
+    original = storage.Storage._try_index_id_keys
+    store = storage.Storage(":memory:")
+    ids = [bson.ObjectId() for _ in range(50)]
+    store.insert("d", "c", [{"_id": oid, "fw_id": k, "state": "READY"} for k, oid in enumerate(ids)])
+    write_filter = {"_id": ids[7], "$and": [{"fw_id": 7}]}
+    assert original(store, "d", "c", write_filter) is None  # the unpatched write path: a collection scan
+    try:
+        wire_server.patch_id_point_writes()
+        assert len(storage.Storage._try_index_id_keys(store, "d", "c", write_filter)) == 1  # one candidate
+        # the whole filter is still tested: a query the document no longer satisfies writes nothing
+        missed = store.update_matching("d", "c", {"_id": ids[8], "$and": [{"fw_id": 7}]}, {"$set": {"state": "RUNNING"}})
+        hit = store.update_matching("d", "c", write_filter, {"$set": {"state": "RUNNING"}})
+        none = store.update_matching("d", "c", {"_id": bson.ObjectId(), "$and": [{"fw_id": 7}]}, {"$set": {"state": "X"}})
+    finally:
+        storage.Storage._try_index_id_keys = original
+    assert (missed["matched"], hit["matched"], hit["modified"], none["matched"]) == (0, 1, 1, 0)
+    states = {d["fw_id"]: d["state"] for d in (bson.decode(b) for _, _, b in store._candidates_iter("d", "c", None))}
+    assert states[7] == "RUNNING" and sum(s == "RUNNING" for s in states.values()) == 1

@@ -1,4 +1,4 @@
-"""Start the secantusdb MongoDB-wire server with two patches, for multi-process tests.
+"""Start the secantusdb MongoDB-wire server with three patches, for multi-process tests.
 
 secantusdb 0.7.0b3 (GPL-2.0, used only as a separate test process) answers concurrent
 ``findAndModify`` commands on the same document without isolation: two FireWorks
@@ -12,6 +12,14 @@ comparisons (measured: a third of the server's time in a dedup batch of 256). Mo
 answers ``$in`` from index bounds. ``patch_in_matcher`` answers a LIST of plain integers
 and strings by set membership, with the same result (``tests/test_wire_server.py`` compares
 it with the original on random documents); anything else takes the original path.
+
+Its ``findAndModify`` finds the document, then writes with the filter ``{_id: ID, $and:
+[query]}``; a filter with a ``$`` key takes no index on its write path, so every
+findAndModify scanned the whole collection (measured at 403k Fireworks: 4.5-4.7 s for one
+``find_one_and_update({fw_id: N})`` that a ``find_one`` answers in 8 ms; FireWorks' own
+check-out and ``_upsert_fws`` send one per Firework). ``patch_id_point_writes`` gives a
+write filter holding an ``_id`` equality the ``_id`` point lookup; the server still tests the
+whole filter on that document, so the answer is the same (``tests/test_wire_server.py``).
 Run: ``python -m amdflow.testing.wire_server --port N``.
 """
 
@@ -108,6 +116,29 @@ def patch_in_matcher() -> None:
     query._op_matches = op_matches
 
 
+def patch_id_point_writes() -> None:
+    """Write filters with an ``_id`` equality and more keys start from the ``_id`` point lookup (idempotent)."""
+    from secantus import storage
+
+    original = storage.Storage._try_index_id_keys
+    if getattr(original, "_amdflow_id_point", False):
+        return
+
+    @functools.wraps(original)
+    def try_index_id_keys(self: Any, db: str, coll: str, filter: dict[str, Any], *, collation: Any = None) -> Any:
+        if (collation is None and isinstance(filter, dict) and len(filter) > 1 and "_id" in filter
+                and not isinstance(filter["_id"], (dict, list))):
+            # a document matching the filter has this _id: the candidates are that one document (or none); the caller
+            # tests the whole filter on each candidate
+            got = original(self, db, coll, {"_id": filter["_id"]}, collation=None)
+            if got is not None:
+                return got
+        return original(self, db, coll, filter, collation=collation)
+
+    try_index_id_keys._amdflow_id_point = True  # type: ignore[attr-defined]
+    storage.Storage._try_index_id_keys = try_index_id_keys
+
+
 def main(argv: list[str] | None = None) -> int:
     from importlib.metadata import version
 
@@ -117,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     patch_find_and_modify()
     patch_in_matcher()
+    patch_id_point_writes()
     from secantus.cli import main as server_main
 
     args = list(sys.argv[1:] if argv is None else argv)
