@@ -308,6 +308,30 @@ class EmbeddedStore:
             pass
         elif self._previous_env is None:
             os.environ.pop("MONGOMOCK_SERVERSTORE_FILE", None)
+            self._leave_fireworks_mongomock_mode()
         else:
             os.environ["MONGOMOCK_SERVERSTORE_FILE"] = self._previous_env
         self._unlock()
+
+    def _leave_fireworks_mongomock_mode(self) -> None:
+        """Undo FireWorks' mongomock mode where it came from this store's variable alone.
+
+        FireWorks decides at its first import: with ``MONGOMOCK_SERVERSTORE_FILE`` set, every later ``LaunchPad`` of the
+        process is a mongomock one. Imported while this store was open, FireWorks would stay so after ``close``: a
+        notebook that opened an embedded campaign, then a ``LaunchPad.from_file`` of a MongoDB one, would read and write
+        an in-process mock instead of the server (seen in the tests: a Firework added that way was never found by
+        ``rlaunch``). With the variable gone, FireWorks' clients are pymongo's again, as if imported without it.
+        """
+        import sys
+
+        fw_config = sys.modules.get("fireworks.fw_config")
+        if fw_config is None or str(getattr(fw_config, "MONGOMOCK_SERVERSTORE_FILE", "") or "") != str(self.path):
+            return
+        import pymongo
+
+        mock_client = fw_config.MongoClient
+        fw_config.MONGOMOCK_SERVERSTORE_FILE = None
+        for name in ("fireworks.fw_config", "fireworks.core.launchpad", "fireworks.utilities.filepad"):
+            module = sys.modules.get(name)
+            if module is not None and getattr(module, "MongoClient", None) is mock_client:
+                module.MongoClient = pymongo.MongoClient

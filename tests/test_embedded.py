@@ -194,6 +194,33 @@ def test_kill_9_loses_only_the_unflushed_writes(tmp_path):
         assert sum(d.get("runs", 0) for d in db.candidates.find({"runs": {"$exists": True}})) == n
 
 
+def test_after_close_a_plain_launchpad_talks_to_mongodb_not_to_a_mock(tmp_path):
+    """FireWorks first imported while an embedded store is open (its mongomock mode is set at import) is pymongo's again
+    after the store closes: a LaunchPad of a MongoDB server made later in the process reaches the server (no mock)."""
+    code = textwrap.dedent(f"""
+        import sys
+        assert "fireworks" not in sys.modules
+        from amdflow.db import open_db
+        from amdflow.settings import get_settings
+        with open_db({str(tmp_path / "camp")!r}, get_settings()) as db:
+            db.candidates.insert_one({{"candidate_id": "c1"}})
+        import mongomock, pymongo
+        import fireworks.core.launchpad as fw_lp
+        import fireworks.fw_config as fw_config
+        assert fw_lp.MongoClient is pymongo.MongoClient and fw_config.MongoClient is pymongo.MongoClient
+        from fireworks import LaunchPad
+        lp = LaunchPad(host="127.0.0.1", port=9, name="nowhere", mongoclient_kwargs={{"serverSelectionTimeoutMS": 200}})
+        assert isinstance(lp.connection, pymongo.MongoClient) and not isinstance(lp.connection, mongomock.MongoClient)
+        try:
+            lp.connection.admin.command("ping")
+        except pymongo.errors.ServerSelectionTimeoutError:
+            print("reached for a server")
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("MONGOMOCK_SERVERSTORE_FILE", "AMDFLOW_LAUNCHPAD_FILE")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and "reached for a server" in proc.stdout, proc.stderr[-2000:]
+
+
 def test_unique_indexes_hold_through_inserts_updates_and_rollbacks(tmp_path):
     """The fast unique-key check (counts kept across a run of inserts) refuses exactly what mongomock's own scan does."""
     from pymongo.errors import BulkWriteError, DuplicateKeyError

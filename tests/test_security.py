@@ -168,7 +168,7 @@ def test_no_credentials_in_documents_logs_or_launch_folders(secured, tmp_path):
     proc = subprocess.run([str(BIN / "rlaunch"), "-l", str(lp_file), "singleshot"], cwd=tmp_path / "launches",
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert lp.fireworks.find_one({"name": "probe"})["state"] == "COMPLETED"
+    assert lp.fireworks.find_one({"name": "probe"})["state"] == "COMPLETED", proc.stdout[-2000:]
     status = _amdflow("hull", "--launchpad", str(lp_file), cwd=tmp_path)
     assert PASSWORD not in proc.stdout + proc.stderr + status.stdout + status.stderr
     client = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/", username="alice", password=PASSWORD, authSource="admin",
