@@ -214,6 +214,26 @@ def test_structure_history_and_prefixes(finished):
     assert list(hist["started"]) == sorted(hist["started"])
 
 
+def test_prefix_range_matches_exactly_the_strings_with_the_prefix():
+    """The index range that resolves an id prefix selects what str.startswith selects, edge characters included."""
+    import random
+
+    import mongomock
+
+    from amdflow.api import prefix_range
+
+    rng = random.Random(3)
+    alphabet = ["0", "9", "a", "f", "z", "~", "-", "_", "\x7f", "\u00e9", "\uffff", "\U0001f600"]
+    words = {"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6))) for _ in range(3000)}
+    coll = mongomock.MongoClient().db.ids
+    coll.create_index("candidate_id", unique=True)
+    coll.insert_many([{"candidate_id": w} for w in words])
+    for prefix in sorted({w[:k] for w in words for k in (1, 2, 3) if len(w) >= k})[:400]:
+        got = {d["candidate_id"] for d in coll.find({"candidate_id": prefix_range(prefix)})}
+        assert got == {w for w in words if w.startswith(prefix)}, prefix
+    assert prefix_range("ab\U0010ffff") == {"$regex": "^ab\U0010ffff"}
+
+
 def test_open_campaign_writes_nothing_and_leaves_the_store_to_others(finished):
     import amdflow
 

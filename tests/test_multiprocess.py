@@ -311,10 +311,18 @@ def assert_status_and_report_use_indexes(lp_file: Path, campaign_file: Path) -> 
 
     spec = yaml.safe_load(lp_file.read_text())
     cfg = load_campaign(campaign_file)
+    from amdflow.api import open_campaign
+    from amdflow.show import candidate_report
+
     with record_reads(spec["name"]) as reads, open_db(None, get_settings(launchpad_file=lp_file)) as db:
         campaign_status(db, cfg.name)
         write_campaign_report(db, cfg)
-    assert len(reads) > 10
+    with open_db(None, get_settings(launchpad_file=lp_file)) as db:
+        shown = db.candidates.find_one({"state": "analyzed"}, {"candidate_id": 1})["candidate_id"]
+    with record_reads(spec["name"]) as shows, open_campaign(campaign_file, lp_file) as camp:  # `amdflow show` of an id prefix
+        assert candidate_report(camp, shown[:10])["candidate_id"] == shown
+    reads += shows
+    assert len(reads) > 10 and any("$gte" in json.dumps(r["command"], default=str) for r in shows)
     scans = collection_scans(MongoClient(spec["host"]), reads)
     assert scans == [], "\n".join(json.dumps(s["command"], default=str)[:300] for s in scans)
 

@@ -210,6 +210,8 @@ COLLECTIONS: dict[str, list[tuple[list[tuple[str, int]], bool]]] = {
     "campaigns": [([("name", 1)], True)],
     "candidates": [
         ([("candidate_id", 1)], True),
+        # a candidate by id (or id prefix) within its campaign, every field in one index (`amdflow show`, the API)
+        ([("campaign", 1), ("candidate_id", 1)], False),  # equality, then the prefix range
         ([("campaign", 1), ("state", 1)], False),
         # dedup's queries (and any per formula): every field of each is in the index, in order
         ([("campaign", 1), ("formula", 1), ("prediction.passed", 1), ("dedup_bucket", 1)], False),
@@ -217,6 +219,7 @@ COLLECTIONS: dict[str, list[tuple[list[tuple[str, int]], bool]]] = {
     "tasks": [
         ([("task_id", 1)], True),
         ([("run_type", 1), ("chemsys", 1)], False),
+        ([("candidate_id", 1)], False),  # `amdflow show`, Campaign.candidate_tasks
     ],
     "references": [
         ([("ref_id", 1)], True),
@@ -231,6 +234,7 @@ COLLECTIONS: dict[str, list[tuple[list[tuple[str, int]], bool]]] = {
         ([("run_type", 1), ("hull_chemsys", 1), ("is_stable", 1), ("campaign", 1)], False),
         ([("run_type", 1), ("hull_chemsys", 1), ("campaign", 1), ("e_above_hull", 1)], False),
         ([("run_type", 1), ("hull_chemsys", 1), ("candidate_id", 1)], False),
+        ([("candidate_id", 1)], False),  # `amdflow show`, Campaign.candidate_thermo: every hull a candidate is on
     ],
     # one record per (run type, hull system): the sources digest of its last build
     "thermo_builds": [([("run_type", 1), ("hull_chemsys", 1)], True)],
@@ -238,5 +242,6 @@ COLLECTIONS: dict[str, list[tuple[list[tuple[str, int]], bool]]] = {
     "known": [
         ([("known_id", 1)], True),
         ([("run_type", 1), ("chemsys", 1)], False),
+        ([("candidate_id", 1)], False),  # `amdflow show`, Campaign.candidate_tasks
     ],
 }
