@@ -292,17 +292,30 @@ class RelaxConfig(_Strict):
                                "go through `amdflow budget` (not part of the settings hash).")
     vasp: VaspConfig = Field(default_factory=VaspConfig, description="VASP settings (engine: vasp).")
     cp2k: Cp2kConfig = Field(default_factory=Cp2kConfig, description="CP2K settings (engine: cp2k).")
+    reference_ground_state: bool = Field(
+        True, description="Relax each element's ground-state structure (MP's convention: graphite C, alpha-B, "
+        "diamond Si, solid O2/N2/halogens, ...; shipped with amdflow, see amdflow.thermo.ground_states) as its "
+        "reference, with reference_prototypes as extra candidates; the lowest energy is the reference.")
     reference_prototypes: list[str] = Field(
-        default_factory=lambda: ["fcc", "bcc", "hcp"],
-        min_length=1,
-        description="Elemental structures relaxed for each element; the lowest energy is "
-        "the reference. Short names (fcc, bcc, hcp, diamond, sc) or AFLOW labels.",
+        default_factory=list,
+        description="Extra elemental structures relaxed for each element (the lowest energy is the reference): "
+        "short names (fcc, bcc, hcp, diamond, sc) or one-element AFLOW labels.",
     )
 
     @field_validator("reference_prototypes")
     @classmethod
     def _known_prototypes(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(elemental_prototype_label(v) for v in value))
+
+    @model_validator(mode="after")
+    def _some_reference(self) -> RelaxConfig:
+        if not self.reference_ground_state and not self.reference_prototypes:
+            raise ValueError("no elemental reference: set reference_ground_state: true or list reference_prototypes")
+        return self
+
+    def reference_structures(self) -> list[str]:
+        """What each element's references are: 'ground_state' (when on), then the extra prototypes (AFLOW labels)."""
+        return ([GROUND_STATE] if self.reference_ground_state else []) + list(self.reference_prototypes)
 
 
 class FunnelEngine(StrEnum):
@@ -312,6 +325,9 @@ class FunnelEngine(StrEnum):
     CHGNET = "chgnet"
     SEVENNET = "sevennet"
 
+
+#: The name, among an element's reference structures, of its ground state (amdflow.thermo.ground_states).
+GROUND_STATE = "ground_state"
 
 #: SevenNet checkpoints shipped inside the sevenn wheel (offline); others download at run time.
 SEVENNET_MODELS: dict[str, str] = {
@@ -343,9 +359,25 @@ class FunnelConfig(_Strict):
                                     "CHGNet is softer: use 0.1 with it).")
     top_k_per_formula: int | None = Field(None, ge=1, le=100_000, description="Also keep at most the k lowest ML "
                                           "energies of each reduced formula (unset: no limit).")
+    checkpoint: Path | None = Field(None, description="sevennet: a fine-tuned SevenNet checkpoint file instead of a "
+                                    "shipped model (its sha256 is part of the run type); needs correction.")
+    correction: Literal["auto", "mp2020", "none"] = Field(
+        "auto", description="Energy correction of the potential's energies: auto (by model: MP2020 for SevenNet's "
+        "MPtrj-PBE checkpoints, none for r2SCAN, CHGNet's own), or for a fine-tuned checkpoint mp2020 (tuned on "
+        "uncorrected PBE(+U) energies) or none.")
 
     @model_validator(mode="after")
     def _known_model(self) -> FunnelConfig:
+        if self.engine != FunnelEngine.SEVENNET and (self.checkpoint is not None or self.correction != "auto"):
+            raise ValueError(f"funnel.checkpoint and funnel.correction are for SevenNet checkpoints; engine "
+                             f"{self.engine.value} has its own: remove them")
+        if self.engine == FunnelEngine.SEVENNET and self.checkpoint is not None:
+            if self.model is not None or self.modal is not None:
+                raise ValueError("funnel.checkpoint replaces funnel.model and funnel.modal: remove them")
+            if self.correction == "auto":
+                raise ValueError("funnel.checkpoint: say which correction its energies need (funnel.correction: mp2020 "
+                                 "when it was tuned on uncorrected PBE(+U) energies, none for r2SCAN or corrected labels)")
+            return self
         if self.engine == FunnelEngine.SEVENNET:
             model = self.model or "7net-0"
             if model not in SEVENNET_MODELS:
@@ -534,6 +566,8 @@ def campaign_from_dict(data: dict[str, Any], base_dir: Path | None = None, sourc
     for tmpl in cfg.templates:
         if isinstance(tmpl, FolderTemplates) and not tmpl.path.is_absolute():
             tmpl.path = (base / tmpl.path).resolve()
+    if cfg.funnel.checkpoint is not None and not cfg.funnel.checkpoint.is_absolute():
+        cfg.funnel.checkpoint = (base / cfg.funnel.checkpoint).resolve()
     known = cfg.analyze.known_phases
     if known is not None and known.path is not None and not known.path.is_absolute():
         known.path = (base / known.path).resolve()
@@ -619,7 +653,8 @@ relax:
   fmax: 0.05                 # eV/Angstrom
   max_steps: 300
   relax_cell: true
-  reference_prototypes: [fcc, bcc, hcp]   # elemental phases relaxed the same way
+  reference_ground_state: true   # each element's MP ground state (graphite C, alpha-B, solid O2, ...) is a reference
+  reference_prototypes: []       # extra elemental structures relaxed the same way, e.g. [fcc, bcc, hcp]; lowest wins
 # budget: 500                # most candidates relaxed (the DFT allocation), best first; `amdflow budget` changes it later
 
 analyze:

@@ -350,8 +350,9 @@ def _status_table(info: dict[str, Any]) -> Table:
             table.add_row(group, state, str(n))
     funnel = info.get("funnel") or {}
     if funnel:
-        for key in ("relaxed", "passed", "cut", "relaxed_duplicates", "deferred", "failed", "hull_materials"):
-            table.add_row(f"funnel ({funnel['run_type']})" if key == "relaxed" else "funnel", key, str(funnel[key]))
+        for key in ("relaxed", "passed", "ml_failed", "cut", "relaxed_duplicates", "deferred", "failed", "hull_materials"):
+            label = "ml_failed (passed on unranked)" if key == "ml_failed" else key
+            table.add_row(f"funnel ({funnel['run_type']})" if key == "relaxed" else "funnel", label, str(funnel.get(key, 0)))
         for state, n in funnel["references"].items():
             table.add_row("funnel", f"references {state}", str(n))
     budget = info.get("budget") or {}

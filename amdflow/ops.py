@@ -79,6 +79,13 @@ def register_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = 
                 "(Fireworks not yet run will use the new settings)"
             )
         db.campaigns.update_one({"name": cfg.name}, {"$set": {"config": doc.config, "config_hash": doc.config_hash, "updated_at": utcnow()}})
+    now_types = {"run_type": doc.run_type, "funnel_run_type": doc.funnel_run_type}
+    if any(stored.get(k) != v for k, v in now_types.items()):
+        # this amdflow names run types differently (their correction scheme, every energy-relevant setting): results
+        # stored under the old ones stay apart, and the references of the new ones are added by this add
+        logger.warning("campaign %s: run types %s -> %s; tasks of the old run types stay on their own hulls", cfg.name,
+                       {k: stored.get(k) for k in now_types}, now_types)
+        db.campaigns.update_one({"name": cfg.name}, {"$set": {**now_types, "updated_at": utcnow()}})
     return db.campaigns.find_one({"name": cfg.name}, {"_id": 0})
 
 
@@ -404,6 +411,8 @@ def funnel_status(db: AmdflowDB, campaign: str, doc: dict[str, Any]) -> dict[str
         "failed": by_state.get(CandidateState.FAILED.value, 0),
         "deferred": db.candidates.count_documents({"campaign": campaign, "funnel.run_type": run_type, "funnel.deferred": True,
                                                    "state": CandidateState.PRERELAXED.value}),
+        # the potential's guard tripped: passed on unranked (never dropped)
+        "ml_failed": db.candidates.count_documents({"campaign": campaign, "funnel.run_type": run_type, "funnel.ml_failed": True}),
         "references": refs,
         "hull_materials": db.thermo.count_documents({"hull_chemsys": doc["chemsys"], "run_type": run_type}),
     }
@@ -793,7 +802,7 @@ def refunnel(db: AmdflowDB, cfg: CampaignConfig) -> dict[str, int]:
     stored, doc = load_campaign_config(db, cfg.name)
     if not doc.get("funnel_run_type") or not cfg.funnel.enabled:
         raise AmdflowError(f"campaign '{cfg.name}' has no funnel (funnel.engine: none when it was added): nothing to cut again")
-    keep = ("engine", "model", "modal", "fmax", "max_steps", "relax_cell")
+    keep = ("engine", "model", "modal", "fmax", "max_steps", "relax_cell", "checkpoint", "correction")
     if any(getattr(stored.funnel, k, None) != getattr(cfg.funnel, k, None) for k in keep):
         raise AmdflowError("refunnel applies a changed cut (funnel.max_e_above_hull, funnel.top_k_per_formula); the "
                            "file also changes the funnel's potential or relaxation settings, which would be a new hull: "
@@ -807,11 +816,14 @@ def refunnel(db: AmdflowDB, cfg: CampaignConfig) -> dict[str, int]:
          "state": {"$in": [CandidateState.RELAXED.value, CandidateState.ANALYZED.value]}})}
     for cand in db.candidates.find({"campaign": cfg.name, "funnel.run_type": run_type, "funnel.duplicate_of": None,
                                     "state": {"$in": [CandidateState.PRERELAXED.value, CandidateState.FUNNEL_CUT.value]}},
-                                   {"_id": 0, "candidate_id": 1, "formula": 1, "state": 1, "funnel": 1, "fw_ids": 1}):
+                                   {"_id": 0, "candidate_id": 1, "formula": 1, "state": 1, "funnel": 1, "fw_ids": 1,
+                                    "relax_started_at": 1}):
         fw_ids = cand.get("fw_ids") or {}
-        check = cand["funnel"].get("checked_at_relax") or {}
-        if check.get("passed"):  # its final relaxation has started: kept
+        if cand.get("relax_started_at"):  # its final relaxation has started: kept
             counts["started"] += 1
+            continue
+        if cand["funnel"].get("ml_failed"):  # no ML energy to cut on: it stays passed, unranked
+            counts["unchanged"] += 1
             continue
         reason, fields = decide_again(db, cfg, cand)
         after = [fw_ids[s] for s in ("relax", "analyze") if s in fw_ids]
@@ -1024,6 +1036,19 @@ def _templates_text(cfg: CampaignConfig) -> str:
     return "; ".join(parts)
 
 
+def _references_text(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> str:
+    """Each element's reference on the final hull, named ('C: graphite (P6_3/mmc) [ground state; MP mp-48],
+    -9.22 eV/atom'), and what was relaxed for it."""
+    from amdflow.stages import chosen_references, reference_name
+
+    chosen = chosen_references(db, run_type, cfg.elements)
+    tried = ", ".join(reference_name(cfg.elements[0], p).split(" [")[0] if p != "ground_state" else "ground state"
+                      for p in cfg.relax.reference_structures())
+    parts = [f"{el}: {chosen[el]['name']}, {chosen[el]['energy_per_atom']:.4f} eV/atom" if el in chosen else f"{el}: not relaxed yet"
+             for el in cfg.elements]
+    return f"{'; '.join(parts)} (lowest of: {tried})"
+
+
 def write_campaign_report(db: AmdflowDB, cfg: CampaignConfig) -> tuple[Path, dict[str, Any]]:
     """Rebuild the hull, refresh promising/ and the plots, and write ``report.html``; returns (path, analyze summary)."""
     from amdflow.report.funnel import PARITY_FILE, funnel_stages, hit_rate, parity_png
@@ -1048,7 +1073,7 @@ def write_campaign_report(db: AmdflowDB, cfg: CampaignConfig) -> tuple[Path, dic
                      + (f", top {screen.top_k} per formula" if screen.mode == "top_k" else ""),
         "relaxation engine": f"{cfg.relax.engine}" + (f" ({engine_note})" if engine_note else ""),
         "run type": doc["run_type"],
-        "elemental references": ", ".join(cfg.relax.reference_prototypes),
+        "elemental references": _references_text(db, cfg, doc["run_type"]),
         "known phases": "none" if known_cfg is None else f"{known_cfg.source} ({known_cfg.energies}), {len(known)} on this hull",
         "promising": f"e_above_hull <= {cfg.analyze.promising_e_above_hull} eV/atom -> {Path(cfg.output_dir or '.') / 'promising'}",
         "amdflow version": doc.get("code_version", "?"),

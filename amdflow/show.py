@@ -29,6 +29,7 @@ def candidate_report(camp: Campaign, candidate_id: str) -> dict[str, Any]:
     thermo = [{k: d.get(k) for k in ("run_type", "hull_chemsys", "formation_energy_per_atom", "e_above_hull",
                                      "e_above_known_hull", "is_stable", "in_hull")} for d in camp.candidate_thermo(cid)]
     history = camp.history(cid)
+    references = _references(camp, doc)
     files = []
     promising = camp.output_dir / "promising"
     if promising.is_dir():
@@ -40,10 +41,21 @@ def candidate_report(camp: Campaign, candidate_id: str) -> dict[str, Any]:
         "template_formula": tpl.get("formula"), "substitution": doc.get("substitution"), "lattice_scale": doc.get("lattice_scale"),
         "prediction": doc.get("prediction"), "dedup": doc.get("dedup"), "dedup_bucket": doc.get("dedup_bucket"),
         "funnel": doc.get("funnel"), "task_id": doc.get("task_id"), "thermo_summary": doc.get("thermo"), "error": doc.get("error"),
-        "tasks": tasks, "thermo": thermo,
+        "tasks": tasks, "thermo": thermo, "references": references,
         "history": [{k: _plain(v) for k, v in r.items()} for r in history.to_dict("records")],
         "files": files, "created_at": doc.get("created_at"), "updated_at": doc.get("updated_at"),
     }
+
+
+def _references(camp: Campaign, doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per relaxation level ('final', 'funnel'): each of the candidate's elements' reference (structure and energy)."""
+    from pymatgen.core import Composition
+
+    from amdflow.stages import chosen_references
+
+    elements = sorted(el.symbol for el in Composition(doc["formula"]).elements) if doc.get("formula") else []
+    levels = {"final": camp.run_type, "funnel": camp.funnel_run_type}
+    return {level: {"run_type": rt, "elements": chosen_references(camp.db, rt, elements)} for level, rt in levels.items() if rt}
 
 
 def _plain(value: Any) -> Any:
@@ -92,6 +104,9 @@ def render(rep: dict[str, Any]) -> list[RenderableType]:
         verdict = "passed" if funnel.get("passed") else f"cut: {funnel.get('reason')}"
         head.add_row("funnel", f"{funnel.get('model')}: {where}, {funnel.get('n_steps')} steps, "
                                f"{'converged' if funnel.get('converged') else 'not converged'}: {verdict}")
+    for level, refs in (rep.get("references") or {}).items():
+        shown = "; ".join(f"{el}: {r['name']}, {_f(r['energy_per_atom'], 4)} eV/atom" for el, r in refs["elements"].items())
+        head.add_row(f"references ({level})", shown or "not relaxed yet")
     out: list[Any] = [head]
     if rep["tasks"]:
         t = Table(title="relaxations", title_justify="left")

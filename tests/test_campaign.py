@@ -6,7 +6,6 @@ import pytest
 
 from amdflow.campaign import (
     EXAMPLE_CAMPAIGN,
-    REFERENCE_PROTOTYPES,
     campaign_from_dict,
     load_campaign,
 )
@@ -24,7 +23,8 @@ def test_example_is_valid_and_resolves_paths(tmp_path):
     assert cfg.elements == ["Ce", "Fe", "In"]
     assert cfg.chemsys == "Ce-Fe-In"
     assert cfg.output_dir == (tmp_path / "CeFeIn").resolve()
-    assert cfg.relax.reference_prototypes == [REFERENCE_PROTOTYPES[k] for k in ("fcc", "bcc", "hcp")]
+    assert cfg.relax.reference_ground_state and cfg.relax.reference_prototypes == []  # MP's ground states, no extras
+    assert cfg.relax.reference_structures() == ["ground_state"]
     assert (cfg.screen.mode, cfg.screen.top_k, cfg.screen.max_formation_energy_per_atom) == ("top_k", 3, 1.0)  # recall-first
     assert cfg.funnel.max_e_above_hull == 0.05
 
@@ -38,7 +38,7 @@ def test_unknown_key_is_named(tmp_path):
 
 
 def test_wrong_type_is_named(tmp_path):
-    text = EXAMPLE_CAMPAIGN.replace("max_steps: 300\n  relax_cell: true\n  reference_prototypes", "max_steps: many\n  relax_cell: true\n  reference_prototypes")
+    text = EXAMPLE_CAMPAIGN.replace("max_steps: 300\n  relax_cell: true\n  reference_ground_state", "max_steps: many\n  relax_cell: true\n  reference_ground_state")
     assert text != EXAMPLE_CAMPAIGN
     with pytest.raises(ConfigError, match=r"key 'relax.max_steps'.*'many'"):
         load_campaign(write(tmp_path, text))
@@ -126,7 +126,7 @@ def test_every_model_validates_its_defaults():
 
 def test_a_default_equals_the_same_value_written_for_every_validated_field():
     """For every field with a validator: omitting it gives what writing its default explicitly gives
-    (relax.reference_prototypes' default [fcc, bcc, hcp] became AFLOW labels only when written)."""
+    (an earlier relax.reference_prototypes default, [fcc, bcc, hcp], became AFLOW labels only when written)."""
     checked = []
     for model in _models():
         validated = {name for dec in model.__pydantic_decorators__.field_validators.values() for name in dec.info.fields}
@@ -144,13 +144,19 @@ def test_a_default_equals_the_same_value_written_for_every_validated_field():
             "VaspConfig.handlers", "VaspConfig.incar", "AmdflowSettings.launchpad_file"} <= set(checked), checked
 
 
-def test_default_reference_prototypes_are_aflow_labels():
-    cfg = campaign_from_dict(_REQUIRED["CampaignConfig"])
+def test_short_reference_prototypes_become_aflow_labels_that_build():
+    cfg = campaign_from_dict({**_REQUIRED["CampaignConfig"], "relax": {"reference_prototypes": ["fcc", "bcc", "hcp"]}})
     assert cfg.relax.reference_prototypes == ["A_cF4_225_a", "A_cI2_229_a", "A_hP2_194_c"]
+    assert cfg.relax.reference_structures() == ["ground_state", "A_cF4_225_a", "A_cI2_229_a", "A_hP2_194_c"]
     from amdflow.stages import reference_structure
 
-    for label in cfg.relax.reference_prototypes:  # each one builds (the stage's own lookup)
+    for label in cfg.relax.reference_structures():  # each one builds (the stage's own lookup)
         assert reference_structure("Al", label).composition.reduced_formula == "Al"
+
+
+def test_no_reference_at_all_is_a_config_error():
+    with pytest.raises(ConfigError, match="no elemental reference"):
+        campaign_from_dict({**_REQUIRED["CampaignConfig"], "relax": {"reference_ground_state": False}})
 
 
 def test_init_file_and_a_file_of_only_the_required_keys_give_the_same_config(tmp_path):
@@ -191,7 +197,8 @@ def test_a_stored_campaign_of_unnormalised_defaults_is_the_same_campaign(db):
     from amdflow.ops import register_campaign
     from amdflow.stages import campaign_doc, reference_structure
 
-    cfg = campaign_from_dict(_REQUIRED["CampaignConfig"])
+    extras = {"relax": {"reference_prototypes": ["fcc", "bcc", "hcp"]}}
+    cfg = campaign_from_dict({**_REQUIRED["CampaignConfig"], **extras})
     old = campaign_doc(cfg).to_mongo()
     old["config"]["relax"]["reference_prototypes"] = ["fcc", "bcc", "hcp"]
     old["config_hash"] = "0" * 64  # what the old code hashed (its own, different value)
@@ -200,7 +207,7 @@ def test_a_stored_campaign_of_unnormalised_defaults_is_the_same_campaign(db):
     assert stored["config_hash"] == cfg.config_hash()
     assert stored["config"]["relax"]["reference_prototypes"] == ["A_cF4_225_a", "A_cI2_229_a", "A_hP2_194_c"]
     assert reference_structure("Ni", "fcc").composition.reduced_formula == "Ni"
-    changed = campaign_from_dict({**_REQUIRED["CampaignConfig"], "dedup": {"ltol": 0.3}})
+    changed = campaign_from_dict({**_REQUIRED["CampaignConfig"], **extras, "dedup": {"ltol": 0.3}})
     with pytest.raises(AmdflowError, match="exists with different settings"):
         register_campaign(db, changed)
 

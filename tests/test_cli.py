@@ -115,9 +115,9 @@ def test_campaign_cli_kill_and_resume(tmp_path, binary_campaign_dict):
     assert status["candidates"]["analyzed"] + status["candidates"]["duplicate"] + status["candidates"]["screened_out"] == 6
     assert status["candidates"]["duplicate"] >= 1
     assert status["thermo"]["stable_candidates"] >= 1
-    assert status["references"] == {"relaxed": 2}
+    assert status["references"] == {"relaxed": 4}  # 2 elements x (ground state, fcc)
     times = status["stage_times"]
-    assert times["reference"]["launches"] == 2 and times["predict"]["launches"] == 6
+    assert times["reference"]["launches"] == 4 and times["predict"]["launches"] == 6
     assert times["relax"]["total_s"] > 0
     assert 0 < times["predict"]["wall_s"] <= times["predict"]["total_s"] + 0.01  # one after another here: wall ~ summed
 
@@ -193,7 +193,8 @@ def test_generate_dry_run_and_bad_inputs(tmp_path):
 @pytest.mark.slow
 def test_campaign_of_only_the_required_keys_runs_every_stage_and_builds_a_hull(tmp_path):
     """name, elements and templates (a folder: its path is required) and nothing else: every default is the
-    validated one, so the default references (fcc, bcc, hcp) relax and the hull is built (issue 13)."""
+    validated one, so the default references (each element's ground state: fcc Al and Ni) relax and the hull is
+    built (issues 13, 25)."""
     from amdflow.generate.templates import aflow_structure
 
     folder = tmp_path / "templates"
@@ -206,9 +207,10 @@ def test_campaign_of_only_the_required_keys_runs_every_stage_and_builds_a_hull(t
     run = amdflow("run", "campaign.yaml", cwd=tmp_path)
     assert "Traceback" not in run.stderr, run.stderr
     status = json.loads(amdflow("status", "campaign.yaml", "--json", cwd=tmp_path).stdout)
-    assert status["references"] == {"relaxed": 6}  # 2 elements x [fcc, bcc, hcp], none fizzled
+    assert status["references"] == {"relaxed": 2}  # 2 elements x their ground state, none fizzled
     funnel = status["funnel"]  # on by default: SevenNet-0 before the final CHGNet relax, references of its own
-    assert funnel["run_type"].startswith("sevennet-7net-0-") and funnel["references"] == {"relaxed": 6}
+    assert funnel["run_type"].startswith("sevennet-7net-0-0.13.0-mp2020-") and funnel["references"] == {"relaxed": 2}
+    assert "-mp2020-in-model-" in status["run_type"]  # CHGNet's energies carry MP2020 already: nothing applied
     assert funnel["relaxed"] >= 1 and funnel["passed"] >= 1 and status["run_type"].startswith("chgnet-")
     assert status["fireworks"].get("FIZZLED", 0) == 0, status["fireworks"]
     assert status["candidates_total"] == 3  # B2 AlNi, L1_2 AlNi3 and Al3Ni
@@ -218,7 +220,10 @@ def test_campaign_of_only_the_required_keys_runs_every_stage_and_builds_a_hull(t
     assert (out / "phase_diagram.png").exists() and (out / "promising" / "summary.csv").exists()
     store = read_store(out / "launchpad_store.json")
     refs = sorted(doc["prototype"] for _, doc in store["amdflow"]["references"]["documents"])
-    assert refs == sorted(["A_cF4_225_a", "A_cI2_229_a", "A_hP2_194_c"] * 4)  # the defaults as AFLOW labels, x 2 elements x 2 levels
+    assert refs == ["ground_state"] * 4  # the default, x 2 elements x 2 levels
+    amdflow("report", "campaign.yaml", cwd=tmp_path)
+    html = (out / "report.html").read_text()
+    assert "Al: fcc [ground state; MP mp-134]" in html and "Ni: fcc [ground state; MP" in html  # named in the report
     # the funnel relaxed its candidates as one batch (after every dedup), not one after another as each dedup finished
     funnel_fws = [fw for fw in fw_docs(store) if fw["spec"].get("amdflow_stage") == "funnel" and fw["state"] == "COMPLETED"]
     assert len(funnel_fws) >= 2, [fw["name"] for fw in funnel_fws]

@@ -431,7 +431,8 @@ def test_a_collapsing_cell_ends_as_a_failed_relaxation_not_a_record_low_energy()
     from amdflow.campaign import FunnelConfig
     from amdflow.generate.volume import atomic_volume
     from amdflow.relax import get_funnel_engine
-    from amdflow.relax.torchsim_relax import ENERGY_FLOOR_EV_PER_ATOM, _unphysical, _volume_bounds
+    from amdflow.relax.guards import volume_bounds as _volume_bounds
+    from amdflow.relax.torchsim_relax import ENERGY_FLOOR_EV_PER_ATOM, _unphysical
 
     cell = torch.stack([torch.eye(3) * 3.0, torch.eye(3) * 2.0, torch.eye(3) * 3.0, torch.eye(3) * 5.0]).double()
     state = SimpleNamespace(system_idx=torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), n_systems=4, cell=cell,

@@ -38,8 +38,34 @@ from amdflow.thermo.hull import EntryKind, HullEntry, hull_analysis, subsystems
 logger = logging.getLogger(__name__)
 
 TASK_FIELDS = ["task_id", "formula", "chemsys", "energy_per_atom", "kind", "candidate_id", "campaign", "run_type",
-               "converged", "known_id", "source"]
-KNOWN_FIELDS = ["known_id", "formula", "chemsys", "energy_per_atom", "run_type", "source", "source_id"]
+               "converged", "known_id", "source", "engine", "level", "correction_scheme"]
+KNOWN_FIELDS = ["known_id", "formula", "chemsys", "energy_per_atom", "run_type", "source", "source_id", "energy_scale"]
+
+
+class MixedHullError(AmdflowError):
+    """One hull's entries were computed by different engines or carry different correction schemes (never allowed)."""
+
+
+def check_one_scale(run_type: str, system: str, tasks: list[dict[str, Any]], known: list[dict[str, Any]]) -> None:
+    """Raise :class:`MixedHullError` unless every entry of a hull is on one energy scale: one engine, one level, one
+    correction scheme among the tasks, and imported known phases on that scheme's scale.
+
+    Run types already keep these apart (each names its engine and scheme); this is the check that a
+    task written under the wrong run type, by a bug or by hand, cannot slip an ML energy into a DFT
+    hull or a corrected energy into an uncorrected one unseen.
+    """
+    from amdflow.thermo.corrections import SCALE, CorrectionScheme
+
+    kinds = {(d.get("engine"), d.get("level", "final"), d.get("correction_scheme")) for d in tasks if "engine" in d}
+    if len(kinds) > 1:
+        shown = ", ".join(f"{e} ({lv}, correction {c})" for e, lv, c in sorted(kinds, key=str))
+        raise MixedHullError(f"hull {system} ({run_type}) holds energies of {shown}: one hull takes one engine and one "
+                             "correction scheme; delete the tasks written under the wrong run type")
+    schemes = {c for _, _, c in kinds if c}
+    scales = {d["energy_scale"] for d in known if d.get("energy_scale")}
+    if schemes and scales and scales != {SCALE[CorrectionScheme(next(iter(schemes)))]}:
+        raise MixedHullError(f"hull {system} ({run_type}): known phases on the {', '.join(sorted(scales))} scale join tasks "
+                             f"corrected by {next(iter(schemes))}: re-run `amdflow add` to import them on the hull's scale")
 KNOWN_PREFIX = "known:"  # digest keys of imported known phases, beside the tasks' chemsys keys
 
 
@@ -87,6 +113,7 @@ def build_system(item: dict[str, Any], include_unconverged: bool = False) -> dic
                               "n_entries": len(item["tasks"]) + len(item["known"]), "error": None}
     tasks = {d["task_id"]: d for d in item["tasks"]}
     known = {d["known_id"]: d for d in item["known"]}
+    check_one_scale(run_type, system, item["tasks"], item["known"])  # raises: never a mixed hull, never quietly
     entries = hull_entries(item["tasks"], item["known"], include_unconverged)
     try:
         results = hull_analysis(entries, system.split("-"))

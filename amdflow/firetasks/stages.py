@@ -181,6 +181,8 @@ def funnel_action(out: stages.FunnelOutcome, fw_spec: dict[str, Any]) -> FWActio
     stored = {"passed": out.passed, "e_above_hull": out.e_above_hull, "reason": out.reason, "duplicate_of": out.duplicate_of}
     if not out.passed:
         return FWAction(stored_data=stored, defuse_workflow=True)
+    if out.ml_failed:  # the potential's guard tripped: unranked, after every ranked candidate
+        return FWAction(stored_data={**stored, "ml_failed": True}, update_spec={"_priority": stages.ML_FAILED_PRIORITY})
     if out.e_above_hull is None:  # deferred (no ML hull yet): keep the predicted-energy priority
         return FWAction(stored_data=stored, update_spec=_pass_priority(fw_spec))
     return FWAction(stored_data=stored, update_spec={"_priority": stages.priority_from_e_above_hull(out.e_above_hull)})

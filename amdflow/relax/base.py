@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pymatgen.core import Structure
 
 from amdflow.campaign import FunnelConfig, FunnelEngine, RelaxConfig, RelaxEngine
 from amdflow.errors import AmdflowError
+
+if TYPE_CHECKING:  # amdflow.thermo pulls in pymatgen's phase diagrams (and matplotlib): only where energies are corrected
+    from amdflow.thermo.corrections import Corrected, CorrectionPolicy, CorrectionScheme
 
 
 @dataclass
@@ -35,8 +39,49 @@ class Engine(Protocol):
     name: str
     run_type: str  # energies of one run type are comparable; thermo never mixes them
     note: str
+    correction: CorrectionPolicy  # the correction its energies get (its scheme is in the run type)
 
     def relax(self, structure: Structure, directory: Path | None = None) -> RelaxResult: ...
+
+
+def run_type_name(engine: str, label: str, scheme: CorrectionScheme | str, settings: dict[str, Any]) -> str:
+    """A run type: engine, model or input set, correction scheme, and a hash of every other setting that moves an
+    energy (relaxation settings included: a looser fmax stops elsewhere), e.g. 'sevennet-7net-0-0.13.0-mp2020-1a2b3c4d'."""
+    import hashlib
+    import json
+
+    from amdflow.thermo.corrections import CorrectionScheme
+
+    key = json.dumps(settings, sort_keys=True, default=str)
+    return f"{engine}-{label}-{CorrectionScheme(scheme).value}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file (checkpoints, weights), cached per path, size and modification time."""
+    p = Path(path)
+    st = p.stat()
+    return _file_sha256(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=32)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def corrected_energy(engine: Any, result: RelaxResult) -> Corrected:
+    """A relaxation's energy on its run type's scale: the engine's correction policy applied to the final structure
+    (with the run's own +U parameters when the engine reports them, else MP's for the structure)."""
+    from amdflow.thermo.corrections import CorrectionScheme, correct
+
+    policy = getattr(engine, "correction", None)
+    scheme = policy.scheme if policy is not None else CorrectionScheme.NONE
+    return correct(result.final_structure, result.energy, scheme, result.details.get("correction_parameters"))
 
 
 def get_funnel_engine(cfg: FunnelConfig, device: str = "cpu", max_atoms_in_flight: int | None = None) -> Engine:

@@ -21,7 +21,9 @@ import numpy as np
 from pymatgen.core import Structure
 
 from amdflow.campaign import RelaxConfig
-from amdflow.relax.base import RelaxResult
+from amdflow.relax.base import RelaxResult, file_sha256, run_type_name
+from amdflow.relax.guards import GuardTripped, check_trajectory
+from amdflow.thermo.corrections import CorrectionPolicy, policy_for
 
 NOTE = "CHGNet universal potential: an ML energy, not a DFT energy (the laptop stand-in for DFT as relax.engine)"
 
@@ -34,6 +36,19 @@ def _optimizer(device: str):
         model = CHGNet.load(use_device=device, verbose=False)
         opt = StructOptimizer(model=model, use_device=device)
     return model, opt
+
+
+def chgnet_weights_sha256() -> str:
+    """sha256 of the weights CHGNet.load() reads (its default pretrained model, in the wheel)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("chgnet")
+    assert spec is not None and spec.submodule_search_locations
+    folder = Path(next(iter(spec.submodule_search_locations))) / "pretrained" / "0.3.0"
+    files = sorted(folder.glob("*.pth.tar"))
+    if not files:
+        raise FileNotFoundError(f"CHGNet's pretrained weights are missing from {folder}: reinstall chgnet")
+    return file_sha256(files[0])
 
 
 def chgnet_model_version(device: str = "cpu") -> str:
@@ -56,10 +71,16 @@ class CHGNetEngine:
         self.device = device
 
     @property
+    def correction(self) -> CorrectionPolicy:
+        return policy_for("chgnet", self.cfg)
+
+    @property
     def run_type(self) -> str:
         import chgnet
 
-        return f"chgnet-{chgnet.__version__}"
+        return run_type_name("chgnet", chgnet.__version__, self.correction.scheme, {
+            "weights_sha256": chgnet_weights_sha256(), "fmax": float(self.cfg.fmax), "max_steps": int(self.cfg.max_steps),
+            "relax_cell": bool(self.cfg.relax_cell)})
 
     def relax(self, structure: Structure, directory: Path | None = None) -> RelaxResult:
         _, opt = _optimizer(self.device)
@@ -74,6 +95,11 @@ class CHGNetEngine:
                 verbose=False,
             )
         traj = result["trajectory"]
+        n_atoms = len(structure)
+        reason = check_trajectory(structure, [abs(float(np.linalg.det(c))) / n_atoms for c in traj.cells],
+                                  [float(e) / n_atoms for e in traj.energies])
+        if reason is not None:  # the same guard as SevenNet's: a collapse is no record-low energy
+            raise GuardTripped(reason)
         forces = np.asarray(traj.forces[-1])
         max_force = float(np.linalg.norm(forces, axis=1).max()) if forces.size else 0.0
         n_steps = max(len(traj.energies) - 1, 0)

@@ -25,7 +25,8 @@ from pymatgen.core import Structure
 
 from amdflow.campaign import Cp2kConfig, RelaxConfig, SpinPolicy
 from amdflow.errors import AmdflowError
-from amdflow.relax.base import RelaxResult
+from amdflow.relax.base import RelaxResult, run_type_name
+from amdflow.thermo.corrections import CorrectionPolicy, policy_for
 
 NOTE = "CP2K through Custodian (pymatgen CP2K set, GTH pseudopotentials, MOLOPT basis)"
 HARTREE_TO_EV = 27.211386245988
@@ -158,11 +159,15 @@ class Cp2kEngine:
         self.env = env
 
     @property
+    def correction(self) -> CorrectionPolicy:
+        return policy_for("cp2k", self.cfg)
+
+    @property
     def run_type(self) -> str:
         c = self.cfg.cp2k.model_dump(mode="json")
-        key = json.dumps({k: c[k] for k in ("cutoff", "rel_cutoff", "kpoint_density", "basis", "potential", "spin", "smearing")},
-                         sort_keys=True)
-        return f"cp2k-pbe-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+        keys = ("cutoff", "rel_cutoff", "kpoint_density", "basis", "potential", "spin", "smearing", "eps_scf", "eps_default",
+                "job", "max_force", "max_iter")
+        return run_type_name("cp2k", "pbe", self.correction.scheme, {k: c[k] for k in keys})
 
     def relax(self, structure: Structure, directory: Path | None = None) -> RelaxResult:
         from amdflow.settings import get_settings

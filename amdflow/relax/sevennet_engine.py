@@ -25,7 +25,9 @@ from typing import Any
 from pymatgen.core import Structure
 
 from amdflow.campaign import SEVENNET_MODELS
-from amdflow.relax.base import RelaxResult
+from amdflow.errors import AmdflowError
+from amdflow.relax.base import RelaxResult, file_sha256, run_type_name
+from amdflow.thermo.corrections import CorrectionPolicy, policy_for
 
 MAX_ATOMS_IN_FLIGHT = {"cpu": 512, "cuda": 20_000}  # atoms in one batched forward pass
 
@@ -115,16 +117,37 @@ class SevenNetEngine:
 
     @property
     def model_name(self) -> str:
-        return str(self.cfg.model)
+        """The shipped checkpoint's name ('7net-0', ...), or 'checkpoint' for a fine-tuned file."""
+        return "checkpoint" if getattr(self.cfg, "checkpoint", None) else str(self.cfg.model)
+
+    @property
+    def checkpoint_path(self) -> str:
+        """The checkpoint file the model is read from (a shipped one inside the sevenn wheel, or the user's)."""
+        user = getattr(self.cfg, "checkpoint", None)
+        if user:
+            if not Path(user).is_file():
+                raise AmdflowError(f"funnel.checkpoint {user} not found: fix the path (a SevenNet checkpoint file)")
+            return str(user)
+        from sevenn.util import pretrained_name_to_path
+
+        return str(pretrained_name_to_path(self.model_name))
+
+    @property
+    def correction(self) -> CorrectionPolicy:
+        return policy_for("sevennet", self.cfg)
 
     @property
     def run_type(self) -> str:
         modal = f"-{self.cfg.modal.lower()}" if self.cfg.modal else ""
-        return f"sevennet-{self.model_name}{modal}-{sevenn_version()}"
+        return run_type_name("sevennet", f"{self.model_name}{modal}-{sevenn_version()}", self.correction.scheme, {
+            "checkpoint_sha256": file_sha256(self.checkpoint_path), "modal": self.cfg.modal, "fmax": float(self.cfg.fmax),
+            "max_steps": int(self.cfg.max_steps), "relax_cell": bool(self.cfg.relax_cell)})
 
     @property
     def note(self) -> str:
-        return (f"{SEVENNET_MODELS.get(self.model_name, self.model_name)} universal potential (sevenn {sevenn_version()}"
+        what = (f"fine-tuned SevenNet checkpoint {Path(self.checkpoint_path).name}" if self.model_name == "checkpoint"
+                else SEVENNET_MODELS.get(self.model_name, self.model_name))
+        return (f"{what} universal potential (sevenn {sevenn_version()}"
                 f"{', modal ' + self.cfg.modal if self.cfg.modal else ''}): an ML energy, not a DFT energy")
 
     def relax(self, structure: Structure, directory: Path | None = None) -> RelaxResult:
@@ -137,6 +160,7 @@ class SevenNetEngine:
         """One batched relaxation in this process (``workers`` is not used: the batch uses the cores)."""
         from amdflow.relax.torchsim_relax import relax_structures
 
-        model = load_model(self.model_name, self.cfg.modal, self.device)
+        model = load_model(self.checkpoint_path if self.model_name == "checkpoint" else self.model_name, self.cfg.modal,
+                           self.device)
         return relax_structures(structures, model, self.cfg.fmax, self.cfg.max_steps, self.cfg.relax_cell,
                                 self.max_atoms_in_flight)

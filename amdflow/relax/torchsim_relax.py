@@ -23,18 +23,16 @@ from typing import Any
 from pymatgen.core import Structure
 
 from amdflow.relax.base import RelaxResult
+from amdflow.relax.guards import (  # the guard every ML engine applies (see amdflow.relax.guards)
+    ENERGY_FLOOR_EV_PER_ATOM,
+    VOLUME_RATIO_MAX,
+    VOLUME_RATIO_MIN,
+    GuardTripped,
+    unphysical_reason,
+    volume_bounds,
+)
 
-# A universal potential has holes: measured on MP perovskite decorations (scripts/bench_discovery.py),
-# SevenNet-0 under FIRE + cell filter drove 5 of 192 cells into collapse (down to 0.85 A^3/atom and
-# -2e25 eV/atom; others at -50 to -98 eV/atom, while no MP element lies below -14.3 eV/atom). Such a
-# cell also slows its whole batch (its neighbour lists explode). A structure whose volume per atom
-# falls below VOLUME_RATIO_MIN x the smaller, or rises above VOLUME_RATIO_MAX x the larger, of its
-# start and its elements' own volumes (pymatgen's molar volumes: the volume rule gives some
-# substituted cells a third of that, and they rightly expand), or whose energy falls below
-# ENERGY_FLOOR, ends as a failed relaxation with that reason instead of a record-low energy.
-VOLUME_RATIO_MIN = 0.5
-VOLUME_RATIO_MAX = 3.0
-ENERGY_FLOOR_EV_PER_ATOM = -25.0
+__all__ = ["ENERGY_FLOOR_EV_PER_ATOM", "VOLUME_RATIO_MAX", "VOLUME_RATIO_MIN", "relax_structures"]
 
 
 def relax_structures(structures: Sequence[Structure], model: Any, fmax: float, max_steps: int, relax_cell: bool = True,
@@ -60,7 +58,7 @@ def relax_structures(structures: Sequence[Structure], model: Any, fmax: float, m
     batcher.load_states(states)
     steps = [0] * len(structures)
     start_volume = [s.volume / len(s) for s in structures]
-    bounds = [_volume_bounds(s) for s in structures]  # (lowest, highest) physical volume per atom
+    bounds = [volume_bounds(s) for s in structures]  # (lowest, highest) physical volume per atom
     record: dict[int, tuple[bool, float]] = {}  # original index -> (converged, largest force)
     broken: dict[int, str] = {}  # original index -> why the relaxation is unphysical
     finished: list[Any] = []
@@ -79,7 +77,7 @@ def relax_structures(structures: Sequence[Structure], model: Any, fmax: float, m
         for k in torch.where(done)[0].tolist():
             record[idx[k]] = (bool(force[k] <= fmax) and bool(energy_ok[k]), float(force[k]))
             if bool(unphysical[k]) and bool(energy_ok[k]):
-                broken[idx[k]] = _why_unphysical(state, k, start_volume[idx[k]], steps[idx[k]])
+                broken[idx[k]] = _why_unphysical(state, k, bounds[idx[k]], start_volume[idx[k]], steps[idx[k]])
         state, completed, idx = batcher.next_batch(state, done)
         finished.extend(completed)
     ordered = batcher.restore_original_order(finished)
@@ -89,7 +87,7 @@ def relax_structures(structures: Sequence[Structure], model: Any, fmax: float, m
         converged, largest = record[i]
         energy = float(final.energy[0])
         if i in broken:
-            out.append(FloatingPointError(broken[i]))
+            out.append(GuardTripped(broken[i]))
             continue
         if not math.isfinite(energy):
             out.append(FloatingPointError(f"the relaxation diverged (energy {energy}) after {steps[i]} steps"))
@@ -122,15 +120,6 @@ def _per_system(state: Any) -> tuple[Any, Any]:
     return volume / counts, state.energy / counts
 
 
-def _volume_bounds(structure: Structure) -> tuple[float, float]:
-    """The volume per atom (A^3) a relaxation of ``structure`` may reach before it counts as collapsed or blown up."""
-    from amdflow.generate.volume import atomic_volume
-
-    start = structure.volume / len(structure)
-    elemental = sum(atomic_volume(site.specie.symbol) for site in structure) / len(structure)
-    return VOLUME_RATIO_MIN * min(start, elemental), VOLUME_RATIO_MAX * max(start, elemental)
-
-
 def _unphysical(state: Any, bounds: list[tuple[float, float]]) -> Any:
     import torch
 
@@ -139,10 +128,10 @@ def _unphysical(state: Any, bounds: list[tuple[float, float]]) -> Any:
     return (volume < low) | (volume > high) | (energy < ENERGY_FLOOR_EV_PER_ATOM)
 
 
-def _why_unphysical(state: Any, k: int, start_volume: float, steps: int) -> str:
+def _why_unphysical(state: Any, k: int, bounds: tuple[float, float], start_volume: float, steps: int) -> str:
     volume, energy = _per_system(state)
-    return (f"the relaxation went unphysical after {steps} steps: {float(volume[k]):.2f} A^3/atom (started at {start_volume:.2f}), "
-            f"{float(energy[k]):.4g} eV/atom; the potential has a hole here: not a low-energy crystal")
+    reason = unphysical_reason(bounds, float(volume[k]), float(energy[k]), start_volume, steps)
+    return reason or f"the relaxation went unphysical after {steps} steps"
 
 
 def _largest_force(state: Any, relax_cell: bool) -> Any:

@@ -51,6 +51,8 @@ def funnel_stages(counts: dict[str, int], funnel: dict[str, int] | None) -> list
     if funnel:
         rows += [("relaxed by the funnel's potential", funnel["relaxed"]),
                  ("passed the funnel's cut (not a relaxed duplicate)", funnel["passed"])]
+        if funnel.get("ml_failed"):  # the potential's guard tripped: passed on unranked, never dropped
+            rows.append(("of which passed on unranked (ML relaxation failed)", funnel["ml_failed"]))
     rows.append(("relaxed by the final engine", relaxed))
     return rows
 

@@ -89,11 +89,12 @@ class FunnelRecord(_Doc):
     engine: str = Field(description="'chgnet' or 'sevennet'.")
     model: str = Field(description="The potential, e.g. 'SevenNet-0 (11Jul2024; MPtrj)'.")
     run_type: str = Field(description="The ML hull this energy belongs to (never mixed with DFT).")
-    task_id: str = Field(description="Task document of the ML relaxation.")
-    energy_per_atom: float = Field(description="ML energy of the relaxed structure, eV/atom.")
+    task_id: str | None = Field(description="Task document of the ML relaxation (None: ml_failed).")
+    energy_per_atom: float | None = Field(description="ML energy of the relaxed structure on the run type's scale, eV/atom "
+                                          "(None: ml_failed).")
     converged: bool
     n_steps: int
-    max_force: float = Field(description="Largest residual force (cell included), eV/Angstrom.")
+    max_force: float | None = Field(description="Largest residual force (cell included), eV/Angstrom.")
     formation_energy_per_atom: float | None = Field(None, description="vs the same potential's elemental references, eV/atom.")
     e_above_hull: float | None = Field(None, description="On the ML hull of the funnel's run type, eV/atom; None: no hull yet.")
     max_e_above_hull: float = Field(description="The cut applied, eV/atom.")
@@ -104,6 +105,9 @@ class FunnelRecord(_Doc):
     duplicate_of: str | None = Field(None, description="Relaxed into the same crystal as this candidate (lower ML energy).")
     reason: str | None = Field(None, description="Why it does not go to the final relax.")
     checked_at_relax: dict[str, Any] | None = Field(None, description="The decision again just before the final relax.")
+    ml_failed: bool = Field(False, description="The potential's relaxation tripped its guard (a hole of the potential): "
+                            "passed on unranked, after every ranked candidate, from its own cell.")
+    ml_error: str | None = Field(None, description="ml_failed: what the guard saw.")
 
 
 class CandidateDoc(_Doc):
@@ -130,6 +134,8 @@ class CandidateDoc(_Doc):
     error: str | None = None
     resume: dict[str, Any] | None = Field(None, description="Relaxation stopped at the walltime: its last structure and "
                                           "folder; the rerun continues from it.")
+    relax_started_at: datetime | None = Field(None, description="When its final relaxation started (budget slot taken): "
+                                              "from then on the funnel's second dedup keeps it.")
     fw_ids: dict[str, int] = Field(default_factory=dict, description="Stage name -> Firework id.")
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
@@ -152,8 +158,13 @@ class TaskDoc(_Doc):
     engine_note: str
     input_structure: dict[str, Any]
     final_structure: dict[str, Any]
-    energy: float = Field(description="Total energy of the final structure, eV.")
-    energy_per_atom: float = Field(description="eV/atom.")
+    energy: float = Field(description="Total energy of the final structure on the run type's scale (its correction "
+                          "scheme applied), eV: what the hull uses.")
+    energy_per_atom: float = Field(description="eV/atom, on the run type's scale.")
+    uncorrected_energy: float | None = Field(None, description="Total energy as the engine computed it, eV.")
+    correction: float = Field(0.0, description="energy - uncorrected_energy, eV (MP2020's anion and +U mixing terms).")
+    correction_scheme: str = Field("none", description="'mp2020' (applied), 'mp2020-in-model' (the potential's own), 'none'.")
+    energy_adjustments: list[dict[str, Any]] = Field(default_factory=list, description="Each correction term: name, value (eV).")
     converged: bool
     n_steps: int
     max_force: float = Field(description="Largest residual force, eV/Angstrom.")
@@ -164,6 +175,8 @@ class TaskDoc(_Doc):
     dir_name: str | None = None
     known_id: str | None = Field(None, description="kind 'known': the imported known phase relaxed.")
     source: str | None = Field(None, description="kind 'known': where the phase was imported from (e.g. 'mp:mp-1234').")
+    reference: dict[str, Any] | None = Field(None, description="kind 'reference': element, prototype asked for, structure "
+                                             "relaxed (the ground state, or a fallback after a tripped guard) and its name.")
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -179,6 +192,11 @@ class ReferenceDoc(_Doc):
     state: str = Field("pending", description="'pending', 'relaxed' or 'failed'.")
     energy_per_atom: float | None = None
     task_id: str | None = None
+    structure: str | None = Field(None, description="The structure relaxed: 'ground_state', an AFLOW label, or the fallback "
+                                  "relaxed in its place.")
+    name: str | None = Field(None, description="The structure's name for people.")
+    tried: list[dict[str, Any]] | None = Field(None, description="Structures whose relaxation tripped the potential's guard.")
+    error: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -30,6 +30,7 @@ from amdflow.stages.analyze import (
 from amdflow.stages.common import (
     CLAIM_STALE_S,
     HULL_CLAIM_STALE_S,
+    ClaimTimeout,
     campaign_doc,
     claim,
     funnel_run_type_of,
@@ -41,6 +42,7 @@ from amdflow.stages.common import (
 )
 from amdflow.stages.dedup import SCREENED_BY_TOP_K, DedupOutcome, dedup_many, dedup_stage
 from amdflow.stages.funnel import (
+    ML_FAILED_PRIORITY,
     FunnelCut,
     FunnelOutcome,
     funnel_hull_stage,
@@ -57,9 +59,11 @@ from amdflow.stages.known import (
 from amdflow.stages.predict import PredictOutcome, predict_stage
 from amdflow.stages.relax import (
     OverBudget,
+    chosen_references,
     level_engine,
     pending_references,
     reference_id,
+    reference_name,
     reference_structure,
     relax_candidate_stage,
     relax_reference_stage,
@@ -71,10 +75,12 @@ from amdflow.stages.training import campaign_training_data
 __all__ = [
     "CLAIM_STALE_S",
     "HULL_CLAIM_STALE_S",
+    "ML_FAILED_PRIORITY",
     "PLOT_FILE",
     "PLOT_HTML",
     "PROMISING_DIR",
     "SCREENED_BY_TOP_K",
+    "ClaimTimeout",
     "DedupOutcome",
     "FunnelCut",
     "FunnelOutcome",
@@ -85,6 +91,7 @@ __all__ = [
     "campaign_doc",
     "campaign_thermo",
     "campaign_training_data",
+    "chosen_references",
     "claim",
     "dedup_many",
     "dedup_stage",
@@ -102,6 +109,7 @@ __all__ = [
     "promising_rows",
     "record_failure",
     "reference_id",
+    "reference_name",
     "reference_structure",
     "refresh_funnel_hull",
     "refresh_outputs",

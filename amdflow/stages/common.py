@@ -78,19 +78,38 @@ CLAIM_STALE_S = 300.0  # a claim older than this belongs to a dead rocket and ma
 HULL_CLAIM_STALE_S = 120.0  # hull builds take seconds; a claim this old was left by a dead process
 
 
+class ClaimTimeout(AmdflowError):
+    """A claim another process holds could not be had within the timeout."""
+
+
+def _heartbeat(locks: Any, key: str, owner: str, every_s: float, stop: Any) -> None:
+    """Keep a held claim fresh (its ``at``) until ``stop`` is set, so that no process takes it over as stale."""
+    from pymongo.errors import PyMongoError
+
+    while not stop.wait(every_s):
+        try:
+            locks.update_one({"_id": key, "owner": owner}, {"$set": {"at": utcnow()}})
+        except PyMongoError:  # a restarting server: the next beat tries again
+            logger.debug("claim %s: heartbeat failed; retrying", key)
+
+
 @contextlib.contextmanager
 def claim(db: AmdflowDB, key: str, timeout_s: float = 600.0, stale_s: float = CLAIM_STALE_S,
           wait: bool = True) -> Iterator[bool]:
     """Hold an exclusive claim on ``key`` across processes (MongoDB's unique _id makes the insert atomic).
 
-    A claim older than ``stale_s`` belongs to a dead process and is taken over. Releasing
-    is retried for a while, so a database restart during the claim does not leave it
-    behind (``amdflow rerun --lost`` also clears stale claims). ``wait=False``: one try;
-    the block gets False (and must do nothing) when another process holds the claim.
+    A claim not refreshed for ``stale_s`` belongs to a dead process and is taken over; while
+    held, a heartbeat thread refreshes it every ``stale_s / 4`` (on MongoDB: the embedded
+    store is one process), so work that outlasts ``stale_s`` (an O(N^2) matching) keeps it.
+    Releasing is retried for a while, so a database restart during the claim does not leave
+    it behind (``amdflow rerun --lost`` also clears stale claims). ``wait=False``: one try;
+    the block gets False (and must do nothing) when another process holds the claim. Raises
+    :class:`ClaimTimeout` after ``timeout_s`` of waiting.
     """
     import os
     import random
     import socket
+    import threading
     import time
 
     from pymongo.errors import DuplicateKeyError, PyMongoError
@@ -109,12 +128,21 @@ def claim(db: AmdflowDB, key: str, timeout_s: float = 600.0, stale_s: float = CL
                 yield False
                 return
             if time.monotonic() > deadline:
-                raise AmdflowError(f"could not claim '{key}' within {timeout_s:.0f} s: is a rocket stuck? "
+                raise ClaimTimeout(f"could not claim '{key}' within {timeout_s:.0f} s: is a rocket stuck? "
                                    "`amdflow rerun CAMPAIGN --lost` clears stale claims") from None
             time.sleep(0.02 + random.random() * 0.05)
+    stop = threading.Event()
+    beat = None
+    if not type(locks).__module__.startswith("mongomock"):
+        beat = threading.Thread(target=_heartbeat, args=(locks, key, owner, stale_s / 4, stop), daemon=True,
+                                name=f"claim-heartbeat {key}")
+        beat.start()
     try:
         yield True
     finally:
+        stop.set()
+        if beat is not None:
+            beat.join(timeout=5)
         for attempt in range(8):  # about 30 s: a restarting server comes back
             try:
                 locks.delete_one({"_id": key, "owner": owner})

@@ -39,9 +39,10 @@ from amdflow.stages.common import claim, failpoint_delay, load_campaign_config
 SCREENED_BY_TOP_K = "top_k"  # dedup_stage's answer when the top-k screen removed the candidate
 
 # A representative: kept by dedup, and anything later stages made of it (waiting, relaxed by the funnel, passed or cut
-# or a duplicate only after that relaxation, relaxed, analyzed).
+# or a duplicate only after that relaxation, waiting for the DFT budget, relaxed, analyzed).
 KEPT_STATES = [s.value for s in (CandidateState.UNIQUE, CandidateState.PRERELAXED, CandidateState.FUNNEL_CUT,
-                                 CandidateState.DUPLICATE, CandidateState.RELAXED, CandidateState.ANALYZED)]
+                                 CandidateState.DUPLICATE, CandidateState.OVER_BUDGET, CandidateState.RELAXED,
+                                 CandidateState.ANALYZED)]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,13 @@ a universal potential that relaxes the structure ranks far better. The rules her
   matches another of its formula (StructureMatcher, the campaign's tolerances) is a
   duplicate of the one with the lower ML energy, unless the other's final relaxation has
   started (that one is kept: it has been paid for). Decisions of one formula are
-  serialized by a claim.
+  serialized by a claim, and every read they rest on is made inside it; candidates
+  waiting for the DFT budget count as kept.
+* **A hole in the potential is no verdict.** A relaxation that trips the guard
+  (:mod:`amdflow.relax.guards`) passes on flagged ``ml_failed``, after every ranked
+  candidate (its priority is below theirs), starting the final relax from its own cell.
+* **Energies on one scale.** Ranks and hulls use the task's energy on the run type's
+  scale (its correction scheme applied, :mod:`amdflow.thermo.corrections`).
 * **Priorities.** A candidate that passes hands its ML energy above the hull to its relax
   Firework as ``_priority`` (lowest first); when a later build moves a waiting
   candidate's position, its relax Firework's priority follows.
@@ -26,6 +32,7 @@ a universal potential that relaxes the structure ranks far better. The rules her
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +46,7 @@ from amdflow.schemas import CandidateState, FunnelRecord, utcnow
 from amdflow.settings import get_settings, resolve_device
 from amdflow.stages.common import (
     HULL_CLAIM_STALE_S,
+    ClaimTimeout,
     claim,
     failpoint_delay,
     load_campaign_config,
@@ -50,9 +58,13 @@ from amdflow.stages.relax import task_doc
 logger = logging.getLogger(__name__)
 
 LEVEL = "funnel"
-#: States of candidates the funnel relaxed and kept (passed or cut; a duplicate is neither)
-KEPT_AFTER_FUNNEL = (CandidateState.PRERELAXED.value, CandidateState.FUNNEL_CUT.value,
+#: States of candidates the funnel relaxed and kept (passed, cut or waiting for the DFT budget; a duplicate is neither)
+KEPT_AFTER_FUNNEL = (CandidateState.PRERELAXED.value, CandidateState.FUNNEL_CUT.value, CandidateState.OVER_BUDGET.value,
                      CandidateState.RELAXED.value, CandidateState.ANALYZED.value)
+#: Of those, the ones a lower-energy twin may still make its duplicate (their final relaxation has not started)
+DEMOTABLE = (CandidateState.PRERELAXED.value, CandidateState.FUNNEL_CUT.value, CandidateState.OVER_BUDGET.value)
+#: How long a funnel batch waits for a formula's claim before leaving that formula's candidates to a rerun
+FORMULA_CLAIM_TIMEOUT_S = 600.0
 
 
 class FunnelCut(Exception):
@@ -68,6 +80,7 @@ class FunnelOutcome:
     duplicate_of: str | None = None
     deferred: bool = False
     error: str | None = None  # the relaxation failed: the candidate is marked failed, its Firework fizzles
+    ml_failed: bool = False  # the potential's guard tripped: passed on, after every ranked candidate
 
 
 def funnel_engine(cfg: CampaignConfig) -> Any:
@@ -92,14 +105,43 @@ def priority_from_e_above_hull(e_above_hull: float) -> float:
     return round(RELAX_AFTER_FUNNEL_PRIORITY - float(e_above_hull), 6)
 
 
+#: A candidate whose ML relaxation tripped the guard relaxes after every ranked one (those sit within a few eV/atom).
+ML_FAILED_PRIORITY = RELAX_AFTER_FUNNEL_PRIORITY - 1_000.0
+
+
 # ---------------------------------------------------------------- the stage
+@dataclass(frozen=True)
+class _Relaxed:
+    """A funnel relaxation as the decision reads it (from its task document: energies on the run type's scale)."""
+
+    task_id: str
+    energy_per_atom: float
+    final_structure: Structure
+    converged: bool
+    n_steps: int
+    max_force: float
+
+
+def _relaxed_from_task(task: dict[str, Any]) -> _Relaxed:
+    return _Relaxed(task["task_id"], float(task["energy_per_atom"]), Structure.from_dict(task["final_structure"]),
+                    bool(task["converged"]), int(task["n_steps"]), float(task["max_force"]))
+
+
+TASK_FIELDS = {"_id": 0, "task_id": 1, "energy_per_atom": 1, "final_structure": 1, "converged": 1, "n_steps": 1, "max_force": 1}
+
+
 def funnel_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> list[FunnelOutcome]:
     """Relax a batch of candidates with the funnel's potential, rebuild its hull, decide each one.
 
     ``workers``: processes for potentials without a batched path (CHGNet on CPU). A
-    candidate whose relaxation fails is marked failed and returned with ``error``.
+    relaxation already stored (a batch killed after it, or one whose formula's claim timed
+    out) is read back, not run again. A relaxation that fails is marked failed and returned
+    with ``error``; one that trips the potential's guard passes on flagged ``ml_failed``.
+    A formula whose claim cannot be had in time leaves only its own candidates undecided
+    (``error``; their relaxations are kept for the rerun), never the batch's decided ones.
     """
     from amdflow.relax import relax_many
+    from amdflow.relax.guards import GuardTripped
 
     failpoint_delay("AMDFLOW_FAILPOINT_FUNNEL_DELAY_S")  # tests: a batch surely mid-run when killed
     docs = list(db.candidates.find({"candidate_id": {"$in": candidate_ids}},
@@ -118,35 +160,67 @@ def funnel_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> l
             raise AmdflowError(f"campaign '{name}' has no funnel (funnel.engine: none) but funnel Fireworks: "
                                "its settings changed after `amdflow add`; set funnel.engine again or re-add it")
         engine = funnel_engine(cfg)
-        structures = [Structure.from_dict(d["structure"]) for d in group]
-        results = relax_many(engine, structures, workers)
-        tasks, relaxed = [], []
-        for d, s, r in zip(group, structures, results, strict=True):
-            if isinstance(r, BaseException):
-                record_failure(db, d["candidate_id"], "funnel", r)
-                outcomes.append(FunnelOutcome(d["candidate_id"], False, error=f"{type(r).__name__}: {r}"))
+        run_type = engine.run_type
+        tids = {d["candidate_id"]: funnel_task_id(d["candidate_id"], run_type) for d in group}
+        done = {t["task_id"]: _relaxed_from_task(t) for t in db.tasks.find({"task_id": {"$in": sorted(tids.values())}}, TASK_FIELDS)}
+        todo = [d for d in group if tids[d["candidate_id"]] not in done]
+        structures = [Structure.from_dict(d["structure"]) for d in todo]
+        results = relax_many(engine, structures, workers) if todo else []
+        tasks, ml_failed = [], []
+        for d, s, r in zip(todo, structures, results, strict=True):
+            cid, tid = d["candidate_id"], tids[d["candidate_id"]]
+            if isinstance(r, GuardTripped):
+                ml_failed.append((d, str(r)))
                 continue
-            tid = funnel_task_id(d["candidate_id"], engine.run_type)
-            task = task_doc("candidate", tid, s, r, engine, cfg, None, d["candidate_id"], name, level=LEVEL,
-                            settings=cfg.funnel.model_dump(mode="json"))
+            try:
+                if isinstance(r, BaseException):
+                    raise r
+                task = task_doc("candidate", tid, s, r, engine, cfg, None, cid, name, level=LEVEL,
+                                settings=cfg.funnel.model_dump(mode="json"))
+            except Exception as err:  # one candidate's failure is its own (a relaxation error, a CorrectionError)
+                record_failure(db, cid, "funnel", err)
+                outcomes.append(FunnelOutcome(cid, False, error=f"{type(err).__name__}: {err}"))
+                continue
             tasks.append(ReplaceOne({"task_id": tid}, task.to_mongo(), upsert=True))
-            relaxed.append((d, r, tid))
+            done[tid] = _Relaxed(tid, task.energy_per_atom, r.final_structure, r.converged, r.n_steps, r.max_force)
         bulk_write(db.tasks, tasks)
-        refresh_funnel_hull(db, cfg, engine.run_type)
-        by_formula: dict[str, list[tuple[dict[str, Any], Any, str]]] = {}
-        for item in relaxed:
-            by_formula.setdefault(item[0]["formula"], []).append(item)
+        refresh_funnel_hull(db, cfg, run_type)
+        by_formula: dict[str, list[tuple[dict[str, Any], _Relaxed]]] = {}
+        for d in group:
+            if tids[d["candidate_id"]] in done:
+                by_formula.setdefault(d["formula"], []).append((d, done[tids[d["candidate_id"]]]))
         for formula, items in sorted(by_formula.items()):
-            with claim(db, f"funnel:{name}:{formula}"):
-                for d, r, tid in sorted(items, key=lambda it: (it[1].energy_per_atom, it[0]["candidate_id"])):
-                    outcomes.append(_decide(db, cfg, engine, d["candidate_id"], formula, tid, r))
+            decided: set[str] = set()
+            try:
+                with claim(db, f"funnel:{name}:{formula}", timeout_s=FORMULA_CLAIM_TIMEOUT_S):
+                    for d, r in sorted(items, key=lambda it: (it[1].energy_per_atom, it[0]["candidate_id"])):
+                        outcomes.append(_decide(db, cfg, engine, d["candidate_id"], formula, r))
+                        decided.add(d["candidate_id"])
+            except ClaimTimeout as err:  # the decided ones stand; the rest wait for a rerun (their relaxations are kept)
+                for d, _ in items:
+                    if d["candidate_id"] not in decided:
+                        outcomes.append(FunnelOutcome(d["candidate_id"], False, error=f"{err}: its ML relaxation is kept, "
+                                                      "`amdflow rerun CAMPAIGN --fizzled` decides it"))
+        for d, reason in ml_failed:
+            outcomes.append(_pass_ml_failed(db, cfg, engine, d["candidate_id"], reason))
     return outcomes
 
 
-def _decide(db: AmdflowDB, cfg: CampaignConfig, engine: Any, candidate_id: str, formula: str, task_id: str,
-            result: Any) -> FunnelOutcome:
-    """Second dedup, ML hull position and rank, cut: one candidate, inside its formula's claim."""
-    energy = float(result.energy_per_atom)
+def _pass_ml_failed(db: AmdflowDB, cfg: CampaignConfig, engine: Any, candidate_id: str, reason: str) -> FunnelOutcome:
+    """A candidate whose ML relaxation tripped the guard: passed on, flagged, with no place on the ML hull."""
+    record = FunnelRecord(engine=engine.name, model=_model_label(engine), run_type=engine.run_type, task_id=None,
+                          energy_per_atom=None, converged=False, n_steps=0, max_force=None,
+                          max_e_above_hull=cfg.funnel.max_e_above_hull, passed=True, ml_failed=True, ml_error=reason[:500],
+                          reason=None)
+    set_state(db, candidate_id, CandidateState.PRERELAXED, funnel=record.to_mongo(), error=None)
+    logger.info("candidate %s: the funnel's potential tripped its guard (%s): passed on, flagged ml_failed", candidate_id, reason)
+    return FunnelOutcome(candidate_id, True, ml_failed=True)
+
+
+def _decide(db: AmdflowDB, cfg: CampaignConfig, engine: Any, candidate_id: str, formula: str, result: _Relaxed) -> FunnelOutcome:
+    """Second dedup, ML hull position and rank, cut: one candidate, inside its formula's claim (every read made here)."""
+    energy = result.energy_per_atom
+    task_id = result.task_id
     peers = _kept_peers(db, cfg.name, formula, candidate_id, engine.run_type)
     dup, demoted = _second_dedup(db, cfg, candidate_id, energy, result.final_structure, peers)
     thermo = _ml_thermo(db, cfg, engine.run_type, [task_id]).get(task_id)
@@ -186,11 +260,18 @@ def _cut_reason(cfg: CampaignConfig, run_type: str, e_hull: float | None, rank: 
 
 
 def _kept_peers(db: AmdflowDB, campaign: str, formula: str, candidate_id: str, run_type: str) -> list[dict[str, Any]]:
-    """The formula's other candidates relaxed by this potential and kept (passed or cut; not duplicates)."""
-    return list(db.candidates.find(
+    """The formula's other candidates relaxed by this potential and kept (passed, cut or over budget; not duplicates,
+    not ``ml_failed``: those have no ML energy)."""
+    return [p for p in db.candidates.find(
         {"campaign": campaign, "formula": formula, "candidate_id": {"$ne": candidate_id}, "funnel.run_type": run_type,
          "funnel.duplicate_of": None, "state": {"$in": list(KEPT_AFTER_FUNNEL)}},
-        {"_id": 0, "candidate_id": 1, "state": 1, "funnel": 1}))
+        {"_id": 0, "candidate_id": 1, "state": 1, "funnel": 1, "relax_started_at": 1})
+        if not p["funnel"].get("ml_failed") and p["funnel"].get("energy_per_atom") is not None]
+
+
+def final_relax_started(peer: dict[str, Any]) -> bool:
+    """Whether a candidate's final relaxation has started or finished (a check that merely ran does not count)."""
+    return peer.get("state") in (CandidateState.RELAXED.value, CandidateState.ANALYZED.value) or bool(peer.get("relax_started_at"))
 
 
 def _second_dedup(db: AmdflowDB, cfg: CampaignConfig, candidate_id: str, energy: float, structure: Structure,
@@ -208,13 +289,12 @@ def _second_dedup(db: AmdflowDB, cfg: CampaignConfig, candidate_id: str, energy:
         other = finals.get(p["funnel"]["task_id"])
         if other is None or not matcher.fit(structure, other):
             continue
-        started = p["state"] in (CandidateState.RELAXED.value, CandidateState.ANALYZED.value) or p["funnel"].get("checked_at_relax")
-        if started or (p["funnel"]["energy_per_atom"], p["candidate_id"]) < (energy, candidate_id):
+        if final_relax_started(p) or (p["funnel"]["energy_per_atom"], p["candidate_id"]) < (energy, candidate_id):
             return str(p["candidate_id"]), []
         demote.append(p["candidate_id"])
     for other_id in demote:  # this candidate is the lower-energy member: the others wait for nothing
         reason = f"funnel: relaxed into the same crystal as {candidate_id} (lower ML energy)"
-        db.candidates.update_one({"candidate_id": other_id, "state": {"$in": list(KEPT_AFTER_FUNNEL[:2])}},
+        db.candidates.update_one({"candidate_id": other_id, "state": {"$in": list(DEMOTABLE)}, "relax_started_at": None},
                                  {"$set": {"state": CandidateState.DUPLICATE.value, "updated_at": utcnow(),
                                            "funnel.duplicate_of": candidate_id, "funnel.passed": False, "funnel.reason": reason}})
     return None, demote
@@ -267,29 +347,45 @@ def funnel_hull_stage(db: AmdflowDB, campaign: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the check before the final relax
-def check_before_relax(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any]) -> Structure | None:
+def check_before_relax(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any],
+                       start: Callable[[dict[str, Any]], None] | None = None) -> Structure | None:
     """The funnel's decision again, on the hull as it stands, just before the final relax starts.
 
-    Returns the funnel's relaxed structure (where the final relax starts), or None when the
-    candidate never went through the funnel. Raises :class:`FunnelCut` when it is now
-    outside the cut (its state and reason are recorded), and :class:`AmdflowError` when
-    the funnel's hull still has no place for it (its references are not relaxed).
+    Everything is read again inside the formula's claim (a twin decided meanwhile may have
+    made this candidate its duplicate), and ``start`` (the relax stage's budget slot) runs
+    there too, after which the candidate is marked started (``relax_started_at``): from then
+    on no twin can demote it. Returns the funnel's relaxed structure (where the final relax
+    starts), or None when the candidate never went through the funnel or its ML relaxation
+    failed (``ml_failed``: it starts from its own cell). Raises :class:`FunnelCut` when it is
+    now outside the cut or a duplicate (its state and reason are recorded), and
+    :class:`AmdflowError` when the funnel's hull still has no place for it.
     """
-    record = doc.get("funnel")
-    if not record:
+    if not doc.get("funnel"):
+        if start is not None:
+            start(doc)
         return None
     cid = doc["candidate_id"]
-    if record.get("duplicate_of"):
-        raise FunnelCut(record.get("reason") or f"funnel: relaxed into the same crystal as {record['duplicate_of']}")
-    run_type = record["run_type"]
-    refresh_funnel_hull(db, cfg, run_type)
-    thermo = _ml_thermo(db, cfg, run_type, [record["task_id"]]).get(record["task_id"])
-    if thermo is None:
-        raise AmdflowError(f"candidate {cid}: no place on the funnel's {run_type} hull of {cfg.chemsys} yet: its elemental "
-                           "references at the funnel level are not relaxed (FIZZLED or not run): run them, then "
-                           "`amdflow rerun CAMPAIGN --fizzled`")
+    run_type = doc["funnel"]["run_type"]
+    if not doc["funnel"].get("ml_failed") and not doc["funnel"].get("duplicate_of"):
+        refresh_funnel_hull(db, cfg, run_type)
     with claim(db, f"funnel:{cfg.name}:{doc['formula']}"):
-        peers = _kept_peers(db, cfg.name, doc["formula"], cid, run_type)
+        current = db.candidates.find_one({"candidate_id": cid}, {"_id": 0})
+        if current is None:
+            raise AmdflowError(f"candidate {cid} is not in the database: was it deleted? re-add the campaign")
+        record = current.get("funnel") or {}
+        if record.get("duplicate_of") or current.get("state") == CandidateState.DUPLICATE.value:
+            raise FunnelCut(record.get("reason") or f"funnel: relaxed into the same crystal as {record.get('duplicate_of')}")
+        if record.get("ml_failed"):
+            if start is not None:
+                start(current)
+            db.candidates.update_one({"candidate_id": cid}, {"$set": {"relax_started_at": utcnow()}})
+            return None
+        thermo = _ml_thermo(db, cfg, run_type, [record["task_id"]]).get(record["task_id"])
+        if thermo is None:
+            raise AmdflowError(f"candidate {cid}: no place on the funnel's {run_type} hull of {cfg.chemsys} yet: its elemental "
+                               "references at the funnel level are not relaxed (FIZZLED or not run): run them, then "
+                               "`amdflow rerun CAMPAIGN --fizzled`")
+        peers = _kept_peers(db, cfg.name, current["formula"], cid, run_type)
         rank = 1 + sum((p["funnel"]["energy_per_atom"], p["candidate_id"]) < (record["energy_per_atom"], cid) for p in peers)
         reason = _cut_reason(cfg, run_type, thermo["e_above_hull"], rank)
         check = {"e_above_hull": thermo["e_above_hull"], "rank": rank, "max_e_above_hull": cfg.funnel.max_e_above_hull,
@@ -301,6 +397,9 @@ def check_before_relax(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any]) 
             set_state(db, cid, CandidateState.FUNNEL_CUT, **fields, **{"funnel.passed": False, "funnel.reason": reason})
             raise FunnelCut(reason)
         db.candidates.update_one({"candidate_id": cid}, {"$set": fields})
+        if start is not None:
+            start(current)  # may raise OverBudget: then not started
+        db.candidates.update_one({"candidate_id": cid}, {"$set": {"relax_started_at": utcnow()}})
     task = db.tasks.find_one({"task_id": record["task_id"]}, {"final_structure": 1})
     if task is None:
         raise AmdflowError(f"candidate {cid}: the funnel's task {record['task_id']} is missing: rerun its funnel Firework")

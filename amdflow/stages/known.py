@@ -16,6 +16,7 @@ from amdflow.errors import AmdflowError
 from amdflow.schemas import ReferenceDoc, utcnow
 from amdflow.stages.common import load_campaign_config
 from amdflow.stages.relax import level_engine, task_doc
+from amdflow.thermo.corrections import energy_on_scale
 
 
 @dataclass
@@ -50,7 +51,12 @@ def import_known_phases(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> Kn
     entries, report.note = kn.within_own_hull(entries, spec.max_e_above_hull)
     as_is = spec.energies == KnownEnergies.AS_IS
     docs = [kn.known_doc(label, key, entry, spec.run_type if as_is else None) for key, entry in entries]
-    if not as_is:
+    if as_is:  # their energies join the hull of spec.run_type: put them on that hull's energy scale
+        scale = _as_is_scale(cfg, str(spec.run_type))
+        for (_, entry), d in zip(entries, docs, strict=True):
+            d["energy_per_atom"] = energy_on_scale(entry, scale)
+            d["energy_scale"] = scale
+    else:
         kn.require_structures(docs)
     report.kept = len(docs)
     for d in docs:  # what decides "changed" (Mongo gives tuples back as lists: compare hashes of JSON)
@@ -67,6 +73,22 @@ def import_known_phases(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> Kn
         have = {r["ref_id"] for r in db.references.find({"ref_id": {"$in": [w.ref_id for w in wanted]}}, {"ref_id": 1})}
         report.pending = [w for w in wanted if w.ref_id not in have]
     return report
+
+
+def _as_is_scale(cfg: CampaignConfig, run_type: str) -> str:
+    """The energy scale ('mp2020' or 'uncorrected') of the campaign's hull of ``run_type``, or one clear error."""
+    from amdflow.errors import ConfigError
+    from amdflow.stages.common import funnel_run_type_of, run_type_of
+    from amdflow.thermo.corrections import policy_for
+
+    hulls = {run_type_of(cfg): policy_for(cfg.relax.engine.value, cfg.relax)}
+    if cfg.funnel.enabled:
+        hulls[str(funnel_run_type_of(cfg))] = policy_for(cfg.funnel.engine.value, cfg.funnel)
+    if run_type not in hulls:
+        raise ConfigError(f"analyze.known_phases.run_type '{run_type}' is none of this campaign's run types "
+                          f"({', '.join(hulls)}; `amdflow status` shows them): the phases would join no hull; set it to "
+                          "the run type their energies were computed with, or use energies: relax")
+    return hulls[run_type].scale
 
 
 def known_reference_id(known_id: str, run_type: str) -> str:

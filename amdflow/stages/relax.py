@@ -18,15 +18,25 @@ from amdflow.stages.common import load_campaign_config, load_candidate, set_stat
 def task_doc(kind: str, task_id: str, structure: Structure, result: Any, engine: Any, cfg: CampaignConfig,
               directory: Path | None, candidate_id: str | None = None, campaign: str | None = None,
               settings: dict[str, Any] | None = None, **extra: Any) -> TaskDoc:
-    """The task document of one relaxation; ``settings`` default to the campaign's relax settings."""
+    """The task document of one relaxation; ``settings`` default to the campaign's relax settings.
+
+    ``energy`` and ``energy_per_atom`` are on the run type's scale: the engine's correction scheme applied
+    (:mod:`amdflow.thermo.corrections`); ``uncorrected_energy`` is what the engine computed. Raises
+    :class:`~amdflow.thermo.corrections.CorrectionError` when the correction cannot be made.
+    """
+    from amdflow.relax.base import corrected_energy
+
     comp = result.final_structure.composition
+    corr = corrected_energy(engine, result)
     return TaskDoc(
         task_id=task_id, kind=kind, candidate_id=candidate_id, campaign=campaign,
         formula=comp.reduced_formula, chemsys=comp.chemical_system,
         elements=sorted(el.symbol for el in comp.elements), nsites=len(result.final_structure),
         run_type=engine.run_type, engine=engine.name, engine_note=engine.note,
         input_structure=structure.as_dict(), final_structure=result.final_structure.as_dict(),
-        energy=result.energy, energy_per_atom=result.energy_per_atom, converged=result.converged,
+        energy=corr.energy, energy_per_atom=corr.energy / len(result.final_structure), uncorrected_energy=corr.uncorrected_energy,
+        correction=corr.correction, correction_scheme=corr.scheme.value, energy_adjustments=corr.adjustments,
+        converged=result.converged,
         n_steps=result.n_steps, max_force=result.max_force, run_time_s=result.run_time_s,
         settings=settings if settings is not None else cfg.relax.model_dump(mode="json"), details=result.details,
         dir_name=str(directory) if directory else result.details.get("dir_name"), **extra,
@@ -68,11 +78,14 @@ def relax_candidate_stage(db: AmdflowDB, candidate_id: str, directory: Path | No
     cfg, _ = load_campaign_config(db, doc["campaign"])
     engine = get_engine(cfg.relax, resolve_device(get_settings()), env)
     structure = Structure.from_dict(doc["structure"])
-    if cfg.funnel.enabled:  # the funnel's decision again on its hull as it stands (raises FunnelCut)
+    if cfg.funnel.enabled:  # the funnel's decision again on its hull as it stands (raises FunnelCut), then the budget
         from amdflow.stages.funnel import check_before_relax
 
-        structure = check_before_relax(db, cfg, doc) or structure  # the final relax starts from the ML-relaxed cell
-    take_budget_slot(db, cfg, doc)  # raises OverBudget when the allocation is spent
+        # the final relax starts from the ML-relaxed cell; the budget slot (raises OverBudget) is taken inside the check
+        structure = check_before_relax(db, cfg, doc, start=lambda current: take_budget_slot(db, cfg, current)) or structure
+    else:
+        take_budget_slot(db, cfg, doc)  # raises OverBudget when the allocation is spent
+        db.candidates.update_one({"candidate_id": candidate_id}, {"$set": {"relax_started_at": utcnow()}})
     resume = doc.get("resume") or {}
     start = Structure.from_dict(resume["structure"]) if resume.get("structure") else structure
     try:
@@ -97,21 +110,41 @@ def reference_id(element: str, prototype: str, run_type: str) -> str:
 
 
 def reference_structure(element: str, prototype: str) -> Structure:
-    """The AFLOW elemental prototype with ``element``, scaled to its atomic volume.
+    """An elemental reference structure: the element's shipped ground state (``ground_state``), or an AFLOW
+    elemental prototype with ``element``, scaled to its atomic volume.
 
-    ``prototype`` is a one-element AFLOW label or a short name (fcc, bcc, ...): reference
-    Fireworks added before short names were normalised carry the short name.
+    ``prototype`` is 'ground_state', a one-element AFLOW label or a short name (fcc, bcc, ...):
+    reference Fireworks added before short names were normalised carry the short name.
     """
     from amdflow.campaign import elemental_prototype_label
     from amdflow.generate.substitute import substitute
     from amdflow.generate.templates import aflow_structure
+    from amdflow.thermo.ground_states import GROUND_STATE, ground_state_structure
 
+    if prototype == GROUND_STATE:
+        return ground_state_structure(element)
     try:
         label = elemental_prototype_label(prototype)
     except ValueError as err:
         raise AmdflowError(f"elemental reference of {element}: {err}") from None
     s = aflow_structure(label)
     return substitute(s, {s[0].specie.symbol: element}, scale_volume=True)
+
+
+def reference_name(element: str, prototype: str) -> str:
+    """How a reference structure is named for people: 'alpha-B (R-3m) [ground state; MP mp-160]', 'fcc (A_cF4_225_a)'."""
+    from amdflow.campaign import REFERENCE_PROTOTYPES
+    from amdflow.thermo.ground_states import GROUND_STATE, ground_state_label
+
+    if prototype == GROUND_STATE:
+        return ground_state_label(element)
+    short = {v: k for k, v in REFERENCE_PROTOTYPES.items()}.get(prototype)
+    return f"{short} ({prototype})" if short else prototype
+
+
+#: Where a reference whose relaxation trips the potential's guard falls back to when the element has no other
+#: reference structure of its own (each configured structure is relaxed by its own Firework).
+REFERENCE_FALLBACKS = ("A_cF4_225_a", "A_cI2_229_a", "A_hP2_194_c")
 
 
 def level_engine(cfg: CampaignConfig, level: str, env: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
@@ -128,19 +161,67 @@ def level_engine(cfg: CampaignConfig, level: str, env: dict[str, Any] | None = N
 
 def relax_reference_stage(db: AmdflowDB, campaign: str, element: str, prototype: str, env: dict[str, Any] | None = None,
                           level: str = "final") -> str:
-    """Relax one elemental reference phase the way candidates are relaxed at ``level`` (same engine, same settings)."""
+    """Relax one elemental reference phase the way candidates are relaxed at ``level`` (same engine, same settings).
+
+    A relaxation that trips the potential's guard (a collapse: the potential's hole, not the element's ground
+    state) is no reference. When the element has other reference structures, they decide (the lowest wins) and
+    this one is recorded as failed; when it has none, the next of :data:`REFERENCE_FALLBACKS` is relaxed in its
+    place, and the reference doc and task say so. Returns the reference id.
+    """
+    from amdflow.relax.guards import GuardTripped
+
     cfg, _ = load_campaign_config(db, campaign)
     engine, settings = level_engine(cfg, level, env)
-    structure = reference_structure(element, prototype)
-    result = engine.relax(structure)
     ref_id = reference_id(element, prototype, engine.run_type)
-    task = task_doc("reference", ref_id, structure, result, engine, cfg, None, None, None, settings=settings, level=level)
+    own = [p for p in cfg.relax.reference_structures() if p != prototype]
+    tried: list[dict[str, str]] = []
+    for used in [prototype, *([] if own else [p for p in REFERENCE_FALLBACKS if p != prototype])]:
+        structure = reference_structure(element, used)
+        try:
+            result = engine.relax(structure)
+        except GuardTripped as err:
+            tried.append({"structure": used, "name": reference_name(element, used), "reason": str(err)})
+            continue
+        break
+    else:
+        why = "; ".join(f"{t['name']}: {t['reason']}" for t in tried)
+        db.references.update_one({"ref_id": ref_id}, {"$set": {"state": "failed", "error": why[:1000], "tried": tried}})
+        if own:  # the element's other structures decide; the analyze step runs on
+            return ref_id
+        raise AmdflowError(f"every reference structure of {element} ({engine.run_type}) tripped the potential's guard: {why}"
+                           "; add relax.reference_prototypes another structure can relax")
+    reference = {"element": element, "prototype": prototype, "structure": used, "name": reference_name(element, used),
+                 "fallback_from": tried or None}
+    task = task_doc("reference", ref_id, structure, result, engine, cfg, None, None, None, settings=settings, level=level,
+                    reference=reference)
     db.tasks.replace_one({"task_id": ref_id}, task.to_mongo(), upsert=True)
     db.references.update_one(
         {"ref_id": ref_id},
-        {"$set": {"state": "relaxed", "energy_per_atom": result.energy_per_atom, "task_id": ref_id}},
+        {"$set": {"state": "relaxed", "energy_per_atom": task.energy_per_atom, "task_id": ref_id, "structure": used,
+                  "name": reference["name"], "tried": tried or None, "error": None}},
     )
     return ref_id
+
+
+def chosen_references(db: AmdflowDB, run_type: str, elements: list[str]) -> dict[str, dict[str, Any]]:
+    """Per element, the reference that sets its energy on the ``run_type`` hull: the lowest energy per atom among its
+    relaxed reference tasks (converged ones first, as the hull takes them). Elements not relaxed yet are absent.
+
+    Each value: ``name`` (for people, e.g. 'graphite (P6_3/mmc) [ground state; MP mp-48]'), ``structure`` (what was
+    relaxed), ``energy_per_atom`` (eV/atom, on the run type's scale), ``task_id``, ``converged``, ``fallback_from``.
+    """
+    best: dict[str, dict[str, Any]] = {}
+    fields = {"_id": 0, "task_id": 1, "chemsys": 1, "energy_per_atom": 1, "converged": 1, "reference": 1}
+    for t in db.tasks.find({"kind": "reference", "run_type": run_type, "chemsys": {"$in": list(elements)}}, fields):
+        el = t["chemsys"]
+        ref = t.get("reference") or {}
+        used = ref.get("structure") or t["task_id"][len(f"ref-{el}-"):-len(f"-{run_type}")]  # tasks older than 'reference'
+        row = {"name": ref.get("name") or reference_name(el, used), "structure": used, "energy_per_atom": t["energy_per_atom"],
+               "task_id": t["task_id"], "converged": bool(t.get("converged")), "fallback_from": ref.get("fallback_from")}
+        key = (not row["converged"], row["energy_per_atom"])
+        if el not in best or key < (not best[el]["converged"], best[el]["energy_per_atom"]):
+            best[el] = row
+    return {el: best[el] for el in elements if el in best}
 
 
 def pending_references(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> list[ReferenceDoc]:
@@ -148,7 +229,7 @@ def pending_references(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> lis
     wanted = [
         ReferenceDoc(ref_id=reference_id(el, proto, run_type), element=el, prototype=proto, run_type=run_type)
         for el in sorted(cfg.elements)
-        for proto in cfg.relax.reference_prototypes
+        for proto in cfg.relax.reference_structures()
     ]
     have = {d["ref_id"] for d in db.references.find({"ref_id": {"$in": [w.ref_id for w in wanted]}}, {"ref_id": 1})}
     return [w for w in wanted if w.ref_id not in have]

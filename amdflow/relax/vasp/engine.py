@@ -12,10 +12,11 @@ from pymatgen.core import Structure
 
 from amdflow.campaign import RelaxConfig
 from amdflow.errors import AmdflowError
-from amdflow.relax.base import RelaxResult
+from amdflow.relax.base import RelaxResult, run_type_name
 from amdflow.relax.vasp.inputs import write_inputs
 from amdflow.relax.vasp.parse import parse_vasp_dir
 from amdflow.relax.vasp.run import run_custodian
+from amdflow.thermo.corrections import CorrectionPolicy, policy_for
 
 NOTE = "VASP through Custodian (pymatgen input set)"
 #: Settings that change energies; the run type hashes them so that thermo never mixes two.
@@ -34,10 +35,21 @@ class VaspEngine:
         self.env = env
 
     @property
+    def correction(self) -> CorrectionPolicy:
+        return policy_for("vasp", self.cfg)
+
+    @property
     def run_type(self) -> str:
         vasp = self.cfg.vasp.model_dump(mode="json")
-        key = json.dumps({k: vasp[k] for k in ENERGY_SETTINGS}, sort_keys=True)
-        return f"vasp-{vasp['input_set']}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+        settings = {**{k: vasp[k] for k in ENERGY_SETTINGS}, "relax_cell": bool(self.cfg.relax_cell)}
+        return run_type_name("vasp", vasp["input_set"], self.correction.scheme, settings)
+
+    def _vasp_settings(self) -> Any:
+        """The VASP settings of a run: ``relax.relax_cell: false`` relaxes positions only (ISIF 2) unless the INCAR
+        overrides say otherwise."""
+        if self.cfg.relax_cell or "ISIF" in self.cfg.vasp.incar:
+            return self.cfg.vasp
+        return self.cfg.vasp.model_copy(update={"incar": {**self.cfg.vasp.incar, "ISIF": 2}})
 
     def _command(self) -> tuple[str, str | None, bool, float]:
         from amdflow.settings import get_settings
@@ -58,10 +70,11 @@ class VaspEngine:
             tag = hashlib.sha256(json.dumps(structure.as_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
             directory = Path.cwd() / f"vasp-{structure.composition.reduced_formula}-{tag}"
         start = time.perf_counter()
-        write_inputs(structure, self.cfg.vasp, directory, "relax", potcar_spec=potcar_spec)
-        run_custodian(directory, self.cfg.vasp, cmd, scratch, poll_s)
+        vasp = self._vasp_settings()
+        write_inputs(structure, vasp, directory, "relax", potcar_spec=potcar_spec)
+        run_custodian(directory, vasp, cmd, scratch, poll_s)
         doc = parse_vasp_dir(directory)
-        finish_outputs(directory, self.cfg.vasp.outputs)
+        finish_outputs(directory, vasp.outputs)
         final = Structure.from_dict(doc["structure"])
         if any("Walltime reached" in c.get("errors", []) for c in doc.get("corrections") or []):
             # Custodian stops the job sequence without an error: the energy of this run is not a result.
@@ -75,6 +88,10 @@ class VaspEngine:
                                              "corrections", "incar", "kpoints", "potcar_symbols", "run_type", "vasp_version",
                                              "is_hubbard", "hubbards")}
         details["vasp_run_time_s"] = doc.get("run_time_s")
+        # what MP2020 reads: the run's own +U (GGA+U when any U was on)
+        hubbards = {k: float(v) for k, v in (doc.get("hubbards") or {}).items() if float(v) > 0}
+        details["correction_parameters"] = {"run_type": "GGA+U" if doc.get("is_hubbard") and hubbards else "GGA",
+                                            "is_hubbard": bool(doc.get("is_hubbard") and hubbards), "hubbards": hubbards}
         details["dir_name"] = str(directory)
         return RelaxResult(final_structure=final, energy=doc["energy"], converged=bool(doc["converged_electronic"] and doc["converged_ionic"]),
                            n_steps=doc["n_ionic_steps"], max_force=doc["max_force"], run_time_s=time.perf_counter() - start,

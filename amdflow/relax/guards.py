@@ -1,0 +1,59 @@
+"""Guards against the holes of universal potentials: a collapse is a failed relaxation, never a record-low energy.
+
+A universal potential has holes: measured on MP perovskite decorations (scripts/bench_discovery.py),
+SevenNet-0 under FIRE + cell filter drove 5 of 192 cells into collapse (down to 0.85 A^3/atom and
+-2e25 eV/atom; others at -50 to -98 eV/atom, while no MP element lies below -14.3 eV/atom). A
+structure whose volume per atom falls below VOLUME_RATIO_MIN x the smaller, or rises above
+VOLUME_RATIO_MAX x the larger, of its start and its elements' own volumes (pymatgen's molar volumes:
+the volume rule gives some substituted cells a third of that, and they rightly expand), or whose
+energy falls below ENERGY_FLOOR_EV_PER_ATOM, ends as :class:`GuardTripped` with that reason.
+
+Every ML engine applies the same guard (SevenNet in flight, in :mod:`amdflow.relax.torchsim_relax`;
+CHGNet on its trajectory), and a tripped guard is evidence about the potential, not about the
+crystal: the funnel passes such a candidate on flagged ``ml_failed`` (it is never silently
+dropped), and an elemental reference falls back to its next structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pymatgen.core import Structure
+
+VOLUME_RATIO_MIN = 0.5
+VOLUME_RATIO_MAX = 3.0
+ENERGY_FLOOR_EV_PER_ATOM = -25.0
+
+
+class GuardTripped(FloatingPointError):
+    """A relaxation went unphysical (collapse, blow-up or an energy below any element's): the potential's hole."""
+
+
+def volume_bounds(structure: Structure) -> tuple[float, float]:
+    """The volume per atom (A^3) a relaxation of ``structure`` may reach before it counts as collapsed or blown up."""
+    from amdflow.generate.volume import atomic_volume
+
+    start = structure.volume / len(structure)
+    elemental = sum(atomic_volume(site.specie.symbol) for site in structure) / len(structure)
+    return VOLUME_RATIO_MIN * min(start, elemental), VOLUME_RATIO_MAX * max(start, elemental)
+
+
+def unphysical_reason(bounds: tuple[float, float], volume_per_atom: float, energy_per_atom: float, start_volume: float,
+                      steps: int) -> str | None:
+    """Why a state is unphysical (None when it is not): the one message every engine gives."""
+    low, high = bounds
+    if low <= volume_per_atom <= high and energy_per_atom >= ENERGY_FLOOR_EV_PER_ATOM:
+        return None
+    return (f"the relaxation went unphysical after {steps} steps: {volume_per_atom:.2f} A^3/atom (started at "
+            f"{start_volume:.2f}), {energy_per_atom:.4g} eV/atom; the potential has a hole here: not a low-energy crystal")
+
+
+def check_trajectory(start: Structure, volumes_per_atom: Sequence[float], energies_per_atom: Sequence[float]) -> str | None:
+    """The first unphysical step of a finished trajectory (volumes in A^3/atom, energies in eV/atom), or None."""
+    bounds = volume_bounds(start)
+    start_volume = start.volume / len(start)
+    for step, (v, e) in enumerate(zip(volumes_per_atom, energies_per_atom, strict=True)):
+        reason = unphysical_reason(bounds, float(v), float(e), start_volume, step)
+        if reason is not None:
+            return reason
+    return None
