@@ -414,6 +414,48 @@ def test_a_failing_funnel_relaxation_fizzles_alone_with_its_reason(db, lpad, tmp
     assert db.candidates.find_one({"formula": "AlNi"})["state"] in ("prerelaxed", "funnel_cut")
 
 
+@pytest.mark.slow
+def test_a_guard_tripped_ml_relaxation_is_passed_on_flagged_not_dropped(db, lpad, tmp_path, monkeypatch):
+    """The potential's hole is no evidence against the crystal: a candidate whose ML relaxation trips the guard goes
+    on to the final relax unranked, flagged funnel.ml_failed; its Firework completes; status counts it."""
+    from amdflow.ops import campaign_status
+    from amdflow.relax.guards import GuardTripped
+    from amdflow.relax.sevennet_engine import SevenNetEngine
+    from amdflow.rocket import run_batched_rocket
+    from amdflow.stages import ML_FAILED_PRIORITY
+
+    cfg = campaign_from_dict({"name": "AlNi-hole", "elements": ["Ni", "Al"],
+                              "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a", "AB3_cP4_221_a_c"]}],
+                              "screen": {"max_formation_energy_per_atom": 2.0}, "funnel": {"fmax": 0.1, "max_steps": 60},
+                              "relax": {"fmax": 0.1, "max_steps": 60, "reference_prototypes": ["fcc"],
+                                        "reference_ground_state": False},
+                              "output_dir": str(tmp_path / "out")})
+    add_campaign(db, cfg)
+    run(lpad, tmp_path, ["gpu", "cpu"], {"spec.amdflow_stage": {"$ne": "funnel"}})
+    original = SevenNetEngine.relax_many
+
+    def hole(self, structures, workers=1):
+        results = original(self, structures, workers)
+        return [GuardTripped("the relaxation went unphysical after 4 steps: 0.9 A^3/atom") if s.composition.reduced_formula == "AlNi"
+                else r for s, r in zip(structures, results, strict=True)]
+
+    monkeypatch.setattr(SevenNetEngine, "relax_many", hole)
+    report = run_batched_rocket(lpad, batch_size=8, pipeline=False, stage="funnel")
+    assert report.fizzled == 0
+    flagged = db.candidates.find_one({"formula": "AlNi"})
+    assert flagged["state"] == "prerelaxed" and flagged["funnel"]["ml_failed"] is True and flagged["funnel"]["passed"] is True
+    assert "went unphysical" in flagged["funnel"]["ml_error"] and flagged["funnel"].get("energy_per_atom") is None
+    assert lpad.fireworks.find_one({"fw_id": flagged["fw_ids"]["funnel"]})["state"] == "COMPLETED"
+    assert campaign_status(db, cfg.name)["funnel"]["ml_failed"] == 1
+    monkeypatch.setattr(SevenNetEngine, "relax_many", original)
+    relax_fw = lpad.fireworks.find_one({"fw_id": flagged["fw_ids"]["relax"]})
+    assert relax_fw["state"] == "READY" and relax_fw["spec"]["_priority"] == ML_FAILED_PRIORITY  # after every ranked one
+    run(lpad, tmp_path, ["gpu", "cpu", "vasp"])  # the final relax takes it like any passed candidate
+    done = db.candidates.find_one({"formula": "AlNi"})
+    assert done["state"] == "analyzed" and done["funnel"]["ml_failed"] is True
+    assert db.tasks.find_one({"task_id": done["task_id"]})["level"] == "final"
+
+
 def test_a_collapsing_cell_ends_as_a_failed_relaxation_not_a_record_low_energy():
     """What bench_discovery met: SevenNet-0 drove cells to 0.85 A^3/atom and -2e25 eV/atom (a hole of the potential).
 
