@@ -30,7 +30,6 @@ from amdflow.thermo.corrections import (
     policy_for,
 )
 from amdflow.thermo.ground_states import GROUND_STATES, build_ground_state, ground_state_structure
-
 from tests.conftest import shared_path
 
 
