@@ -503,3 +503,49 @@ def test_kill_9_of_the_batched_rocket_then_four_rockets_finish(mongo_launchpad_f
     status = subprocess.run([sys.executable, "-m", "amdflow", "status", "campaign.yaml", "--json"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert json.loads(status.stdout)["thermo"]["stable_candidates"] >= 1
+
+
+CLAIM_HOLDER = """
+import sys, time
+from amdflow.db import open_db
+from amdflow.settings import get_settings
+import amdflow.stages.common as common
+lp_file, role, sync = sys.argv[1], sys.argv[2], sys.argv[3]
+if sys.argv[4] == "noheartbeat":  # the control: the claim as it was, never refreshed while held
+    common._heartbeat = lambda *a, **k: None
+import pathlib
+sync = pathlib.Path(sync)
+with open_db(None, get_settings(launchpad_file=lp_file)) as db:
+    if role == "holder":
+        with common.claim(db, "funnel:race:AlNi", stale_s=1.0) as held:
+            (sync / "held").write_text(str(time.time()))
+            time.sleep(4.0)  # work that outlasts stale_s (the second dedup's matching, a slow hull)
+            print("released", time.time())
+    else:
+        while not (sync / "held").exists():
+            time.sleep(0.02)
+        with common.claim(db, "funnel:race:AlNi", stale_s=1.0, timeout_s=30) as held:
+            print("got", time.time())
+"""
+
+
+def _claim_race(lp_file: Path, tmp_path: Path, mode: str) -> tuple[float, float]:
+    sync = tmp_path / f"sync-{mode}"
+    sync.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", CLAIM_HOLDER, str(lp_file), "holder", str(sync), mode],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    taker = subprocess.Popen([sys.executable, "-c", CLAIM_HOLDER, str(lp_file), "taker", str(sync), mode],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_h, err_h = holder.communicate(timeout=120)
+    out_t, err_t = taker.communicate(timeout=120)
+    assert holder.returncode == 0 and taker.returncode == 0, (err_h[-2000:], err_t[-2000:])
+    return float(out_h.split()[-1]), float(out_t.split()[-1])
+
+
+def test_a_claim_held_longer_than_its_stale_time_is_not_taken_over(mongo_launchpad_file, tmp_path):
+    """Issue 25: a claim is extended while held, so a second process waits for the holder's release even when the
+    holder's work outlasts stale_s; without the heartbeat (the control) the second process takes it over mid-work."""
+    released, got = _claim_race(mongo_launchpad_file, tmp_path, "heartbeat")
+    assert got >= released - 0.05, (released, got)  # waited for the release (clock of one machine)
+    released, got = _claim_race(mongo_launchpad_file, tmp_path, "noheartbeat")
+    assert got < released - 1.0, (released, got)  # taken over while the holder still worked: the race is real
