@@ -151,7 +151,7 @@ def test_in_model_and_none_schemes_leave_the_energy_alone_and_mp2020_corrects_it
 def test_a_fine_tuned_checkpoint_must_say_its_correction(tmp_path):
     ckpt = tmp_path / "tuned.pth"
     ckpt.write_bytes(b"weights")
-    with pytest.raises(AmdflowError, match="needs funnel.correction"):
+    with pytest.raises(AmdflowError, match=r"needs funnel\.correction"):
         policy_for("sevennet", SimpleNamespace(model="7net-0", modal=None, checkpoint=ckpt, correction="auto"))
     told = policy_for("sevennet", SimpleNamespace(model="7net-0", modal=None, checkpoint=ckpt, correction="none"))
     assert told.scheme is CorrectionScheme.NONE
@@ -298,7 +298,7 @@ def test_a_reference_that_trips_the_guard_falls_back_to_the_next_structure(db, t
 
     engine.trips = {1, 2, 4}  # graphite and every fallback trip
     engine.run_type = db.campaigns.find_one({"name": cfg.name})["run_type"]
-    with pytest.raises(AmdflowError, match="every reference structure of C .* tripped the potential's guard"):
+    with pytest.raises(AmdflowError, match=r"every reference structure of C .* tripped the potential's guard"):
         relax_reference_stage(db, cfg.name, "C", "ground_state")
 
 
