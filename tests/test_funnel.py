@@ -18,8 +18,8 @@ from amdflow.campaign import campaign_from_dict
 from amdflow.errors import ConfigError
 from amdflow.ops import add_campaign, campaign_status
 
-FUNNEL_RUN_TYPE = "sevennet-7net-0-0.13.0"
-FINAL_RUN_TYPE = "chgnet-0.4.2"
+FUNNEL_PREFIX = "sevennet-7net-0-0.13.0-mp2020-"  # then a hash of the funnel's settings (fmax, max_steps, ...)
+FINAL_PREFIX = "chgnet-0.4.2-mp2020-in-model-"
 
 
 def _b2() -> Structure:
@@ -49,7 +49,7 @@ def funnel_campaign_dict(tmp_path: Path) -> dict:
         "templates": [{"source": "folder", "path": str(write_templates(tmp_path / "templates"))}],
         "screen": {"max_formation_energy_per_atom": 0.5},
         "funnel": {"fmax": 0.1, "max_steps": 80, "max_e_above_hull": 0.05},
-        "relax": {"fmax": 0.1, "max_steps": 80, "reference_prototypes": ["fcc"]},
+        "relax": {"fmax": 0.1, "max_steps": 80, "reference_prototypes": ["fcc"], "reference_ground_state": False},
         "output_dir": str(tmp_path / "out"),
     }
 
@@ -124,6 +124,9 @@ def test_funnel_campaign_through_rapidfire(db, lpad, funnel_campaign_dict, tmp_p
     cfg = campaign_from_dict(funnel_campaign_dict)
     report = add_campaign(db, cfg)
     assert (report.new_candidates, report.new_workflows, report.new_reference_workflows) == (4, 4, 4)  # 2 elements x 2 levels
+    stored = db.campaigns.find_one({"name": cfg.name})
+    FUNNEL_RUN_TYPE, FINAL_RUN_TYPE = stored["funnel_run_type"], stored["run_type"]
+    assert FUNNEL_RUN_TYPE.startswith(FUNNEL_PREFIX) and FINAL_RUN_TYPE.startswith(FINAL_PREFIX)
     assert lpad.fireworks.count_documents({"spec.amdflow_stage": "funnel", "spec._category": "gpu"}) == 4
     funnel_refs = list(lpad.fireworks.find({"spec.amdflow_level": "funnel"}, {"spec": 1}))
     assert {fw["spec"]["_category"] for fw in funnel_refs if fw["spec"]["amdflow_stage"] == "reference"} == {"gpu"}
@@ -219,7 +222,7 @@ def test_batched_funnel_check_before_relax_top_k_and_refunnel(db, lpad, tmp_path
             "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a", "AB_cF8_225_a_b"]}],  # B2 and B1: two AlNi
             "screen": {"max_formation_energy_per_atom": 2.0},
             "funnel": {"fmax": 0.1, "max_steps": 80, "max_e_above_hull": 5.0, "top_k_per_formula": 1},
-            "relax": {"fmax": 0.1, "max_steps": 80, "reference_prototypes": ["fcc"]}, "output_dir": str(tmp_path / "out")}
+            "relax": {"fmax": 0.1, "max_steps": 80, "reference_prototypes": ["fcc"], "reference_ground_state": False}, "output_dir": str(tmp_path / "out")}
     cfg = campaign_from_dict(base)
     add_campaign(db, cfg)
     run(lpad, tmp_path, ["gpu", "cpu"], {"spec.amdflow_stage": {"$ne": "funnel"}})  # predict, dedup, the funnel's references
@@ -281,7 +284,7 @@ def test_without_the_funnels_references_the_decision_waits_for_the_relax_check(d
                               "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a"]}],
                               "screen": {"max_formation_energy_per_atom": 2.0},
                               "funnel": {"fmax": 0.1, "max_steps": 80},
-                              "relax": {"fmax": 0.1, "max_steps": 80, "reference_prototypes": ["fcc"]},
+                              "relax": {"fmax": 0.1, "max_steps": 80, "reference_prototypes": ["fcc"], "reference_ground_state": False},
                               "output_dir": str(tmp_path / "out")})
     add_campaign(db, cfg)
     no_ml_refs = {"spec.amdflow_level": {"$exists": False}}
@@ -291,7 +294,7 @@ def test_without_the_funnels_references_the_decision_waits_for_the_relax_check(d
     assert cand["funnel"]["deferred"] and cand["funnel"]["passed"] and cand["funnel"]["e_above_hull"] is None
     relax = lpad.fireworks.find_one({"fw_id": cand["fw_ids"]["relax"]})
     assert relax["state"] == "FIZZLED"
-    assert "no place on the funnel's sevennet-7net-0-0.13.0 hull of Al-Ni yet" in db.candidates.find_one({})["error"]
+    assert f"no place on the funnel's {db.campaigns.find_one({})['funnel_run_type']} hull of Al-Ni yet" in db.candidates.find_one({})["error"]
     run(lpad, tmp_path, ["gpu", "cpu"], {"spec.amdflow_level": "funnel"})  # the potential's references
     assert db.candidates.find_one({})["funnel"]["e_above_hull"] == pytest.approx(0.0, abs=1e-6)  # the hull caught up
     rerun_fizzled(db, cfg.name)
@@ -322,7 +325,7 @@ def test_funnel_rockets_exactly_once_after_one_is_killed(mongo_launchpad_file, t
                                                                  "AB3_cF16_225_a_bc"]}],
                 "screen": {"max_formation_energy_per_atom": 2.0},
                 "funnel": {"fmax": 0.1, "max_steps": 60, "max_e_above_hull": 0.1},
-                "relax": {"fmax": 0.1, "max_steps": 60, "reference_prototypes": ["fcc"]}}
+                "relax": {"fmax": 0.1, "max_steps": 60, "reference_prototypes": ["fcc"], "reference_ground_state": False}}
     env, cli = campaign_on_server(tmp_path, mongo_launchpad_file, campaign)
     cli("add", "campaign.yaml")
     lp = LaunchPad.from_file(str(mongo_launchpad_file))
@@ -388,7 +391,7 @@ def test_a_failing_funnel_relaxation_fizzles_alone_with_its_reason(db, lpad, tmp
     cfg = campaign_from_dict({"name": "AlNi-broken", "elements": ["Ni", "Al"],
                               "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a", "AB3_cP4_221_a_c"]}],
                               "screen": {"max_formation_energy_per_atom": 2.0}, "funnel": {"fmax": 0.1, "max_steps": 60},
-                              "relax": {"fmax": 0.1, "max_steps": 60, "reference_prototypes": ["fcc"]},
+                              "relax": {"fmax": 0.1, "max_steps": 60, "reference_prototypes": ["fcc"], "reference_ground_state": False},
                               "output_dir": str(tmp_path / "out")})
     add_campaign(db, cfg)
     run(lpad, tmp_path, ["gpu", "cpu"], {"spec.amdflow_stage": {"$ne": "funnel"}})

@@ -211,11 +211,19 @@ def chosen_references(db: AmdflowDB, run_type: str, elements: list[str]) -> dict
     relaxed), ``energy_per_atom`` (eV/atom, on the run type's scale), ``task_id``, ``converged``, ``fallback_from``.
     """
     best: dict[str, dict[str, Any]] = {}
+    # the references collection by (run_type, element), then their tasks by id: both reads on an index
+    refs = [d for d in db.references.find({"run_type": run_type, "element": {"$in": list(elements)}},
+                                          {"_id": 0, "ref_id": 1, "element": 1, "prototype": 1, "state": 1})
+            if d.get("state") == "relaxed"]
     fields = {"_id": 0, "task_id": 1, "chemsys": 1, "energy_per_atom": 1, "converged": 1, "reference": 1}
-    for t in db.tasks.find({"kind": "reference", "run_type": run_type, "chemsys": {"$in": list(elements)}}, fields):
-        el = t["chemsys"]
+    tasks = {t["task_id"]: t for t in db.tasks.find({"task_id": {"$in": [d["ref_id"] for d in refs]}}, fields)}
+    for d in refs:
+        t = tasks.get(d["ref_id"])
+        if t is None:
+            continue
+        el = d["element"]
         ref = t.get("reference") or {}
-        used = ref.get("structure") or t["task_id"][len(f"ref-{el}-"):-len(f"-{run_type}")]  # tasks older than 'reference'
+        used = ref.get("structure") or d["prototype"]  # tasks older than 'reference': what the doc says
         row = {"name": ref.get("name") or reference_name(el, used), "structure": used, "energy_per_atom": t["energy_per_atom"],
                "task_id": t["task_id"], "converged": bool(t.get("converged")), "fallback_from": ref.get("fallback_from")}
         key = (not row["converged"], row["energy_per_atom"])
