@@ -549,3 +549,84 @@ def test_a_claim_held_longer_than_its_stale_time_is_not_taken_over(mongo_launchp
     assert got >= released - 0.05, (released, got)  # waited for the release (clock of one machine)
     released, got = _claim_race(mongo_launchpad_file, tmp_path, "noheartbeat")
     assert got < released - 1.0, (released, got)  # taken over while the holder still worked: the race is real
+
+
+TWIN_DECIDER = """
+import json, sys
+from pymatgen.core import Structure
+import amdflow.relax
+from amdflow.relax.base import RelaxResult
+from amdflow.db import open_db
+from amdflow.settings import get_settings
+from amdflow import stages
+lp_file, cid, twin_file = sys.argv[1:4]
+twin = json.loads(open(twin_file).read())
+# its ML relaxation ends in its twin's crystal, 0.05 eV/atom lower (the stage's logic is under test, not the potential)
+amdflow.relax.relax_many = lambda engine, structures, workers=1: [
+    RelaxResult(Structure.from_dict(twin["structure"]), twin["energy"], True, 5, 0.01, 0.1) for _ in structures]
+with open_db(None, get_settings(launchpad_file=lp_file)) as db:
+    print([o.duplicate_of for o in stages.funnel_stage(db, [cid])])
+"""
+
+
+def test_the_relax_check_reads_the_candidate_under_the_claim_a_demoting_twin_holds(mongo_launchpad_file, tmp_path):
+    """Issue 25, the second dedup: candidate A passed the funnel and waits for its final relax; its twin B (another
+    template, relaxed by the potential into A's crystal, lower) is decided in another process, which demotes A while
+    it holds the formula's claim. The relax check for A, handed A's document as read before (still 'prerelaxed'),
+    must wait for the claim, read A again and stop it: one DFT relaxation per crystal. Reading outside the claim (the
+    old code) passes A, and both twins go to DFT."""
+    import time
+
+    from fireworks import FWorker
+    from fireworks.core.rocket_launcher import rapidfire
+
+    from amdflow.campaign import campaign_from_dict
+    from amdflow.db import open_db
+    from amdflow.ops import add_campaign
+    from amdflow.settings import get_settings
+    from amdflow.stages import FunnelCut, funnel_stage
+    from amdflow.stages.funnel import check_before_relax
+
+    cfg = campaign_from_dict({
+        "name": "twins", "elements": ["Ni", "Al"], "output_dir": str(tmp_path / "out"),
+        "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a", "AB_cF8_225_a_b"]}],  # B2 and rocksalt AlNi
+        "generate": {"lattice_scales": [1.0], "include_subsystems": False},
+        "screen": {"mode": "threshold", "max_formation_energy_per_atom": 2.0},
+        "funnel": {"fmax": 0.1, "max_steps": 60, "max_e_above_hull": 5.0},
+        "relax": {"fmax": 0.1, "max_steps": 60, "reference_prototypes": ["fcc"], "reference_ground_state": False}})
+    settings = get_settings(launchpad_file=mongo_launchpad_file)
+    with open_db(None, settings) as db:
+        add_campaign(db, cfg)
+        launches = tmp_path / "launches"
+        launches.mkdir()
+        cwd = os.getcwd()
+        try:
+            os.chdir(launches)  # predict, dedup and the references of both levels
+            rapidfire(db.launchpad, FWorker(category=["gpu", "cpu", "vasp"], query={"spec.amdflow_stage": {"$in": ["predict", "dedup", "reference"]}}),
+                      strm_lvl="ERROR")
+        finally:
+            os.chdir(cwd)
+        ids = {d["template"]["template_id"]: d["candidate_id"] for d in db.candidates.find({"formula": "AlNi", "state": "unique"})}
+        a, b = ids["AB_cP2_221_b_a"], ids["AB_cF8_225_a_b"]
+        assert funnel_stage(db, [a])[0].passed  # A: relaxed, kept, waiting for its final relax
+        stale = db.candidates.find_one({"candidate_id": a}, {"_id": 0})
+        assert stale["state"] == "prerelaxed" and not stale.get("relax_started_at")
+        task = db.tasks.find_one({"task_id": stale["funnel"]["task_id"]})
+        twin = tmp_path / "twin.json"
+        twin.write_text(json.dumps({"structure": task["final_structure"], "energy": task["uncorrected_energy"] - 0.05 * task["nsites"]}))
+        decider = subprocess.Popen([sys.executable, "-c", TWIN_DECIDER, str(mongo_launchpad_file), b, str(twin)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "AMDFLOW_FAILPOINT_FUNNEL_DECIDE_DELAY_S": "3"})
+        locks = db.coll("locks")
+        deadline = time.time() + 240
+        while locks.find_one({"_id": "funnel:twins:AlNi"}) is None:  # B's decision holds the formula's claim
+            assert time.time() < deadline and decider.poll() is None, decider.communicate()[1][-2000:]
+            time.sleep(0.02)
+        with pytest.raises(FunnelCut, match=f"same crystal as {b}"):
+            check_before_relax(db, cfg, stale, start=lambda doc: pytest.fail("A's final relax started"))
+        out, err = decider.communicate(timeout=120)
+        assert decider.returncode == 0, err[-2000:]
+        assert out.strip().splitlines()[-1] == "[None]"  # B kept
+        now = {d["candidate_id"]: d for d in db.candidates.find({"candidate_id": {"$in": [a, b]}})}
+        assert now[a]["state"] == "duplicate" and now[a]["funnel"]["duplicate_of"] == b and not now[a].get("relax_started_at")
+        assert now[b]["state"] == "prerelaxed" and now[b]["funnel"]["passed"] is True

@@ -193,6 +193,7 @@ def funnel_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> l
             decided: set[str] = set()
             try:
                 with claim(db, f"funnel:{name}:{formula}", timeout_s=FORMULA_CLAIM_TIMEOUT_S):
+                    failpoint_delay("AMDFLOW_FAILPOINT_FUNNEL_DECIDE_DELAY_S")  # tests: a decision held open under the claim
                     for d, r in sorted(items, key=lambda it: (it[1].energy_per_atom, it[0]["candidate_id"])):
                         outcomes.append(_decide(db, cfg, engine, d["candidate_id"], formula, r))
                         decided.add(d["candidate_id"])
