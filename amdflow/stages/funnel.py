@@ -53,7 +53,7 @@ from amdflow.stages.common import (
     record_failure,
     set_state,
 )
-from amdflow.stages.relax import task_doc
+from amdflow.stages.tasks import task_doc
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from amdflow.db import AmdflowDB, bulk_write
 from amdflow.errors import AmdflowError
 from amdflow.schemas import ReferenceDoc, utcnow
 from amdflow.stages.common import load_campaign_config
-from amdflow.stages.relax import level_engine, task_doc
+from amdflow.stages.relax import level_engine
+from amdflow.stages.tasks import task_doc
 from amdflow.thermo.corrections import energy_on_scale
 
 
