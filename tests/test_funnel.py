@@ -459,6 +459,47 @@ def test_a_guard_tripped_ml_relaxation_is_passed_on_flagged_not_dropped(db, lpad
     assert db.tasks.find_one({"task_id": done["task_id"]})["level"] == "final"
 
 
+@pytest.mark.slow
+def test_a_formula_whose_claim_times_out_waits_and_the_rest_of_the_batch_is_decided(db, lpad, tmp_path, monkeypatch):
+    """Another process holds AlNi's claim past the timeout: the batch's other formulas are decided, AlNi's candidate
+    is left undecided (not failed) with its ML relaxation stored, and the rerun decides it without relaxing again."""
+    from amdflow.schemas import utcnow
+    from amdflow.stages import funnel as funnel_module
+    from amdflow.stages import funnel_stage
+
+    cfg = campaign_from_dict({"name": "AlNi-busy", "elements": ["Ni", "Al"],
+                              "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a", "AB3_cP4_221_a_c"]}],
+                              "screen": {"max_formation_energy_per_atom": 2.0}, "funnel": {"fmax": 0.1, "max_steps": 60},
+                              "relax": {"fmax": 0.1, "max_steps": 60, "reference_prototypes": ["fcc"],
+                                        "reference_ground_state": False},
+                              "output_dir": str(tmp_path / "out")})
+    add_campaign(db, cfg)
+    run(lpad, tmp_path, ["gpu", "cpu"], {"spec.amdflow_stage": {"$ne": "funnel"}})
+    ids = [d["candidate_id"] for d in db.candidates.find({"state": "unique"})]
+    busy = db.candidates.find_one({"formula": "AlNi", "state": "unique"})["candidate_id"]
+    db.coll("locks").insert_one({"_id": f"funnel:{cfg.name}:AlNi", "owner": "another-host:1:1", "at": utcnow()})
+    monkeypatch.setattr(funnel_module, "FORMULA_CLAIM_TIMEOUT_S", 0.5)
+    outcomes = {o.candidate_id: o for o in funnel_stage(db, ids)}
+    assert "could not claim 'funnel:AlNi-busy:AlNi'" in outcomes[busy].error and "ML relaxation is kept" in outcomes[busy].error
+    others = [c for c in ids if c != busy]
+    assert others and all(outcomes[c].error is None for c in others)  # the rest of the batch stands
+    assert {db.candidates.find_one({"candidate_id": c})["state"] for c in others} <= {"prerelaxed", "funnel_cut", "duplicate"}
+    left = db.candidates.find_one({"candidate_id": busy})
+    assert left["state"] == "unique" and not left.get("funnel")  # undecided, not failed
+    run_type = db.campaigns.find_one({"name": cfg.name})["funnel_run_type"]
+    stored = db.tasks.find_one({"candidate_id": busy, "run_type": run_type})
+    assert stored is not None  # its relaxation is kept
+    db.coll("locks").delete_one({"_id": f"funnel:{cfg.name}:AlNi"})  # the other process finished
+
+    def no_relaxation(*a, **k):
+        raise AssertionError("relaxed again")
+
+    monkeypatch.setattr("amdflow.relax.relax_many", no_relaxation)
+    again = funnel_stage(db, [busy])[0]
+    assert again.error is None and db.candidates.find_one({"candidate_id": busy})["state"] in ("prerelaxed", "funnel_cut")
+    assert db.tasks.find_one({"task_id": stored["task_id"]})["created_at"] == stored["created_at"]
+
+
 def test_a_collapsing_cell_ends_as_a_failed_relaxation_not_a_record_low_energy():
     """What bench_discovery met: SevenNet-0 drove cells to 0.85 A^3/atom and -2e25 eV/atom (a hole of the potential).
 
