@@ -577,13 +577,25 @@ def campaign_from_dict(data: dict[str, Any], base_dir: Path | None = None, sourc
 
 #: Sections added after campaigns were first stored, with the value that means what such a
 #: stored campaign ran (its config predates the key): the funnel did not exist, so none.
-STORED_BEFORE: dict[str, Any] = {"funnel": {"engine": "none"}}
+#: What a stored config that lacks a key ran with (keys added after it was stored), as nested dicts: a section
+#: missing altogether takes the dict whole (a campaign from before the funnel ran without one), a key missing from a
+#: section present takes its value (a campaign from before issue 25 relaxed only its reference_prototypes).
+STORED_BEFORE: dict[str, Any] = {"funnel": {"engine": "none"}, "relax": {"reference_ground_state": False}}
+
+
+def _stored_defaults(config: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    out = dict(config)
+    for key, value in before.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _stored_defaults(out[key], value)
+    return out
 
 
 def stored_campaign_from_dict(config: dict[str, Any], source: str = "stored campaign") -> CampaignConfig:
     """Validate a campaign config as stored in the database (a key it lacks means what it ran then)."""
-    data = {**{k: v for k, v in STORED_BEFORE.items() if k not in config}, **config}
-    return campaign_from_dict(data, source=source)
+    return campaign_from_dict(_stored_defaults(config, STORED_BEFORE), source=source)
 
 
 EXAMPLE_CAMPAIGN = """\

@@ -112,6 +112,22 @@ def test_a_campaign_stored_before_the_funnel_existed_ran_without_it(db):
     assert not stored.funnel.enabled
 
 
+def test_a_campaign_stored_before_ground_state_references_keeps_its_references(db):
+    """A stored relax section without reference_ground_state (amdflow before issue 25) relaxed only its
+    reference_prototypes: read back, it still does (its reference Fireworks are those), not today's default."""
+    from amdflow.stages import campaign_doc, load_campaign_config
+
+    cfg = campaign_from_dict({"name": "old25", "elements": ["Al", "Ni"], "templates": [{"source": "aflow"}],
+                              "relax": {"reference_prototypes": ["fcc", "bcc", "hcp"]}})
+    doc = campaign_doc(cfg).to_mongo()
+    del doc["config"]["relax"]["reference_ground_state"]
+    db.campaigns.insert_one(doc)
+    stored, _ = load_campaign_config(db, "old25")
+    assert stored.relax.reference_structures() == ["A_cF4_225_a", "A_cI2_229_a", "A_hP2_194_c"]
+    assert campaign_from_dict({"name": "new", "elements": ["Al", "Ni"], "templates": [{"source": "aflow"}]}
+                              ).relax.reference_structures() == ["ground_state"]
+
+
 # ---------------------------------------------------------------- the funnel through FireWorks
 @pytest.mark.slow
 def test_funnel_campaign_through_rapidfire(db, lpad, funnel_campaign_dict, tmp_path):
