@@ -115,6 +115,17 @@ class GenerateConfig(_Strict):
         description="Linear factors applied to every cell after the volume rule; each gives "
         "its own candidate (exa-AMD uses 0.96, 0.98, 1.0, 1.02, 1.04).",
     )
+    min_bond_ratio: float = Field(
+        0.75, ge=0.0, le=1.2,
+        description="Bond-length floor: a cell the volume rule leaves with two atoms closer than this fraction of the "
+        "sum of their covalent radii (Cordero et al. 2008, pymatgen's CovalentRadius) is scaled up until none are; "
+        "a lattice scale that puts a cell below it is skipped. 0: the volume rule alone (exa-AMD's).",
+    )
+    max_void_ratio: float = Field(
+        3.0, ge=1.0, le=100.0,
+        description="A decoration whose bond floor needs more than this multiple of the volume rule's volume is "
+        "skipped: the template's shape cannot hold these elements without gross voids.",
+    )
     include_subsystems: bool = Field(
         True, description="Templates with fewer elements than targets yield candidates of every subset."
     )
@@ -580,7 +591,8 @@ def campaign_from_dict(data: dict[str, Any], base_dir: Path | None = None, sourc
 #: What a stored config that lacks a key ran with (keys added after it was stored), as nested dicts: a section
 #: missing altogether takes the dict whole (a campaign from before the funnel ran without one), a key missing from a
 #: section present takes its value (a campaign from before issue 25 relaxed only its reference_prototypes).
-STORED_BEFORE: dict[str, Any] = {"funnel": {"engine": "none"}, "relax": {"reference_ground_state": False}}
+STORED_BEFORE: dict[str, Any] = {"funnel": {"engine": "none"}, "relax": {"reference_ground_state": False},
+                                  "generate": {"min_bond_ratio": 0.0}}
 
 
 def _stored_defaults(config: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
@@ -631,6 +643,8 @@ templates:                   # REQUIRED: where template structures come from
 generate:
   scale_volume: true         # rescale cells by summed elemental atomic volumes
   lattice_scales: [1.0]      # extra linear scales per decoration, e.g. [0.96, 0.98, 1.0, 1.02, 1.04]
+  min_bond_ratio: 0.75       # no two atoms closer than this x their covalent radii: such cells are scaled up
+  max_void_ratio: 3.0        # ... unless that needs > 3x the volume rule's volume: then the decoration is skipped
   include_subsystems: true   # binary templates -> every pair of targets, etc.
   symmetry_reduce: true      # one candidate per symmetry-equivalent decoration
   symprec: 0.01              # Angstrom

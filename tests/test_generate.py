@@ -27,7 +27,10 @@ DATA = Path(__file__).parent / "data"
 
 
 def cfg(elements, templates, **extra):
-    return campaign_from_dict({"name": "t", "elements": elements, "templates": templates, **extra})
+    """A campaign of the volume rule alone (min_bond_ratio 0, exa-AMD's): these tests check decorations, symmetry
+    and the volume rule against pymatgen; the bond floor has tests of its own (test_bond_floor_*)."""
+    generate = {"min_bond_ratio": 0.0, **extra.pop("generate", {})}
+    return campaign_from_dict({"name": "t", "elements": elements, "templates": templates, "generate": generate, **extra})
 
 
 def aflow(*labels, **kw):
@@ -301,3 +304,51 @@ def test_prototypes_command_lists_the_library_with_filters():
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 18 and all(r["n_elements"] == 1 and r["n_sites"] <= 2 for r in rows)
     assert {r["short_name"] for r in rows} == {"fcc", "bcc", "hcp", "diamond", "sc", None}
+
+
+# ---------------------------------------------------------------- the bond floor (issue 26)
+def _shortest_ratio(structure: Structure) -> float:
+    """Independent of the generator's arrays: pymatgen's neighbour list over every pair."""
+    from amdflow.generate.volume import covalent_radius
+
+    centres, neighbours, _, dists = structure.get_neighbor_list(8.0)
+    sym = [site.specie.symbol for site in structure]
+    return min(d / (covalent_radius(sym[i]) + covalent_radius(sym[j])) for i, j, d in zip(centres, neighbours, dists, strict=True))
+
+
+@pytest.mark.parametrize("elements", [["Ce", "Fe", "C"], ["Na", "Cl", "Mg"]])
+def test_bond_floor_no_candidate_of_any_small_aflow_prototype_starts_overlapping(elements):
+    """Every AFLOW prototype of up to 12 sites, for a C-containing and an alkali-halide-containing ternary: no
+    candidate starts below the floor, each records its true shortest bond ratio, and without the floor (the volume
+    rule alone) many would."""
+    c = campaign_from_dict({"name": "t", "elements": elements, "templates": [{"source": "aflow", "max_sites": 12}],
+                            "generate": {"lattice_scales": [0.96, 1.0, 1.04]}})
+    docs, report = run(c, workers=2)
+    floor = c.generate.min_bond_ratio
+    assert floor == 0.75 and len(docs) > 300
+    ratios = [_shortest_ratio(Structure.from_dict(d["structure"])) for d in docs]
+    assert min(ratios) >= floor - 1e-6
+    assert all(d["min_bond_ratio"] == pytest.approx(r, abs=2e-4) for d, r in zip(docs, ratios, strict=True))
+    assert report.stats.filtered.get("lattice scale below the bond floor", 0) > 0  # the 0.96 copies of floored cells
+    before, _ = run(cfg(elements, [{"source": "aflow", "max_sites": 12}], generate={"lattice_scales": [0.96, 1.0, 1.04]}),
+                    workers=2)
+    below = sum(_shortest_ratio(Structure.from_dict(d["structure"])) < floor for d in before)
+    assert below > 0.05 * len(before)  # what the floor fixes is real
+
+
+def test_bond_floor_scales_up_an_overlapping_cell_and_skips_one_that_cannot_hold_its_atoms():
+    """A3B_cI8_229_b_a (H3S's structure; the blind campaign's lost relaxations came from it) with Ce and Fe: the
+    volume rule leaves bonds at 0.41 x the radii. Reaching the floor needs 6x the volume: skipped by default with
+    the reason, counted; allowed 10x voids, both cells are scaled up to exactly the floor."""
+    loose = cfg(["Ce", "Fe"], aflow("A3B_cI8_229_b_a"))  # the volume rule alone
+    before = {d["formula"]: d for d in run(loose)[0]}
+    assert sorted(before) == ["Ce3Fe", "CeFe3"] and all(d["min_bond_ratio"] < 0.45 for d in before.values())
+    default = cfg(["Ce", "Fe"], aflow("A3B_cI8_229_b_a"), generate={"min_bond_ratio": 0.75})
+    docs, report = run(default)
+    assert docs == [] and report.stats.filtered["bond floor needs more than 3x the volume rule's volume"] == 2
+    roomy = cfg(["Ce", "Fe"], aflow("A3B_cI8_229_b_a"), generate={"min_bond_ratio": 0.75, "max_void_ratio": 10.0})
+    for d in run(roomy)[0]:
+        s = Structure.from_dict(d["structure"])
+        assert d["min_bond_ratio"] == pytest.approx(0.75, abs=1e-4) == pytest.approx(_shortest_ratio(s), abs=1e-4)
+        old = Structure.from_dict(before[d["formula"]]["structure"])
+        assert s.volume / old.volume == pytest.approx((0.75 / before[d["formula"]]["min_bond_ratio"]) ** 3, rel=1e-3)

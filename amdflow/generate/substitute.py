@@ -43,7 +43,7 @@ from amdflow.generate.templates import (
     load_item,
     template_items,
 )
-from amdflow.generate.volume import atomic_volume, scaled_volume
+from amdflow.generate.volume import atomic_volume, covalent_radius, scaled_volume, site_distances
 
 ID_LENGTH = 24  # hex characters of the sha256 kept in an id (96 bits)
 _CODEC = None  # set on first use: BSON codec options keeping datetimes timezone-aware
@@ -125,6 +125,7 @@ class TemplatePlan:
     template_volume_sum: float  # sum of the template's elemental atomic volumes
     reduced_counts: np.ndarray  # per label, in the reduced formula
     abc: list[list[float]] = field(default_factory=list)  # fractional coords as lists
+    distances: np.ndarray | None = None  # (L, L): shortest distance between sites of two labels, template scale
 
     @classmethod
     def build(cls, template: Template, symmetry: bool, symprec: float) -> TemplatePlan:
@@ -139,7 +140,13 @@ class TemplatePlan:
         gcd = math.gcd(*counts.tolist())
         return cls(template, labels, site_labels, counts, frac, matrix, group,
                    float(sum(atomic_volume(el) * c for el, c in zip(labels, counts, strict=True))), counts // gcd,
-                   frac.tolist())
+                   frac.tolist(), site_distances(s, labels, site_labels.tolist()))
+
+    def bond_ratio(self, tau: Sequence[str]) -> float:
+        """Shortest bond over the sum of covalent radii of decoration ``tau``, at the template's own scale (times the
+        cell's linear factor at any other)."""
+        r = np.array([covalent_radius(t) for t in tau])
+        return float(np.min(self.distances / (r[:, None] + r[None, :])))
 
     def sites(self, symbols: Sequence[str]) -> list[dict[str, Any]]:
         """Site dicts of ``Structure.as_dict(verbosity=0)`` (independent of the lattice scale)."""
@@ -236,55 +243,65 @@ def candidates_for_plan(plan: TemplatePlan, cfg: CampaignConfig, stats: PlanStat
     """
     gen = cfg.generate
     kept, total = distinct_assignments(len(plan.labels), cfg.elements, plan.group, gen.include_subsystems)
-    passing = []
+    jobs = []  # (decoration, formula, linear factor of the volume rule and the floor, its bond ratio at 1, scales)
     filtered = Counter()
+    floor = gen.min_bond_ratio
     for tau in kept:
         formula, key = _formula(tau, plan.reduced_counts)
         if gen.charge_balance and not charge_balanced(key):
             filtered["not charge balanced"] += 1
             continue
-        passing.append((tau, formula))
-    n_scales = len(gen.lattice_scales)
+        if gen.scale_volume:
+            new_sum = float(sum(atomic_volume(t) * c for t, c in zip(tau, plan.counts, strict=True)))
+            base = (new_sum / plan.template_volume_sum) ** (1.0 / 3.0)
+        else:
+            base = 1.0
+        ratio = plan.bond_ratio(tau)  # at the template's scale
+        if floor > 0 and base * ratio < floor:  # the volume rule leaves atoms overlapping: scale up to the floor
+            needed = floor / ratio
+            if (needed / base) ** 3 > gen.max_void_ratio:
+                filtered[f"bond floor needs more than {gen.max_void_ratio:g}x the volume rule's volume"] += 1
+                continue
+            base = needed * (1 + 1e-9)  # at the floor, not a rounding below it
+        scales = [sc for sc in gen.lattice_scales if floor <= 0 or base * sc * ratio >= floor]
+        if len(scales) < len(gen.lattice_scales):
+            filtered["lattice scale below the bond floor"] += len(gen.lattice_scales) - len(scales)
+        jobs.extend((tau, formula, base, ratio, sc) for sc in scales)
     if stats is not None:
         stats.assignments += total
         stats.distinct += len(kept)
         stats.filtered.update(filtered)
-        stats.candidates += len(passing) * n_scales
+        stats.candidates += len(jobs)
     if not build:
         return
-    stop = len(passing) * n_scales if limit is None else min(start + limit, len(passing) * n_scales)
+    stop = len(jobs) if limit is None else min(start + limit, len(jobs))
     if start >= stop:
         return
     tmpl = plan.template
     template_ref = {"source": tmpl.source, "template_id": tmpl.template_id, "formula": tmpl.structure.composition.reduced_formula}
     label_rows = _label_rows(plan)
     now = datetime.now(UTC)
-    for t_index in range(start // n_scales, (stop - 1) // n_scales + 1):
-        tau, formula = passing[t_index]
-        symbols = [tau[i] for i in plan.site_labels]
-        zs = [_z(t) for t in tau]
-        rows = np.concatenate([np.column_stack([np.full(len(label_rows[lab]), zs[lab]), label_rows[lab]])
-                               for lab in sorted(range(len(tau)), key=zs.__getitem__)])
-        if gen.scale_volume:
-            new_sum = float(sum(atomic_volume(t) * c for t, c in zip(tau, plan.counts, strict=True)))
-            base = (new_sum / plan.template_volume_sum) ** (1.0 / 3.0)
-        else:
-            base = 1.0
-        elements = sorted(set(tau))
-        substitution = dict(zip(plan.labels, tau, strict=True))
-        sites = plan.sites(symbols)  # shared by this decoration's lattice scales (never mutated)
-        for s_index, scale in enumerate(gen.lattice_scales):
-            if not start <= t_index * n_scales + s_index < stop:
-                continue
-            factor = base * scale
-            yield {
-                "candidate_id": _id_from_rows(cfg.name, plan.matrix * factor, rows),
-                "campaign": cfg.name, "formula": formula, "chemsys": "-".join(elements), "elements": elements,
-                "nsites": len(symbols), "structure": plan.structure_dict(sites, factor),
-                "template": template_ref, "substitution": substitution, "lattice_scale": scale,
-                "state": "generated", "prediction": None, "dedup": None, "task_id": None, "thermo": None,
-                "error": None, "fw_ids": {}, "created_at": now, "updated_at": now,
-            }
+    last: tuple[str, ...] | None = None
+    for tau, formula, base, ratio, scale in jobs[start:stop]:
+        if tau is not last:  # per decoration: its rows, sites and substitution (shared by its lattice scales)
+            symbols = [tau[i] for i in plan.site_labels]
+            zs = [_z(t) for t in tau]
+            rows = np.concatenate([np.column_stack([np.full(len(label_rows[lab]), zs[lab]), label_rows[lab]])
+                                   for lab in sorted(range(len(tau)), key=zs.__getitem__)])
+            elements = sorted(set(tau))
+            substitution = dict(zip(plan.labels, tau, strict=True))
+            sites = plan.sites(symbols)  # never mutated
+            last = tau
+        factor = base * scale
+        yield {
+            "candidate_id": _id_from_rows(cfg.name, plan.matrix * factor, rows),
+            "campaign": cfg.name, "formula": formula, "chemsys": "-".join(elements), "elements": elements,
+            "nsites": len(symbols), "structure": plan.structure_dict(sites, factor),
+            "template": template_ref, "substitution": substitution, "lattice_scale": scale,
+            "min_bond_ratio": round(factor * ratio, 4),
+            "state": "generated", "prediction": None, "dedup": None, "task_id": None, "thermo": None,
+            "error": None, "fw_ids": {}, "created_at": now, "updated_at": now,
+        }
 
 
 @dataclass

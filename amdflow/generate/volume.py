@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+import numpy as np
 from pymatgen.core import Structure
 from pymatgen.core.periodic_table import Element
 
@@ -31,3 +32,32 @@ def scaled_volume(template: Structure, substituted: Structure) -> float:
     old = sum(atomic_volume(site.specie.symbol) for site in template)
     new = sum(atomic_volume(site.specie.symbol) for site in substituted)
     return template.volume * new / old
+
+
+@lru_cache(maxsize=256)
+def covalent_radius(symbol: str) -> float:
+    """Covalent radius (Angstrom; Cordero et al., Dalton Trans. 2008, as pymatgen's CovalentRadius holds them), or
+    the atomic radius for the heavy elements it lacks."""
+    from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
+
+    radius = CovalentRadius.radius.get(symbol)
+    return float(radius if radius is not None else (Element(symbol).atomic_radius or 1.5))
+
+
+def site_distances(structure: Structure, labels: list[str], site_labels: list[int] | None = None) -> np.ndarray:
+    """Shortest distance (Angstrom) between a site of label a and one of label b (periodic images and a site's own
+    images included), as a symmetric (L, L) array; inf where none lies within a few neighbour shells.
+
+    Isotropic scaling multiplies every entry by the same factor, so one array per template gives every
+    decoration's shortest bond at any scale."""
+    n = len(structure)
+    if site_labels is None:
+        index = {el: i for i, el in enumerate(labels)}
+        site_labels = [index[site.specie.symbol] for site in structure]
+    cutoff = 2.5 * (structure.volume / n) ** (1.0 / 3.0)
+    centres, neighbours, _, dists = structure.get_neighbor_list(cutoff)
+    out = np.full((len(labels), len(labels)), np.inf)
+    lab = np.asarray(site_labels)
+    if len(dists):
+        np.minimum.at(out, (lab[centres], lab[neighbours]), dists)
+    return np.minimum(out, out.T)

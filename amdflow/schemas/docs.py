@@ -123,6 +123,8 @@ class CandidateDoc(_Doc):
     template: TemplateRef
     substitution: dict[str, str] = Field(description="Template element -> target element.")
     lattice_scale: float = Field(1.0, description="Linear factor applied after the volume rule.")
+    min_bond_ratio: float | None = Field(None, description="Its shortest interatomic distance over the sum of the two "
+                                         "atoms' covalent radii, as generated (generate.min_bond_ratio is the floor).")
     state: CandidateState = CandidateState.GENERATED
     prediction: Prediction | None = None
     dedup_bucket: int | None = Field(None, description="Sites in the StructureMatcher's reduced cell: candidates of one "
