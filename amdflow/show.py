@@ -39,6 +39,7 @@ def candidate_report(camp: Campaign, candidate_id: str) -> dict[str, Any]:
         "candidate_id": cid, "campaign": doc.get("campaign"), "state": str(doc.get("state")), "formula": doc.get("formula"),
         "nsites": doc.get("nsites"), "template": f"{tpl.get('source')}:{tpl.get('template_id')}" if tpl else None,
         "template_formula": tpl.get("formula"), "substitution": doc.get("substitution"), "lattice_scale": doc.get("lattice_scale"),
+        "min_bond_ratio": doc.get("min_bond_ratio"),
         "prediction": doc.get("prediction"), "dedup": doc.get("dedup"), "dedup_bucket": doc.get("dedup_bucket"),
         "funnel": doc.get("funnel"), "task_id": doc.get("task_id"), "thermo_summary": doc.get("thermo"), "error": doc.get("error"),
         "tasks": tasks, "thermo": thermo, "references": references,
@@ -84,7 +85,8 @@ def render(rep: dict[str, Any]) -> list[RenderableType]:
     head.add_row("candidate", f"{rep['candidate_id']}  ({rep['campaign']})")
     head.add_row("state", rep["state"] + (f"  error: {rep['error']}" if rep.get("error") else ""))
     head.add_row("formula", f"{rep['formula']}, {rep['nsites']} sites")
-    head.add_row("template", f"{rep['template']} ({rep.get('template_formula')}), {sub}, lattice x{rep.get('lattice_scale')}")
+    head.add_row("template", f"{rep['template']} ({rep.get('template_formula')}), {sub}, lattice x{rep.get('lattice_scale')}"
+                 + (f", shortest bond {rep['min_bond_ratio']:.2f} x the covalent radii" if rep.get("min_bond_ratio") else ""))
     pred = rep.get("prediction")
     if pred:
         verdict = "passed" if pred.get("passed") else f"screened out: {pred.get('reason') or 'above the threshold'}"

@@ -375,7 +375,7 @@ def test_batched_rockets_with_a_cpu_rocket(mongo_launchpad_file, tmp_path):
     cfg = campaign_from_dict({
         "name": "batched", "elements": ["Fe", "Al", "Ni"],
         "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a", "AB3_cP4_221_a_c", "AB2C_cF16_225_a_c_b", "ABC_cF12_216_b_c_a"]}],
-        "generate": {"lattice_scales": [0.98, 1.0, 1.02]},
+        "generate": {"lattice_scales": [0.98, 1.0, 1.02], "min_bond_ratio": 0.0},  # every scale kept: 45 candidates
         "funnel": {"engine": "none"},  # the batched predict rocket beside CPU rockets (the funnel's rockets: test_funnel.py)
         "output_dir": str(tmp_path / "out"),
     })
