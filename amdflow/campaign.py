@@ -328,6 +328,17 @@ class RelaxConfig(_Strict):
         """What each element's references are: 'ground_state' (when on), then the extra prototypes (AFLOW labels)."""
         return ([GROUND_STATE] if self.reference_ground_state else []) + list(self.reference_prototypes)
 
+    def element_reference_structures(self, element: str) -> list[str]:
+        """:meth:`reference_structures` of one element, less an extra prototype that *is* its ground state (diamond
+        for Si and Ge, fcc for Cu, ...): relaxing the same structure twice would cost a relaxation and add nothing."""
+        if not self.reference_ground_state:
+            return list(self.reference_prototypes)
+        from amdflow.thermo.ground_states import GROUND_STATES
+
+        gs = GROUND_STATES.get(element)
+        same = gs.recipe if gs is not None else None
+        return [GROUND_STATE, *(p for p in self.reference_prototypes if p != same)]
+
 
 class FunnelEngine(StrEnum):
     """Universal potentials for the funnel (ML relaxation between CGCNN and the final relax)."""

@@ -94,8 +94,10 @@ def prototype(space_group: str) -> tuple[Path, bool]:
     return (path, True) if path.exists() else (DATA / "prototypes" / "Pm3m.cif", False)
 
 
-def candidates(material: dict[str, Any], scales: tuple[float, ...], folder: Path) -> list[tuple[float, Any]]:
-    """(lattice scale, structure) of every decoration amdflow generates with the material's composition."""
+def candidates(material: dict[str, Any], scales: tuple[float, ...], folder: Path,
+               min_bond_ratio: float | None = None) -> list[tuple[float, Any]]:
+    """(lattice scale, structure) of every decoration amdflow generates with the material's composition
+    (``min_bond_ratio``: the generator's bond floor, None its default; 0 the volume rule alone)."""
     import shutil
 
     from pymatgen.core import Composition, Structure
@@ -111,7 +113,8 @@ def candidates(material: dict[str, Any], scales: tuple[float, ...], folder: Path
         shutil.copy(path, tdir / path.name)
     cfg = campaign_from_dict({"name": "bench", "elements": [el.symbol for el in comp.elements],
                               "templates": [{"source": "folder", "path": str(tdir)}],
-                              "generate": {"lattice_scales": list(scales), "include_subsystems": False, "exclude_elements": []},
+                              "generate": {"lattice_scales": list(scales), "include_subsystems": False, "exclude_elements": []}
+                              | ({} if min_bond_ratio is None else {"min_bond_ratio": min_bond_ratio}),
                               "funnel": {"engine": "none"}, "output_dir": str(folder / "out")})
     out = []
     for doc in generate_candidates(cfg, workers=1):

@@ -125,6 +125,8 @@ def test_campaign_cli_kill_and_resume(tmp_path, binary_campaign_dict):
     assert "AlNi" in report.stdout
     assert (out / "promising" / "summary.csv").exists() and (out / "phase_diagram.png").exists()
     assert not any(p.name.startswith(".promising") for p in out.iterdir())  # no temp folders left
+    promising = json.loads((out / "promising" / "summary.json").read_text())
+    assert promising and all(r["min_bond_ratio"] > 0.5 for r in promising)  # each row's generated shortest bond
     assert "report: " in report.stderr and (out / "report.html").exists() and (out / "phase_diagram.html").exists()
     page = (out / "report.html").read_text()
     assert "AlNi-test" in page and page.count('<tr class="stable">') == status["thermo"]["stable_candidates"]

@@ -98,6 +98,22 @@ def test_a_minimal_campaign_takes_each_elements_ground_state(db, tmp_path, eleme
     assert GROUND_STATES["P"].agreement == "differs" and "fibrous" in GROUND_STATES["P"].note  # MP's cell is not in the library
 
 
+def test_an_extra_prototype_that_is_the_ground_state_is_not_relaxed_twice(db, tmp_path):
+    """reference_prototypes [diamond, fcc] for Si-Cu: Si's ground state is diamond and Cu's is fcc, so each element
+    gets its ground state and only the other prototype (the CP2K campaign relaxed diamond Si twice before)."""
+    from amdflow.ops import register_campaign
+    from amdflow.stages import pending_references
+
+    cfg = campaign_from_dict({"name": "Si-Cu", "elements": ["Si", "Cu"],
+                              "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a"]}],
+                              "relax": {"reference_prototypes": ["diamond", "fcc"]}, "output_dir": str(tmp_path)})
+    doc = register_campaign(db, cfg)
+    pending = sorted((r.element, r.prototype) for r in pending_references(db, cfg, doc["run_type"]))
+    assert pending == [("Cu", "A_cF8_227_a"), ("Cu", "ground_state"), ("Si", "A_cF4_225_a"), ("Si", "ground_state")]
+    off = cfg.relax.model_copy(update={"reference_ground_state": False})
+    assert off.element_reference_structures("Si") == ["A_cF8_227_a", "A_cF4_225_a"]  # no ground state: both relaxed
+
+
 # ---------------------------------------------------------------- corrections
 def test_mp2020_corrections_of_oxides_chlorides_and_u_metals():
     fe2o3 = correct(_fe2o3(), -38.0, "mp2020")

@@ -352,3 +352,32 @@ def test_bond_floor_scales_up_an_overlapping_cell_and_skips_one_that_cannot_hold
         assert d["min_bond_ratio"] == pytest.approx(0.75, abs=1e-4) == pytest.approx(_shortest_ratio(s), abs=1e-4)
         old = Structure.from_dict(before[d["formula"]]["structure"])
         assert s.volume / old.volume == pytest.approx((0.75 / before[d["formula"]]["min_bond_ratio"]) ** 3, rel=1e-3)
+
+
+def test_bond_floor_applies_to_folder_templates_and_dry_run_counts_the_skips(tmp_path):
+    """A folder template is floored like a library one: H3S's cI8 cell as a CIF, decorated with Ce and Fe, is
+    skipped (would need 6x the volume) and `generate --dry-run` names the reason; a CsCl cell whose large atom
+    sits on the small site is scaled up to the floor, and its 0.98 lattice copy falls below it and is skipped."""
+    from typer.testing import CliRunner
+
+    from amdflow.cli import app
+    from amdflow.generate.templates import aflow_structure
+
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    aflow_structure("A3B_cI8_229_b_a").to(filename=str(folder / "h3s.cif"))
+    Structure(Lattice.cubic(2.2), ["K", "H"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(filename=str(folder / "kh.cif"))
+    c = campaign_from_dict({"name": "t", "elements": ["Cs", "Li"], "generate": {"lattice_scales": [0.98, 1.0]},
+                            "templates": [{"source": "folder", "path": str(folder)}]})
+    docs, report = run(c)
+    assert docs and all(_shortest_ratio(Structure.from_dict(d["structure"])) >= 0.75 - 1e-6 for d in docs)
+    assert {d["lattice_scale"] for d in docs} == {1.0} and report.stats.filtered["lattice scale below the bond floor"] >= 1
+    (folder / "kh.cif").unlink()
+    ce = campaign_from_dict({"name": "t", "elements": ["Ce", "Fe"], "templates": [{"source": "folder", "path": str(folder)}]})
+    _, rep = run(ce)
+    assert rep.stats.filtered["bond floor needs more than 3x the volume rule's volume"] == 2  # both H3S decorations
+    path = tmp_path / "c.yaml"
+    path.write_text(f"name: t\nelements: [Ce, Fe]\ntemplates:\n  - source: folder\n    path: {folder}\n")
+    result = CliRunner().invoke(app, ["generate", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "2 bond floor needs more than 3x the volume rule's volume" in result.output

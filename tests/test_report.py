@@ -132,7 +132,8 @@ def test_five_elements_not_drawn_but_said(tmp_path):
 
 def _rows() -> tuple[list[PromisingRow], dict[str, Structure]]:
     s = Structure(Lattice.cubic(2.9), ["Al", "Ni"], [[0, 0, 0], [0.5, 0.5, 0.5]])
-    rows = [PromisingRow("c0ffee01", "AlNi", "Pm-3m", -0.62, 0.0, -0.05, True, "1.000 AlNi", -0.55, "aflow:AB_cP2_221_b_a", "c0ffee01-chgnet"),
+    rows = [PromisingRow("c0ffee01", "AlNi", "Pm-3m", -0.62, 0.0, -0.05, True, "1.000 AlNi", -0.55, "aflow:AB_cP2_221_b_a", "c0ffee01-chgnet",
+                         0.8123),
             PromisingRow("../evil<b>", "AlNi3", "Pm-3m", -0.40, 0.03, 0.03, False, "0.5 AlNi + 0.5 Ni", -0.41, "folder:x.cif", "m2")]
     return rows, {r.candidate_id: s for r in rows}
 
@@ -148,6 +149,7 @@ def test_promising_folder_has_cif_poscar_csv_json_and_nothing_stale(tmp_path):
     data = json.loads((folder / "summary.json").read_text())
     assert [r["candidate_id"] for r in table] == [r["candidate_id"] for r in data] == ["c0ffee01", "../evil<b>"]
     assert data[0]["e_above_known_hull"] == -0.05 and data[0]["spacegroup"] == "Pm-3m" and data[0]["template"] == "aflow:AB_cP2_221_b_a"
+    assert data[0]["min_bond_ratio"] == 0.8123 and table[0]["min_bond_ratio"] == "0.8123" and data[1]["min_bond_ratio"] is None
     assert Structure.from_file(folder / data[0]["cif"]).composition.reduced_formula == "AlNi"
     write_promising(tmp_path / "promising", rows[:1], structures)  # a refresh with fewer rows
     assert sorted(p.name for p in folder.iterdir()) == ["AlNi_c0ffee01.cif", "AlNi_c0ffee01.vasp", "summary.csv", "summary.json"]
@@ -172,6 +174,7 @@ def test_report_page_content_and_escaping(tmp_path):
     assert "test&lt;script&gt;" in page
     assert len(re.findall(r"<tr class=\"stable\">", page)) == 1
     assert 'href="promising/AlNi_c0ffee01.cif"' in page
+    assert "start bond / radii" in page and '<td class="num">0.812</td>' in page  # the generated cell's shortest bond
     assert "phase_diagram.png" in page and "phase_diagram.html" in page
     empty = render_report(ReportData(campaign="c", chemsys="A-B", summary={}, counts={}))
     assert "none yet" in empty and "no plot: no hull yet" in empty

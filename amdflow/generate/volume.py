@@ -61,3 +61,11 @@ def site_distances(structure: Structure, labels: list[str], site_labels: list[in
     if len(dists):
         np.minimum.at(out, (lab[centres], lab[neighbours]), dists)
     return np.minimum(out, out.T)
+
+
+def min_bond_ratio(structure: Structure) -> float:
+    """A structure's shortest interatomic distance over the sum of the two atoms' covalent radii (the quantity
+    ``generate.min_bond_ratio`` floors; 1.0 is a bond at its covalent length)."""
+    labels = sorted({site.specie.symbol for site in structure})
+    r = np.array([covalent_radius(el) for el in labels])
+    return float(np.min(site_distances(structure, labels) / (r[:, None] + r[None, :])))

@@ -24,7 +24,8 @@ from amdflow.errors import AmdflowError
 
 SUMMARY_FIELDS = [
     "candidate_id", "formula", "spacegroup", "formation_energy_per_atom", "e_above_hull", "e_above_known_hull",
-    "is_stable", "decomposes_to", "predicted_formation_energy_per_atom", "template", "material_id", "cif", "poscar",
+    "is_stable", "decomposes_to", "predicted_formation_energy_per_atom", "template", "material_id", "min_bond_ratio",
+    "cif", "poscar",
 ]
 
 
@@ -43,6 +44,7 @@ class PromisingRow:
     predicted_formation_energy_per_atom: float | None
     template: str
     material_id: str
+    min_bond_ratio: float | None = None  # the candidate's shortest bond over the summed covalent radii, as generated
 
 
 def safe_name(text: str) -> str:

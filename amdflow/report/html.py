@@ -85,6 +85,7 @@ def _candidate_rows(rows: list[PromisingRow]) -> tuple[list[list[str]], list[str
             f'<td class="num">{_num(r.e_above_known_hull)}</td>',
             f'<td class="num">{_num(r.predicted_formation_energy_per_atom)}</td>',
             f"<td>{_e(r.decomposes_to)}</td>", f"<td>{_e(r.template)}</td>",
+            f'<td class="num">{_num(r.min_bond_ratio)}</td>',
             f'<td><a href="promising/{_e(stem)}.cif">{_e(r.candidate_id[:12])}</a></td>',
         ])
         classes.append("stable" if r.is_stable else "")
@@ -92,7 +93,7 @@ def _candidate_rows(rows: list[PromisingRow]) -> tuple[list[list[str]], list[str
 
 
 CANDIDATE_HEADERS = ["formula", "space group", "E_f", "E above hull", "E above known hull", "E_f predicted",
-                     "decomposes to", "template", "structure (CIF)"]
+                     "decomposes to", "template", "start bond / radii", "structure (CIF)"]
 
 
 def render_report(data: ReportData) -> str:
@@ -124,7 +125,8 @@ def render_report(data: ReportData) -> str:
             parts.append(f"<img class='plot' id='funnel-parity' src='{_e(data.parity_png)}' alt='ML and CGCNN against the final energies'>")
     parts.append(f"<h2>New stable phases ({len(stable)})</h2>")
     parts.append("<p class='muted'>Candidates on the hull of every computed phase (energies eV/atom). A negative "
-                 "'E above known hull' lies below every reference and known phase.</p>")
+                 "'E above known hull' lies below every reference and known phase. 'Start bond / radii': the generated "
+                 "cell's shortest bond over the summed covalent radii (generate.min_bond_ratio is its floor).</p>")
     rows, classes = _candidate_rows(stable)
     parts.append(_table(CANDIDATE_HEADERS, rows, classes, table_id="stable") if rows else "<p>none yet</p>")
     parts.append(f"<h2>Metastable candidates ({len(meta)}, at most {data.promising_threshold} eV/atom above the hull)</h2>")

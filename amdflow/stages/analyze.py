@@ -82,7 +82,7 @@ def promising_rows(db: AmdflowDB, cfg: CampaignConfig, thermo: list[dict[str, An
     chosen = [t for t in thermo if t.get("campaign") == cfg.name and t.get("candidate_id") and t["e_above_hull"] <= threshold]
     chosen.sort(key=lambda t: (t["e_above_hull"], t["formation_energy_per_atom"], t["material_id"]))
     tasks = {t["task_id"]: t for t in db.tasks.find({"task_id": {"$in": [c["material_id"] for c in chosen]}}, {"_id": 0, "task_id": 1, "final_structure": 1})}
-    cands = {c["candidate_id"]: c for c in db.candidates.find({"candidate_id": {"$in": [c["candidate_id"] for c in chosen]}}, {"_id": 0, "candidate_id": 1, "template": 1, "prediction": 1})}
+    cands = {c["candidate_id"]: c for c in db.candidates.find({"candidate_id": {"$in": [c["candidate_id"] for c in chosen]}}, {"_id": 0, "candidate_id": 1, "template": 1, "prediction": 1, "min_bond_ratio": 1})}
     rows, structures = [], {}
     for t in chosen:
         s = Structure.from_dict(tasks[t["material_id"]]["final_structure"])
@@ -101,7 +101,7 @@ def promising_rows(db: AmdflowDB, cfg: CampaignConfig, thermo: list[dict[str, An
             decomposes_to=" + ".join(f"{d['fraction']:.3f} {d['formula']}" for d in t["decomposes_to"]),
             predicted_formation_energy_per_atom=(cand.get("prediction") or {}).get("formation_energy_per_atom"),
             template=f"{cand.get('template', {}).get('source')}:{cand.get('template', {}).get('template_id')}",
-            material_id=t["material_id"],
+            material_id=t["material_id"], min_bond_ratio=cand.get("min_bond_ratio"),
         ))
     return rows, structures
 

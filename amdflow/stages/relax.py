@@ -146,7 +146,7 @@ def relax_reference_stage(db: AmdflowDB, campaign: str, element: str, prototype:
     cfg, _ = load_campaign_config(db, campaign)
     engine, settings = level_engine(cfg, level, env)
     ref_id = reference_id(element, prototype, engine.run_type)
-    own = [p for p in cfg.relax.reference_structures() if p != prototype]
+    own = [p for p in cfg.relax.element_reference_structures(element) if p != prototype]
     tried: list[dict[str, str]] = []
     for used in [prototype, *([] if own else [p for p in REFERENCE_FALLBACKS if p != prototype])]:
         structure = reference_structure(element, used)
@@ -210,7 +210,7 @@ def pending_references(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> lis
     wanted = [
         ReferenceDoc(ref_id=reference_id(el, proto, run_type), element=el, prototype=proto, run_type=run_type)
         for el in sorted(cfg.elements)
-        for proto in cfg.relax.reference_structures()
+        for proto in cfg.relax.element_reference_structures(el)
     ]
     have = {d["ref_id"] for d in db.references.find({"ref_id": {"$in": [w.ref_id for w in wanted]}}, {"ref_id": 1})}
     return [w for w in wanted if w.ref_id not in have]
