@@ -96,7 +96,34 @@ class MPTemplates(_Strict):
         return self
 
 
-TemplateSource = Annotated[AflowTemplates | FolderTemplates | MPTemplates, Field(discriminator="source")]
+class RandomTemplates(_Strict):
+    """Random structure search (AIRSS-style, pyxtal): symmetric random crystals per composition, for structure types
+    no library holds (amdflow.generate.random_search). Their CGCNN prediction on random unrelaxed cells means
+    little, so the screen passes them (screen.random_pass) and the funnel's potential ranks them."""
+
+    source: Literal["random"]
+    compositions: list[str] | None = Field(
+        None, description="Reduced formulas to search, e.g. ['CeFe2', 'Ce2FeIn']; omitted: every reduced formula of "
+        "the campaign's elements (binary subsystems too, with generate.include_subsystems) of at most max_atoms atoms.")
+    max_atoms: int = Field(8, ge=2, le=64, description="Most atoms in a random cell (formula units x its atoms).")
+    max_z: int = Field(2, ge=1, le=16, description="Formula units per cell are drawn from 1..max_z (within max_atoms).")
+    n_structures: int = Field(20, ge=1, le=100_000, description="Random structures per composition (AIRSS: tens to "
+                              "hundreds); raising it later with `amdflow add` adds only the new ones.")
+    max_compositions: int = Field(200, ge=1, le=100_000, description="Refuse more compositions than this (a bound on "
+                                  "the search's cost; `generate --dry-run` shows the count).")
+    space_groups: list[int] | None = Field(None, description="Draw only from these space groups (default: every "
+                                           "group whose Wyckoff positions fit the cell's atoms).")
+    seed: int = Field(0, ge=0, description="Seed of the search: the same seed gives the same structures.")
+
+    @field_validator("space_groups")
+    @classmethod
+    def _groups(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(not 1 <= g <= 230 for g in value):
+            raise ValueError("space groups are numbers 1..230")
+        return value
+
+
+TemplateSource = Annotated[AflowTemplates | FolderTemplates | MPTemplates | RandomTemplates, Field(discriminator="source")]
 
 NOBLE_GASES = ["He", "Ne", "Ar", "Kr", "Xe", "Rn"]
 
@@ -184,6 +211,10 @@ class ScreenConfig(_Strict):
     )
     max_e_above_hull: float = Field(0.1, ge=-1.0, le=5.0, description="hull mode: eV/atom above the current hull.")
     top_k: int = Field(3, ge=1, le=100_000, description="top_k mode: candidates kept per reduced formula.")
+    random_pass: bool = Field(
+        True, description="Random-search candidates (templates source: random) pass whatever CGCNN predicts, and "
+        "top_k neither counts nor removes them: CGCNN was trained on relaxed crystals, and a random unrelaxed cell is "
+        "far from its relaxed self, so its prediction ranks nothing. The prediction is still recorded.")
 
 
 #: The screen's defaults when the campaign has no funnel (exa-AMD's: predicted E_f at most 0 eV/atom).
@@ -650,6 +681,13 @@ templates:                   # REQUIRED: where template structures come from
 #   max_sites: 64
 # - source: mp               # Materials Project (pip install 'amdflow[mp]'; AMDFLOW_MP_API_KEY)
 #   chemsys: [Ce-Co-In]
+# - source: random           # random structure search (pyxtal, AIRSS-style): structure types no library holds
+#   compositions: [CeFeIn5, CeFe2In]   # omit: every formula of the elements up to max_atoms (see generate --dry-run)
+#   max_atoms: 8             # atoms per random cell (formula units x atoms)
+#   max_z: 2                 # formula units per cell, drawn from 1..max_z
+#   n_structures: 20         # random cells per composition; raise later: `amdflow add` adds only the new ones
+#   seed: 0                  # same seed, same cells
+#   (the screen passes random cells unscreened: CGCNN on an unrelaxed random cell ranks nothing; the funnel ranks them)
 
 generate:
   scale_volume: true         # rescale cells by summed elemental atomic volumes

@@ -244,6 +244,10 @@ def generate(
             plan = plan_campaign(cfg, workers, update)
         skipped = [(s["template"], s["reason"]) for s in plan["skipped"]]
         _print_generation(plan, skipped)
+        for r in plan["random"]:
+            console.print(f"random search: {r['compositions']} compositions x {r['n_structures']} structures = "
+                          f"{r['structures']} candidates at most (up to {r['max_atoms']} atoms a cell; counted, not "
+                          "generated: a structure pyxtal cannot place is skipped when generated)", highlight=False)
         est = plan["estimated_bytes"]
         console.print(
             f"estimated database size: {_human_bytes(est['total'])} ({_human_bytes(est['candidates'])} candidates + "

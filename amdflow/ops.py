@@ -133,15 +133,30 @@ def plan_campaign(cfg: CampaignConfig, workers: int | None = None, progress: Pro
     """
     import bson
 
+    from amdflow.campaign import RandomTemplates
+    from amdflow.generate.random_search import random_compositions
     from amdflow.workflows import candidate_workflow
 
     gen = GenerateReport()
     candidate_bytes = 0
-    for doc in generate_candidates(cfg, gen, workers=workers, progress=progress, raw=True):
-        candidate_bytes += len(doc.raw)
+    # a random search is counted, not run: pyxtal takes ~0.3 s a structure (BENCHMARKS.md), too long for a plan
+    randoms = [t for t in cfg.templates if isinstance(t, RandomTemplates)]
+    others = [t for t in cfg.templates if not isinstance(t, RandomTemplates)]
+    if others:
+        for doc in generate_candidates(cfg.model_copy(update={"templates": others}), gen, workers=workers,
+                                       progress=progress, raw=True):
+            candidate_bytes += len(doc.raw)
+    searched = []
+    for t in randoms:
+        comps = random_compositions(cfg.elements, t, cfg.generate.include_subsystems)
+        searched.append({"compositions": len(comps), "n_structures": t.n_structures, "max_atoms": t.max_atoms,
+                         "structures": len(comps) * t.n_structures})
+        gen.stats.candidates += len(comps) * t.n_structures  # at most: structures pyxtal cannot place are skipped
+        candidate_bytes += len(comps) * t.n_structures * (700 + 130 * t.max_atoms)  # measured: ~1.6 KB at 8 atoms
     wf = candidate_workflow("0" * 24, cfg.name, "AB", funnel=cfg.funnel.enabled)
     wf_bytes = len(bson.encode(wf.to_db_dict())) + sum(len(bson.encode(fw.to_db_dict())) for fw in wf.fws)
     plan = gen.as_dict()
+    plan["random"] = searched
     plan["skipped"] = [{"template": t, "reason": r} for t, r in gen.templates.skipped]
     plan["estimated_bytes"] = {"candidates": candidate_bytes, "workflows": wf_bytes * gen.candidates,
                                "total": candidate_bytes + wf_bytes * gen.candidates}

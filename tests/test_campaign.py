@@ -86,6 +86,7 @@ _REQUIRED = {  # the least each model needs to be built; every other field takes
     "AflowTemplates": {"source": "aflow"},
     "FolderTemplates": {"source": "folder", "path": "t"},
     "MPTemplates": {"source": "mp", "chemsys": ["Al-Ni"]},
+    "RandomTemplates": {"source": "random"},
     "KnownPhasesConfig": {"source": "folder", "path": "k"},
 }
 

@@ -343,6 +343,17 @@ def process_item(item: TemplateItem, cfg: CampaignConfig, build: bool = True, st
     log = TemplateLog()
     stats = PlanStats()
     docs: list[dict[str, Any]] = []
+    if item.kind == "random":  # a random search's structures: made whole, no decoration (one task per chunk)
+        from amdflow.generate.random_search import random_documents
+
+        made, skipped = random_documents(item, cfg)
+        n = item.payload[2] - item.payload[1]
+        log.read += 1
+        stats.assignments += n
+        stats.distinct += n
+        stats.filtered.update({f"random: {why}": k for why, k in skipped.items()})
+        stats.candidates += len(made)
+        return (made if build else []), log, stats, None
     templates, skipped = load_item(item)
     if first:
         log.skipped.extend(skipped)
@@ -399,7 +410,7 @@ def default_workers(items: Sequence[TemplateItem], cfg: CampaignConfig | None = 
     if configured:
         return configured
     pool = min(os.cpu_count() or 1, 8)
-    if any(item.kind == "file" for item in items):
+    if any(item.kind in ("file", "random") for item in items):  # parsing files, pyxtal: both CPU-bound per item
         return pool
     if cfg is not None:
         n = len(cfg.elements)

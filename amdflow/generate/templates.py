@@ -20,7 +20,13 @@ from typing import Any
 
 from pymatgen.core import Structure
 
-from amdflow.campaign import AflowTemplates, CampaignConfig, FolderTemplates, MPTemplates
+from amdflow.campaign import (
+    AflowTemplates,
+    CampaignConfig,
+    FolderTemplates,
+    MPTemplates,
+    RandomTemplates,
+)
 from amdflow.errors import TemplateError
 
 STRUCTURE_GLOBS = ("*.cif", "POSCAR*", "CONTCAR*", "*.vasp", "*.json", "*.json.gz")
@@ -56,9 +62,9 @@ class TemplateLog:
 class TemplateItem:
     """What a worker needs to load one template file or library entry (picklable)."""
 
-    kind: str  # "aflow", "file" or "structure"
-    source: str  # "aflow", "folder", "mp"
-    ref: str  # AFLOW label (+#n), file path, or material id
+    kind: str  # "aflow", "file", "structure" or "random"
+    source: str  # "aflow", "folder", "mp", "random"
+    ref: str  # AFLOW label (+#n), file path, material id, or a random search's composition
     rel: str = ""  # display id for files (path relative to the folder)
     max_sites: int = 64
     payload: Any = None  # a Structure for kind "structure"
@@ -210,6 +216,10 @@ def check_template_sources(cfg: CampaignConfig) -> None:
             _folder_items(source)
         elif isinstance(source, MPTemplates) and not _mp_key():
             raise TemplateError("templates from the Materials Project need an API key: set AMDFLOW_MP_API_KEY (or MP_API_KEY)")
+        elif isinstance(source, RandomTemplates):
+            from amdflow.generate.random_search import random_compositions
+
+            random_compositions(cfg.elements, source, cfg.generate.include_subsystems)
 
 
 def _mp_key() -> str | None:
@@ -228,6 +238,10 @@ def template_items(cfg: CampaignConfig) -> list[TemplateItem]:
             items.extend(_folder_items(source))
         elif isinstance(source, MPTemplates):
             items.extend(_mp_items(source))
+        elif isinstance(source, RandomTemplates):
+            from amdflow.generate.random_search import random_items
+
+            items.extend(random_items(source, cfg))
     return items
 
 

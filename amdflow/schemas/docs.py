@@ -58,8 +58,9 @@ class CampaignDoc(_Doc):
 class TemplateRef(_Doc):
     """Where a candidate's template came from."""
 
-    source: str = Field(description="'aflow' or 'folder'.")
-    template_id: str = Field(description="AFLOW label, or the file path relative to the folder.")
+    source: str = Field(description="'aflow', 'folder', 'mp' or 'random'.")
+    template_id: str = Field(description="AFLOW label, the file path relative to the folder, a material id, or "
+                             "'<composition>#<index>' of a random search.")
     formula: str = Field(description="Reduced formula of the template.")
 
 
@@ -74,6 +75,8 @@ class Prediction(_Doc):
     mode: str = Field("threshold", description="Screening mode: threshold, hull or top_k.")
     e_above_hull: float | None = Field(None, description="hull mode: predicted eV/atom above the current hull.")
     reason: str | None = Field(None, description="Why the candidate was screened out.")
+    unscreened: bool = Field(False, description="Passed whatever the prediction: a random search's structure "
+                             "(screen.random_pass); the funnel's relaxed energy ranks it.")
 
 
 class DedupRecord(_Doc):
@@ -125,6 +128,8 @@ class CandidateDoc(_Doc):
     lattice_scale: float = Field(1.0, description="Linear factor applied after the volume rule.")
     min_bond_ratio: float | None = Field(None, description="Its shortest interatomic distance over the sum of the two "
                                          "atoms' covalent radii, as generated (generate.min_bond_ratio is the floor).")
+    random: dict[str, Any] | None = Field(None, description="A random search's structure (template source 'random'): "
+                                          "its index, seed, space_group and z (formula units).")
     state: CandidateState = CandidateState.GENERATED
     prediction: Prediction | None = None
     dedup_bucket: int | None = Field(None, description="Sites in the StructureMatcher's reduced cell: candidates of one "

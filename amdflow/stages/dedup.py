@@ -146,10 +146,12 @@ def _dedup_formula(db: AmdflowDB, cfg: CampaignConfig, formula: str, running: se
 
 
 def _screen_top_k(db: AmdflowDB, cfg: CampaignConfig, formula: str, running: set[str]) -> None:
-    """Screen out the undecided candidates ranked k+1 or later among the formula's passed ones, by (energy, id)."""
+    """Screen out the undecided candidates ranked k+1 or later among the formula's passed ones, by (energy, id);
+    random-search candidates passed unscreened (screen.random_pass) neither count nor are removed."""
     k = cfg.screen.top_k
     passed = sorted(((p["prediction"]["formation_energy_per_atom"], p["candidate_id"], p)
-                     for p in db.candidates.find({"campaign": cfg.name, "formula": formula, "prediction.passed": True},
+                     for p in db.candidates.find({"campaign": cfg.name, "formula": formula, "prediction.passed": True,
+                                                  "prediction.unscreened": {"$ne": True}},
                                                  {"_id": 0, "candidate_id": 1, "prediction.formation_energy_per_atom": 1,
                                                   "dedup": 1, "state": 1})), key=lambda t: t[:2])
     writes = []

@@ -34,7 +34,8 @@ def predict_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> 
 
     settings = get_settings()
     failpoint_delay("AMDFLOW_FAILPOINT_PREDICT_DELAY_S")  # tests: a batch that is surely mid-run when killed
-    docs = list(db.candidates.find({"candidate_id": {"$in": candidate_ids}}, {"_id": 0, "candidate_id": 1, "campaign": 1, "structure": 1}))
+    docs = list(db.candidates.find({"candidate_id": {"$in": candidate_ids}}, {"_id": 0, "candidate_id": 1, "campaign": 1, "structure": 1,
+                                                                                   "template.source": 1}))
     found = {d["candidate_id"] for d in docs}
     missing = [c for c in candidate_ids if c not in found]
     if missing:
@@ -59,10 +60,11 @@ def predict_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> 
         phases = _hull_phases(db, cfg) if cfg.screen.mode == "hull" else []
         writes: list[UpdateOne] = []
         for d, energy in zip(group, energies, strict=True):
-            passed = bool(energy <= threshold)
+            unscreened = cfg.screen.random_pass and (d.get("template") or {}).get("source") == "random"
+            passed = bool(energy <= threshold) or unscreened
             reason = None if passed else f"predicted formation energy {energy:.3f} > {threshold} eV/atom"
             e_hull = None
-            if cfg.screen.mode == "hull":
+            if cfg.screen.mode == "hull" and not unscreened:
                 from amdflow.thermo.hull import predicted_e_above_hull
 
                 formula = Structure.from_dict(d["structure"]).composition.reduced_formula
@@ -71,7 +73,7 @@ def predict_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> 
                     passed, reason = False, f"predicted {e_hull:.3f} eV/atom above the current hull > {cfg.screen.max_e_above_hull}"
             pred = Prediction(formation_energy_per_atom=float(energy), model_id=predictor.model_id,
                               model_name=predictor.checkpoint.name, threshold=threshold, passed=passed,
-                              mode=cfg.screen.mode, e_above_hull=e_hull, reason=reason)
+                              mode=cfg.screen.mode, e_above_hull=e_hull, reason=reason, unscreened=unscreened)
             state = CandidateState.PASSED if passed else CandidateState.SCREENED_OUT
             writes.append(UpdateOne({"candidate_id": d["candidate_id"]},
                                     {"$set": {"state": state.value, "updated_at": utcnow(), "prediction": pred.to_mongo(), "error": None}}))
