@@ -114,6 +114,12 @@ class RandomTemplates(_Strict):
     space_groups: list[int] | None = Field(None, description="Draw only from these space groups (default: every "
                                            "group whose Wyckoff positions fit the cell's atoms).")
     seed: int = Field(0, ge=0, description="Seed of the search: the same seed gives the same structures.")
+    first_pass_steps: int = Field(60, ge=1, le=100_000, description="The funnel relaxes each random start this many "
+                                  "FIRE steps first; those then far above their composition's lowest stop there.")
+    halving_margin: float = Field(0.3, ge=0.0, le=10.0, description="eV/atom above the composition's lowest so far "
+                                  "after the first pass beyond which a random start stops (its partial relaxation kept).")
+    stop_found: int = Field(3, ge=1, le=1000, description="A composition's search stops when its lowest structure has "
+                            "been found this many times (AIRSS's convergence signal); n_structures bounds it otherwise.")
 
     @field_validator("space_groups")
     @classmethod
@@ -559,6 +565,9 @@ class CampaignConfig(_Strict):
         for tmpl in self.templates:
             if isinstance(tmpl, AflowTemplates) and tmpl.prototypes == []:
                 raise ValueError("templates: an aflow source lists no prototypes (omit the key to use all)")
+        if sum(isinstance(t, RandomTemplates) for t in self.templates) > 1:
+            raise ValueError("templates: more than one random source; list their compositions in one (a composition's "
+                             "search and its stop rule are one)")
         return self
 
     @property
@@ -570,6 +579,9 @@ class CampaignConfig(_Strict):
         """sha256 of the settings that decide results (the output folder is excluded)."""
         # the output folder and the DFT budget (an allocation, changed while rockets run) decide no result
         data = self.model_dump(mode="json", exclude={"output_dir": True, "relax": {"budget"}})
+        for tmpl in data["templates"]:  # a random search's size: more structures add candidates, change none
+            if tmpl.get("source") == "random":
+                tmpl.pop("n_structures", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -79,6 +79,9 @@ def register_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = 
                 "(Fireworks not yet run will use the new settings)"
             )
         db.campaigns.update_one({"name": cfg.name}, {"$set": {"config": doc.config, "config_hash": doc.config_hash, "updated_at": utcnow()}})
+    elif stored["config"].get("templates") != doc.config.get("templates"):
+        # the same settings, a random search of another size (n_structures is outside the hash): the stored sources follow
+        db.campaigns.update_one({"name": cfg.name}, {"$set": {"config.templates": doc.config["templates"], "updated_at": utcnow()}})
     now_types = {"run_type": doc.run_type, "funnel_run_type": doc.funnel_run_type}
     if any(stored.get(k) != v for k, v in now_types.items()):
         # this amdflow names run types differently (their correction scheme, every energy-relevant setting): results

@@ -157,3 +157,94 @@ def test_the_init_examples_random_block_uncommented_is_a_valid_search(tmp_path):
     (rand,) = [t for t in cfg.templates if t.source == "random"]
     assert rand.compositions == ["CeFeIn5", "CeFe2In"] and rand.n_structures == 20
     check_template_sources(cfg)
+
+
+@pytest.mark.slow
+def test_random_search_through_the_batched_funnel_halving_dedup_and_the_stop_rule(db, lpad, tmp_path):
+    """[aflow B2, random AlNi] on one ML hull: the batched funnel relaxes the random starts in two passes (those far
+    above the lowest after the first stop there, kept as unconverged tasks), dedups the relaxed ones, and counts how
+    often the lowest was found. `add` with more structures adds only the new ones (same settings hash); once the
+    lowest has been found stop_found times, new starts of the composition are cut unrelaxed."""
+    from fireworks import FWorker
+    from fireworks.core.rocket_launcher import rapidfire
+
+    from amdflow.ops import add_campaign
+    from amdflow.rocket import run_batched_rocket
+    from amdflow.stages.random_search import campaign_search
+
+    def campaign(n: int, stop_found: int = 2) -> object:
+        return campaign_from_dict({
+            "name": "AlNi-rss", "elements": ["Ni", "Al"],
+            "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a"]},
+                          {"source": "random", "compositions": ["AlNi"], "max_atoms": 4, "n_structures": n,
+                           "first_pass_steps": 12, "halving_margin": 0.05, "stop_found": stop_found}],
+            "screen": {"max_formation_energy_per_atom": 2.0},
+            "funnel": {"fmax": 0.1, "max_steps": 80, "max_e_above_hull": 5.0},
+            "relax": {"fmax": 0.1, "max_steps": 80, "reference_prototypes": ["fcc"], "reference_ground_state": False},
+            "output_dir": str(tmp_path / "out")})
+
+    def others() -> None:
+        launches = tmp_path / "launches"
+        launches.mkdir(exist_ok=True)
+        import os
+
+        cwd = os.getcwd()
+        try:
+            os.chdir(launches)
+            rapidfire(lpad, FWorker(category=["gpu", "cpu"], query={"spec.amdflow_stage": {"$nin": ["funnel", "relax"]}}),
+                      strm_lvl="ERROR")
+        finally:
+            os.chdir(cwd)
+
+    cfg = campaign(8)
+    assert add_campaign(db, cfg).new_candidates == 9
+    others()  # predict, dedup, the references of both hulls
+    report = run_batched_rocket(lpad, batch_size=16, pipeline=False, stage="funnel")
+    assert report.fizzled == 0 and report.batches == 1
+    rand = list(db.candidates.find({"template.source": "random"}))
+    tasks = {t["candidate_id"]: t for t in db.tasks.find({"level": "funnel", "kind": "candidate"})}
+    relaxed = [c for c in rand if c["funnel"] and c["funnel"]["task_id"]]
+    assert len(relaxed) == len({c["candidate_id"] for c in rand if c["state"] != "duplicate" or c["funnel"]}) == 8
+    stopped = [c for c in relaxed if c["funnel"]["stopped_early"]]
+    for c in stopped:  # stopped after the first pass: the partial relaxation is kept, the reason says why
+        t = tasks[c["candidate_id"]]
+        assert c["state"] in ("funnel_cut", "duplicate") and t["n_steps"] == 12 and not t["converged"]
+        assert c["state"] == "duplicate" or "above AlNi's lowest so far after the first pass (12 steps)" in c["funnel"]["reason"]
+    for c in relaxed:
+        t = tasks[c["candidate_id"]]
+        if not c["funnel"]["stopped_early"] and t["n_steps"] > 12:
+            assert t["details"]["first_pass_steps"] == 12  # went on from where the first pass stopped
+    (b2,) = db.candidates.find({"template.source": "aflow"})
+    assert b2["funnel"]["run_type"] == relaxed[0]["funnel"]["run_type"]  # one ML hull for both kinds
+    assert db.thermo.count_documents({"material_id": {"$in": [b2["funnel"]["task_id"], *(c["funnel"]["task_id"] for c in relaxed)]}}) == 9
+
+    stat = campaign_search(db, cfg)["AlNi"]
+    roots = [c for c in relaxed if not c["funnel"]["duplicate_of"]]
+    lowest = min(roots, key=lambda c: c["funnel"]["energy_per_atom"])
+    assert stat.lowest_id == lowest["candidate_id"] and stat.relaxed == 8 and stat.stopped_early == len(stopped)
+    parent = {c["candidate_id"]: c["funnel"]["duplicate_of"] for c in relaxed}
+
+    def root(cid: str) -> str:
+        while parent.get(cid):
+            cid = parent[cid]
+        return cid
+
+    assert stat.found_lowest == sum(root(c["candidate_id"]) == lowest["candidate_id"] for c in relaxed) >= 1
+    assert stat.converged == (stat.found_lowest >= 2)
+
+    more = campaign(12)
+    assert more.config_hash() == cfg.config_hash()
+    assert add_campaign(db, more).new_candidates == 4  # only the new seeds, no --allow-changed-settings needed
+    assert db.campaigns.find_one({"name": "AlNi-rss"})["config"]["templates"][1]["n_structures"] == 12
+    # the stop rule, made to apply (stop_found 1: the lowest has been found once): new starts are cut unrelaxed
+    add_campaign(db, campaign(12, stop_found=1), allow_changed=True)
+    others()
+    run_batched_rocket(lpad, batch_size=16, pipeline=False, stage="funnel")
+    new = [c for c in db.candidates.find({"template.source": "random"}) if c["random"]["index"] >= 8]
+    assert len(new) == 4 and db.tasks.count_documents({"candidate_id": {"$in": [c["candidate_id"] for c in new]}}) == 0
+    cut = [c for c in new if c["state"] != "duplicate"]  # a random start may already match another unrelaxed (dedup)
+    assert cut and all(c["dedup"]["duplicate_of"] and not c.get("funnel") for c in new if c["state"] == "duplicate")
+    for c in cut:
+        assert c["state"] == "funnel_cut" and c["funnel"]["task_id"] is None
+        assert "random search of AlNi converged: its lowest structure was found 1 times (stop_found 1)" in c["funnel"]["reason"]
+    assert campaign_search(db, campaign(12, stop_found=1))["AlNi"].generated == 12

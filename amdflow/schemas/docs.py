@@ -111,6 +111,8 @@ class FunnelRecord(_Doc):
     ml_failed: bool = Field(False, description="The potential's relaxation tripped its guard (a hole of the potential): "
                             "passed on unranked, after every ranked candidate, from its own cell.")
     ml_error: str | None = Field(None, description="ml_failed: what the guard saw.")
+    stopped_early: bool = Field(False, description="A random-search start stopped after the funnel's first pass (far "
+                                "above its composition's lowest): energy_per_atom is that of its partial relaxation.")
 
 
 class CandidateDoc(_Doc):

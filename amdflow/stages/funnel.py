@@ -120,14 +120,88 @@ class _Relaxed:
     converged: bool
     n_steps: int
     max_force: float
+    stopped: str | None = None  # a random start stopped after the first pass: why (amdflow.stages.random_search)
 
 
 def _relaxed_from_task(task: dict[str, Any]) -> _Relaxed:
     return _Relaxed(task["task_id"], float(task["energy_per_atom"]), Structure.from_dict(task["final_structure"]),
-                    bool(task["converged"]), int(task["n_steps"]), float(task["max_force"]))
+                    bool(task["converged"]), int(task["n_steps"]), float(task["max_force"]),
+                    (task.get("details") or {}).get("stopped_early"))
 
 
-TASK_FIELDS = {"_id": 0, "task_id": 1, "energy_per_atom": 1, "final_structure": 1, "converged": 1, "n_steps": 1, "max_force": 1}
+TASK_FIELDS = {"_id": 0, "task_id": 1, "energy_per_atom": 1, "final_structure": 1, "converged": 1, "n_steps": 1, "max_force": 1,
+               "details.stopped_early": 1}
+
+
+def _relax_batch(db: AmdflowDB, cfg: CampaignConfig, engine: Any, todo: list[dict[str, Any]], structures: list[Structure],
+                 workers: int) -> tuple[list[Any], dict[str, str]]:
+    """Relax the batch: substitution candidates in one pass; random-search starts in two (a short first pass, then
+    only those within ``halving_margin`` of their composition's lowest go on), and none of a composition whose search
+    has converged. Returns the results aligned with ``todo`` (a stopped start's is its first pass, with
+    ``details['stopped_early']``; a start not relaxed has None) and, per candidate not relaxed, why."""
+    from amdflow.relax import get_funnel_engine, relax_many
+    from amdflow.relax.base import RelaxResult
+    from amdflow.stages.random_search import (
+        campaign_search,
+        converged_reason,
+        is_random,
+        random_source,
+        stopped_reason,
+    )
+
+    source = random_source(cfg)
+    rand = [i for i, d in enumerate(todo) if source is not None and is_random(d)]
+    results: list[Any] = [None] * len(todo)
+    plain = [i for i in range(len(todo)) if i not in set(rand)]
+    if plain:
+        for i, r in zip(plain, relax_many(engine, [structures[i] for i in plain], workers), strict=True):
+            results[i] = r
+    if not rand:
+        return results, {}
+    assert source is not None
+    stats = campaign_search(db, cfg, [todo[i]["formula"] for i in rand])
+    skipped = {todo[i]["candidate_id"]: converged_reason(stats[todo[i]["formula"]], source.stop_found)
+               for i in rand if todo[i]["formula"] in stats and stats[todo[i]["formula"]].converged}
+    rand = [i for i in rand if todo[i]["candidate_id"] not in skipped]
+    if not rand:
+        return results, skipped
+    settings = get_settings()
+    short = get_funnel_engine(cfg.funnel.model_copy(update={"max_steps": min(source.first_pass_steps, cfg.funnel.max_steps)}),
+                              resolve_device(settings), settings.funnel_max_atoms)
+    first = relax_many(short, [structures[i] for i in rand], workers)
+    # the composition's lowest so far, on the run type's scale: stored relaxations and this batch's first passes
+    lowest = {f: s.lowest_energy_per_atom for f, s in stats.items() if s.lowest_energy_per_atom is not None}
+    energy: dict[int, float] = {}
+    for n, (i, r) in enumerate(zip(rand, first, strict=True)):
+        if isinstance(r, RelaxResult):
+            try:
+                energy[i] = task_doc("candidate", "first-pass", structures[i], r, engine, cfg, None).energy_per_atom
+            except Exception as err:  # a correction that cannot be made: the candidate's own failure, as in one pass
+                first[n] = err
+                continue
+            f = todo[i]["formula"]
+            lowest[f] = min(lowest.get(f, energy[i]), energy[i])
+    go_on = []
+    for i, r in zip(rand, first, strict=True):
+        if not isinstance(r, RelaxResult):
+            results[i] = r  # a guard trip or an error: its own outcome
+        elif r.converged or r.n_steps < short.cfg.max_steps:
+            results[i] = r  # done within the first pass
+        elif energy[i] - lowest[todo[i]["formula"]] > source.halving_margin:
+            r.details["stopped_early"] = stopped_reason(energy[i], lowest[todo[i]["formula"]], todo[i]["formula"],
+                                                        r.n_steps, source.halving_margin)
+            results[i] = r
+        else:
+            go_on.append((i, r))
+    if go_on:
+        rest = get_funnel_engine(cfg.funnel.model_copy(update={"max_steps": max(cfg.funnel.max_steps - short.cfg.max_steps, 1)}),
+                                 resolve_device(settings), settings.funnel_max_atoms)
+        for (i, r1), r2 in zip(go_on, relax_many(rest, [r.final_structure for _, r in go_on], workers), strict=True):
+            if isinstance(r2, RelaxResult):
+                r2 = RelaxResult(r2.final_structure, r2.energy, r2.converged, r1.n_steps + r2.n_steps, r2.max_force,
+                                 r1.run_time_s + r2.run_time_s, {**r2.details, "first_pass_steps": r1.n_steps})
+            results[i] = r2
+    return results, skipped
 
 
 def funnel_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> list[FunnelOutcome]:
@@ -140,12 +214,12 @@ def funnel_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> l
     A formula whose claim cannot be had in time leaves only its own candidates undecided
     (``error``; their relaxations are kept for the rerun), never the batch's decided ones.
     """
-    from amdflow.relax import relax_many
     from amdflow.relax.guards import GuardTripped
 
     failpoint_delay("AMDFLOW_FAILPOINT_FUNNEL_DELAY_S")  # tests: a batch surely mid-run when killed
     docs = list(db.candidates.find({"candidate_id": {"$in": candidate_ids}},
-                                   {"_id": 0, "candidate_id": 1, "campaign": 1, "formula": 1, "structure": 1, "prediction": 1}))
+                                   {"_id": 0, "candidate_id": 1, "campaign": 1, "formula": 1, "structure": 1, "prediction": 1,
+                                    "template.source": 1}))
     found = {d["candidate_id"] for d in docs}
     missing = [c for c in candidate_ids if c not in found]
     if missing:
@@ -165,10 +239,13 @@ def funnel_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> l
         done = {t["task_id"]: _relaxed_from_task(t) for t in db.tasks.find({"task_id": {"$in": sorted(tids.values())}}, TASK_FIELDS)}
         todo = [d for d in group if tids[d["candidate_id"]] not in done]
         structures = [Structure.from_dict(d["structure"]) for d in todo]
-        results = relax_many(engine, structures, workers) if todo else []
+        results, not_relaxed = _relax_batch(db, cfg, engine, todo, structures, workers) if todo else ([], {})
         tasks, ml_failed = [], []
         for d, s, r in zip(todo, structures, results, strict=True):
             cid, tid = d["candidate_id"], tids[d["candidate_id"]]
+            if cid in not_relaxed:  # a random start of a composition whose search has converged
+                outcomes.append(_cut_unrelaxed(db, cfg, engine, cid, not_relaxed[cid]))
+                continue
             if isinstance(r, GuardTripped):
                 ml_failed.append((d, str(r)))
                 continue
@@ -182,7 +259,8 @@ def funnel_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> l
                 outcomes.append(FunnelOutcome(cid, False, error=f"{type(err).__name__}: {err}"))
                 continue
             tasks.append(ReplaceOne({"task_id": tid}, task.to_mongo(), upsert=True))
-            done[tid] = _Relaxed(tid, task.energy_per_atom, r.final_structure, r.converged, r.n_steps, r.max_force)
+            done[tid] = _Relaxed(tid, task.energy_per_atom, r.final_structure, r.converged, r.n_steps, r.max_force,
+                                 r.details.get("stopped_early"))
         bulk_write(db.tasks, tasks)
         refresh_funnel_hull(db, cfg, run_type)
         by_formula: dict[str, list[tuple[dict[str, Any], _Relaxed]]] = {}
@@ -207,6 +285,15 @@ def funnel_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> l
     return outcomes
 
 
+def _cut_unrelaxed(db: AmdflowDB, cfg: CampaignConfig, engine: Any, candidate_id: str, reason: str) -> FunnelOutcome:
+    """A random start the search's stop rule leaves unrelaxed: cut, with no ML energy and the reason."""
+    record = FunnelRecord(engine=engine.name, model=_model_label(engine), run_type=engine.run_type, task_id=None,
+                          energy_per_atom=None, converged=False, n_steps=0, max_force=None,
+                          max_e_above_hull=cfg.funnel.max_e_above_hull, passed=False, reason=reason)
+    set_state(db, candidate_id, CandidateState.FUNNEL_CUT, funnel=record.to_mongo(), error=None)
+    return FunnelOutcome(candidate_id, False, reason=reason)
+
+
 def _pass_ml_failed(db: AmdflowDB, cfg: CampaignConfig, engine: Any, candidate_id: str, reason: str) -> FunnelOutcome:
     """A candidate whose ML relaxation tripped the guard: passed on, flagged, with no place on the ML hull."""
     record = FunnelRecord(engine=engine.name, model=_model_label(engine), run_type=engine.run_type, task_id=None,
@@ -228,7 +315,7 @@ def _decide(db: AmdflowDB, cfg: CampaignConfig, engine: Any, candidate_id: str, 
     e_hull = None if thermo is None else thermo["e_above_hull"]
     alive = [p for p in peers if p["candidate_id"] not in demoted]
     rank = 1 + sum((p["funnel"]["energy_per_atom"], p["candidate_id"]) < (energy, candidate_id) for p in alive)
-    reason = _cut_reason(cfg, engine.run_type, e_hull, rank)
+    reason = result.stopped or _cut_reason(cfg, engine.run_type, e_hull, rank)
     if dup is not None:
         reason = f"funnel: relaxed into the same crystal as {dup} (lower ML energy on the {engine.run_type} hull)"
     record = FunnelRecord(
@@ -236,7 +323,7 @@ def _decide(db: AmdflowDB, cfg: CampaignConfig, engine: Any, candidate_id: str, 
         converged=result.converged, n_steps=result.n_steps, max_force=result.max_force,
         formation_energy_per_atom=None if thermo is None else thermo["formation_energy_per_atom"], e_above_hull=e_hull,
         max_e_above_hull=cfg.funnel.max_e_above_hull, rank=rank, passed=reason is None, deferred=e_hull is None and dup is None,
-        duplicate_of=dup, reason=reason,
+        duplicate_of=dup, reason=reason, stopped_early=bool(result.stopped),
     )
     state = (CandidateState.DUPLICATE if dup else CandidateState.PRERELAXED if reason is None else CandidateState.FUNNEL_CUT)
     set_state(db, candidate_id, state, funnel=record.to_mongo(), error=None)

@@ -1,0 +1,119 @@
+"""The funnel's treatment of random-search candidates (templates source: random), and the search's convergence.
+
+* **A short first pass, then halving.** Random starts are mostly poor: each is relaxed for
+  ``first_pass_steps`` FIRE steps first; those then more than ``halving_margin`` eV/atom above
+  their composition's lowest so far (this batch's first passes and every relaxation already
+  stored) stop there, cut with the reason, their partial relaxation kept as an unconverged
+  task. The rest continue from where they stopped to the funnel's full ``max_steps``. This
+  is one round of successive halving (Jamieson & Talwalkar 2016) with an energy gap instead
+  of a fixed fraction: a gap keeps every start that might still win, however many do.
+* **Dedup of the relaxed structures** is the funnel's second dedup, as for every candidate:
+  a relaxed structure that matches a lower one of its formula is its duplicate.
+* **Convergence, as AIRSS reads it** (Pickard & Needs 2011): a composition is searched
+  enough when its lowest relaxed structure has been found ``stop_found`` times, i.e. that
+  many random starts relaxed into it (the start itself and its duplicates, through chains
+  of duplicates). From then on the composition's unrelaxed random candidates are not
+  relaxed (cut with the reason); ``n_structures`` bounds the search otherwise.
+
+:func:`search_summary` is the pure part (documents in, per-composition figures out); the
+funnel stage, ``status``, ``show`` and the report read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from amdflow.campaign import CampaignConfig, RandomTemplates
+from amdflow.db import AmdflowDB
+from amdflow.schemas import CandidateState
+
+#: Candidate fields the summary reads.
+SUMMARY_FIELDS = {"_id": 0, "candidate_id": 1, "formula": 1, "state": 1, "funnel": 1, "random": 1}
+
+
+def random_source(cfg: CampaignConfig) -> RandomTemplates | None:
+    """The campaign's random-search source (a campaign has at most one), or None."""
+    return next((t for t in cfg.templates if isinstance(t, RandomTemplates)), None)
+
+
+def is_random(doc: dict[str, Any]) -> bool:
+    return (doc.get("template") or {}).get("source") == "random"
+
+
+@dataclass(frozen=True)
+class SearchStat:
+    """One composition's random search so far."""
+
+    composition: str
+    generated: int  # random candidates of the composition
+    relaxed: int  # of them relaxed by the funnel's potential (to the end, or stopped after the first pass)
+    stopped_early: int  # stopped after the first pass (above the lowest by more than the margin)
+    lowest_id: str | None  # candidate id of the lowest relaxed random structure
+    lowest_energy_per_atom: float | None  # its ML energy, on the funnel's run type scale
+    lowest_space_group: int | None  # the space group its random start was drawn in
+    found_lowest: int  # random starts that relaxed into the lowest structure (itself and its duplicates)
+    converged: bool  # found_lowest >= stop_found
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _root(cid: str, parent: dict[str, str | None]) -> str:
+    seen = set()
+    while parent.get(cid) and cid not in seen:
+        seen.add(cid)
+        cid = parent[cid]  # type: ignore[assignment]
+    return cid
+
+
+def search_summary(docs: Iterable[dict[str, Any]], stop_found: int) -> dict[str, SearchStat]:
+    """Per composition, from the random candidates' documents (:data:`SUMMARY_FIELDS`): how far its search has got.
+
+    The lowest structure is the lowest ML energy among the composition's relaxed random candidates that are no one's
+    duplicate; it was *found* by every random candidate whose chain of ``funnel.duplicate_of`` ends at it.
+    """
+    by_formula: dict[str, list[dict[str, Any]]] = {}
+    for d in docs:
+        by_formula.setdefault(d["formula"], []).append(d)
+    out = {}
+    for formula, group in sorted(by_formula.items()):
+        relaxed = [d for d in group if (d.get("funnel") or {}).get("energy_per_atom") is not None]
+        parent = {d["candidate_id"]: (d.get("funnel") or {}).get("duplicate_of") for d in relaxed}
+        roots = [d for d in relaxed if not parent[d["candidate_id"]]]
+        lowest = min(roots, key=lambda d: (d["funnel"]["energy_per_atom"], d["candidate_id"]), default=None)
+        found = 0 if lowest is None else sum(_root(d["candidate_id"], parent) == lowest["candidate_id"] for d in relaxed)
+        out[formula] = SearchStat(
+            composition=formula, generated=len(group), relaxed=len(relaxed),
+            stopped_early=sum(bool((d.get("funnel") or {}).get("stopped_early")) for d in relaxed),
+            lowest_id=None if lowest is None else lowest["candidate_id"],
+            lowest_energy_per_atom=None if lowest is None else round(float(lowest["funnel"]["energy_per_atom"]), 6),
+            lowest_space_group=None if lowest is None else (lowest.get("random") or {}).get("space_group"),
+            found_lowest=found, converged=found >= stop_found)
+    return out
+
+
+def campaign_search(db: AmdflowDB, cfg: CampaignConfig, formulas: list[str] | None = None) -> dict[str, SearchStat]:
+    """:func:`search_summary` of the campaign's random candidates (of ``formulas`` only, when given)."""
+    source = random_source(cfg)
+    if source is None:
+        return {}
+    query: dict[str, Any] = {"campaign": cfg.name, "template.source": "random"}
+    if formulas is not None:
+        query["formula"] = {"$in": sorted(set(formulas))}
+    return search_summary(db.candidates.find(query, SUMMARY_FIELDS), source.stop_found)
+
+
+def converged_reason(stat: SearchStat, stop_found: int) -> str:
+    return (f"random search of {stat.composition} converged: its lowest structure was found {stat.found_lowest} times "
+            f"(stop_found {stop_found}); not relaxed")
+
+
+def stopped_reason(energy: float, lowest: float, formula: str, steps: int, margin: float) -> str:
+    return (f"random search: {energy - lowest:.3f} eV/atom above {formula}'s lowest so far after the first pass "
+            f"({steps} steps) > halving_margin {margin}")
+
+
+#: States in which a random candidate's stop-rule decision is final (nothing is undone).
+STOPPED_STATE = CandidateState.FUNNEL_CUT
