@@ -359,6 +359,14 @@ def _status_table(info: dict[str, Any]) -> Table:
             table.add_row(f"funnel ({funnel['run_type']})" if key == "relaxed" else "funnel", label, str(funnel.get(key, 0)))
         for state, n in funnel["references"].items():
             table.add_row("funnel", f"references {state}", str(n))
+    searched = info.get("random_search") or []
+    for r in searched[:20]:
+        low = "" if r["lowest_energy_per_atom"] is None else (f"; lowest {r['lowest_energy_per_atom']:.3f} eV/atom "
+                                                              f"(sg {r['lowest_space_group']}) found {r['found_lowest']}x")
+        done = "searched enough" if r["converged"] else f"not yet ({r['found_lowest']}/{r['stop_found']})"
+        table.add_row("random search", r["composition"], f"{r['relaxed']}/{r['generated']} relaxed{low}; {done}")
+    if len(searched) > 20:
+        table.add_row("random search", f"+{len(searched) - 20} more compositions", "`amdflow status --json`")
     budget = info.get("budget") or {}
     if budget.get("limit") is not None or budget.get("over_budget"):
         table.add_row("relax budget", "used / limit", f"{budget['used']} / {budget['limit']}")

@@ -398,6 +398,7 @@ def campaign_status(db: AmdflowDB, campaign: str) -> dict[str, Any]:
         "references": refs,
         "stage_times": stage_times(db, campaign),
         "funnel": funnel_status(db, campaign, doc),
+        "random_search": random_search_status(db, campaign, doc),
         "budget": {"limit": doc["config"]["relax"].get("budget"), "used": int(doc.get("budget_used", 0)),
                    "over_budget": cand.get(CandidateState.OVER_BUDGET.value, 0)},
         "thermo": {
@@ -407,6 +408,20 @@ def campaign_status(db: AmdflowDB, campaign: str) -> dict[str, Any]:
             "promising": db.thermo.count_documents({**thermo_q, "campaign": campaign, "e_above_hull": {"$lte": threshold}}),
         },
     }
+
+
+def random_search_status(db: AmdflowDB, campaign: str, doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per composition of the campaign's random search (none: []): starts generated and relaxed, stopped after the
+    first pass, the lowest structure's ML energy and space group, how often it was found, and whether that
+    reaches stop_found (AIRSS's signal that the composition is searched enough)."""
+    from amdflow.stages.random_search import SUMMARY_FIELDS, search_summary
+
+    source = next((t for t in doc["config"]["templates"] if t.get("source") == "random"), None)
+    if source is None:
+        return []
+    stop_found = int(source.get("stop_found", 3))
+    stats = search_summary(db.candidates.find({"campaign": campaign, "template.source": "random"}, SUMMARY_FIELDS), stop_found)
+    return [{**s.as_dict(), "stop_found": stop_found} for s in stats.values()]
 
 
 def funnel_status(db: AmdflowDB, campaign: str, doc: dict[str, Any]) -> dict[str, Any]:
@@ -1049,6 +1064,9 @@ def _templates_text(cfg: CampaignConfig) -> str:
             parts.append(f"AFLOW library ({len(t.prototypes)} prototypes)" if t.prototypes else "AFLOW library (all that fit)")
         elif t.source == "folder":
             parts.append(f"folder {t.path}")
+        elif t.source == "random":
+            which = ", ".join(t.compositions) if t.compositions else f"every formula up to {t.max_atoms} atoms"
+            parts.append(f"random search ({which}; {t.n_structures} starts each, seed {t.seed})")
         else:
             parts.append(f"Materials Project {', '.join(t.chemsys or t.material_ids or [])}")
     return "; ".join(parts)
@@ -1122,7 +1140,7 @@ def write_campaign_report(db: AmdflowDB, cfg: CampaignConfig) -> tuple[Path, dic
         plot_png=PLOT_FILE if summary.get("plot") else None, plot_html=PLOT_HTML if summary.get("plot_html") else None,
         plot_note=summary.get("plot_note", ""), stages=funnel_stages(status["candidates"], funnel or None),
         hit_rate=hit_rate(points, threshold), final_relaxations=len(points),
-        parity_png=PARITY_FILE if parity else None, energy_labels=labels,
+        parity_png=PARITY_FILE if parity else None, energy_labels=labels, random_search=status.get("random_search") or [],
     )
     return write_report(out, data), summary
 

@@ -35,8 +35,14 @@ def candidate_report(camp: Campaign, candidate_id: str) -> dict[str, Any]:
     if promising.is_dir():
         files += sorted(str(p) for p in promising.glob(f"*{cid}*"))
     files += [t["dir_name"] for t in tasks if t.get("dir_name") and Path(t["dir_name"]).exists()]
+    search = None
+    if tpl.get("source") == "random" and doc.get("formula"):
+        from amdflow.stages.random_search import campaign_search
+
+        stat = campaign_search(camp.db, camp.config, [doc["formula"]]).get(doc["formula"])
+        search = None if stat is None else {**stat.as_dict(), "is_lowest": stat.lowest_id == cid}
     return {
-        "candidate_id": cid, "campaign": doc.get("campaign"), "state": str(doc.get("state")), "formula": doc.get("formula"),
+        "candidate_id": cid, "campaign": doc.get("campaign"), "random": doc.get("random"), "random_search": search, "state": str(doc.get("state")), "formula": doc.get("formula"),
         "nsites": doc.get("nsites"), "template": f"{tpl.get('source')}:{tpl.get('template_id')}" if tpl else None,
         "template_formula": tpl.get("formula"), "substitution": doc.get("substitution"), "lattice_scale": doc.get("lattice_scale"),
         "min_bond_ratio": doc.get("min_bond_ratio"),
@@ -87,9 +93,18 @@ def render(rep: dict[str, Any]) -> list[RenderableType]:
     head.add_row("formula", f"{rep['formula']}, {rep['nsites']} sites")
     head.add_row("template", f"{rep['template']} ({rep.get('template_formula')}), {sub}, lattice x{rep.get('lattice_scale')}"
                  + (f", shortest bond {rep['min_bond_ratio']:.2f} x the covalent radii" if rep.get("min_bond_ratio") else ""))
+    rnd, search = rep.get("random"), rep.get("random_search")
+    if rnd:
+        found = "" if not search else (
+            f"; {search['composition']}: {search['relaxed']}/{search['generated']} starts relaxed, the lowest "
+            f"({_f(search['lowest_energy_per_atom'], 4)} eV/atom{', this one' if search['is_lowest'] else ''}) found "
+            f"{search['found_lowest']}x, {'searched enough' if search['converged'] else 'not yet searched enough'}")
+        head.add_row("random search", f"start {rnd.get('index')} (seed {rnd.get('seed')}), space group {rnd.get('space_group')}, "
+                                      f"Z = {rnd.get('z')}{found}")
     pred = rep.get("prediction")
     if pred:
-        verdict = "passed" if pred.get("passed") else f"screened out: {pred.get('reason') or 'above the threshold'}"
+        verdict = ("passed unscreened (a random cell: screen.random_pass)" if pred.get("unscreened") else "passed"
+                   if pred.get("passed") else f"screened out: {pred.get('reason') or 'above the threshold'}")
         head.add_row("CGCNN", f"E_f {_f(pred.get('formation_energy_per_atom'))} eV/atom ({pred.get('mode')} screen, "
                               f"threshold {pred.get('threshold')}): {verdict}")
     else:

@@ -232,6 +232,25 @@ def test_random_search_through_the_batched_funnel_halving_dedup_and_the_stop_rul
     assert stat.found_lowest == sum(root(c["candidate_id"]) == lowest["candidate_id"] for c in relaxed) >= 1
     assert stat.converged == (stat.found_lowest >= 2)
 
+    # status, show and the report say how far each composition's search has got
+    from rich.console import Console
+
+    from amdflow.api import Campaign
+    from amdflow.ops import campaign_status, write_campaign_report
+    from amdflow.show import candidate_report, render
+
+    (row,) = campaign_status(db, "AlNi-rss")["random_search"]
+    assert (row["composition"], row["found_lowest"], row["stop_found"], row["relaxed"]) == ("AlNi", stat.found_lowest, 2, 8)
+    rep = candidate_report(Campaign(db, "AlNi-rss"), stat.lowest_id)
+    assert rep["random_search"]["is_lowest"] and rep["random"]["space_group"] == stat.lowest_space_group
+    console = Console(record=True, width=200)
+    for part in render(rep):
+        console.print(part)
+    text = console.export_text()
+    assert f"space group {stat.lowest_space_group}" in text and "passed unscreened" in text and "this one" in text
+    page = write_campaign_report(db, cfg)[0].read_text()
+    assert 'id="random-search"' in page and f"{stat.found_lowest} / 2" in page
+
     more = campaign(12)
     assert more.config_hash() == cfg.config_hash()
     assert add_campaign(db, more).new_candidates == 4  # only the new seeds, no --allow-changed-settings needed

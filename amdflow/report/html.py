@@ -52,6 +52,7 @@ class ReportData:
     final_relaxations: int = 0
     parity_png: str | None = None
     energy_labels: dict[str, str] = field(default_factory=dict)  # which model made which energy
+    random_search: list[dict[str, Any]] = field(default_factory=list)  # per composition (ops.random_search_status)
     generated_at: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
 
 
@@ -132,6 +133,18 @@ def render_report(data: ReportData) -> str:
     parts.append(f"<h2>Metastable candidates ({len(meta)}, at most {data.promising_threshold} eV/atom above the hull)</h2>")
     rows, classes = _candidate_rows(meta)
     parts.append(_table(CANDIDATE_HEADERS, rows, classes, table_id="metastable") if rows else "<p>none</p>")
+    if data.random_search:
+        parts.append(f"<h2>Random structure search ({len(data.random_search)} compositions)</h2>")
+        parts.append("<p class='muted'>Random symmetric starts (pyxtal) relaxed by the funnel's potential. A composition is "
+                     "searched enough (AIRSS) when its lowest structure has been found stop_found times; energies are "
+                     "the funnel's ML energies (eV/atom).</p>")
+        rows = [[f"<td>{_e(r['composition'])}</td>", f'<td class="num">{r["generated"]}</td>',
+                 f'<td class="num">{r["relaxed"]}</td>', f'<td class="num">{r["stopped_early"]}</td>',
+                 f'<td class="num">{_num(r["lowest_energy_per_atom"], 4)}</td>', f"<td>{_e(r['lowest_space_group'] or '')}</td>",
+                 f'<td class="num">{r["found_lowest"]} / {r["stop_found"]}</td>',
+                 f"<td>{'yes' if r['converged'] else 'not yet'}</td>"] for r in data.random_search]
+        parts.append(_table(["composition", "starts", "relaxed", "stopped after the first pass", "lowest E (ML)",
+                             "its space group", "lowest found", "searched enough"], rows, table_id="random-search"))
     if data.known:
         parts.append(f"<h2>Known phases on this hull ({len(data.known)})</h2>")
         parts.append(_table(["formula", "source", "E_f", "E above hull", "stable"],
