@@ -140,13 +140,12 @@ def _relax_batch(db: AmdflowDB, cfg: CampaignConfig, engine: Any, todo: list[dic
     has converged. Returns the results aligned with ``todo`` (a stopped start's is its first pass, with
     ``details['stopped_early']``; a start not relaxed has None) and, per candidate not relaxed, why."""
     from amdflow.relax import get_funnel_engine, relax_many
-    from amdflow.relax.base import RelaxResult
     from amdflow.stages.random_search import (
         campaign_search,
         converged_reason,
         is_random,
         random_source,
-        stopped_reason,
+        two_pass_relax,
     )
 
     source = random_source(cfg)
@@ -166,41 +165,20 @@ def _relax_batch(db: AmdflowDB, cfg: CampaignConfig, engine: Any, todo: list[dic
     if not rand:
         return results, skipped
     settings = get_settings()
-    short = get_funnel_engine(cfg.funnel.model_copy(update={"max_steps": min(source.first_pass_steps, cfg.funnel.max_steps)}),
-                              resolve_device(settings), settings.funnel_max_atoms)
-    first = relax_many(short, [structures[i] for i in rand], workers)
-    # the composition's lowest so far, on the run type's scale: stored relaxations and this batch's first passes
+    device = resolve_device(settings)
+    first_steps = min(source.first_pass_steps, cfg.funnel.max_steps)
+    short = get_funnel_engine(cfg.funnel.model_copy(update={"max_steps": first_steps}), device, settings.funnel_max_atoms)
+    rest = get_funnel_engine(cfg.funnel.model_copy(update={"max_steps": max(cfg.funnel.max_steps - first_steps, 1)}),
+                             device, settings.funnel_max_atoms)
     lowest = {f: s.lowest_energy_per_atom for f, s in stats.items() if s.lowest_energy_per_atom is not None}
-    energy: dict[int, float] = {}
-    for n, (i, r) in enumerate(zip(rand, first, strict=True)):
-        if isinstance(r, RelaxResult):
-            try:
-                energy[i] = task_doc("candidate", "first-pass", structures[i], r, engine, cfg, None).energy_per_atom
-            except Exception as err:  # a correction that cannot be made: the candidate's own failure, as in one pass
-                first[n] = err
-                continue
-            f = todo[i]["formula"]
-            lowest[f] = min(lowest.get(f, energy[i]), energy[i])
-    go_on = []
-    for i, r in zip(rand, first, strict=True):
-        if not isinstance(r, RelaxResult):
-            results[i] = r  # a guard trip or an error: its own outcome
-        elif r.converged or r.n_steps < short.cfg.max_steps:
-            results[i] = r  # done within the first pass
-        elif energy[i] - lowest[todo[i]["formula"]] > source.halving_margin:
-            r.details["stopped_early"] = stopped_reason(energy[i], lowest[todo[i]["formula"]], todo[i]["formula"],
-                                                        r.n_steps, source.halving_margin)
-            results[i] = r
-        else:
-            go_on.append((i, r))
-    if go_on:
-        rest = get_funnel_engine(cfg.funnel.model_copy(update={"max_steps": max(cfg.funnel.max_steps - short.cfg.max_steps, 1)}),
-                                 resolve_device(settings), settings.funnel_max_atoms)
-        for (i, r1), r2 in zip(go_on, relax_many(rest, [r.final_structure for _, r in go_on], workers), strict=True):
-            if isinstance(r2, RelaxResult):
-                r2 = RelaxResult(r2.final_structure, r2.energy, r2.converged, r1.n_steps + r2.n_steps, r2.max_force,
-                                 r1.run_time_s + r2.run_time_s, {**r2.details, "first_pass_steps": r1.n_steps})
-            results[i] = r2
+
+    def on_scale(i: int, r: Any) -> float:  # the run type's scale, as stored relaxations are: comparable with them
+        return task_doc("candidate", "first-pass", structures[rand[i]], r, engine, cfg, None).energy_per_atom
+
+    done = two_pass_relax([structures[i] for i in rand], [todo[i]["formula"] for i in rand], short, rest, on_scale,
+                          lowest, source.halving_margin, workers)
+    for i, r in zip(rand, done, strict=True):
+        results[i] = r
     return results, skipped
 
 

@@ -21,13 +21,14 @@ funnel stage, ``status``, ``show`` and the report read it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pymatgen.core import Structure
+
 from amdflow.campaign import CampaignConfig, RandomTemplates
 from amdflow.db import AmdflowDB
-from amdflow.schemas import CandidateState
 
 #: Candidate fields the summary reads.
 SUMMARY_FIELDS = {"_id": 0, "candidate_id": 1, "formula": 1, "state": 1, "funnel": 1, "random": 1}
@@ -115,5 +116,42 @@ def stopped_reason(energy: float, lowest: float, formula: str, steps: int, margi
             f"({steps} steps) > halving_margin {margin}")
 
 
-#: States in which a random candidate's stop-rule decision is final (nothing is undone).
-STOPPED_STATE = CandidateState.FUNNEL_CUT
+def two_pass_relax(structures: list[Structure], formulas: list[str], first: Any, rest: Any,
+                   energy: Callable[[int, Any], float], lowest: dict[str, float], margin: float, workers: int = 1
+                   ) -> list[Any]:
+    """Relax random starts in two passes: ``first`` (an engine with the short step limit) for all, then ``rest`` (the
+    remaining steps) from where it stopped for those within ``margin`` eV/atom of their composition's lowest so far
+    (``lowest``, updated with this batch's first passes; ``energy(i, result)`` puts a result on its scale). A start
+    stopped after the first pass gets its first-pass result with ``details['stopped_early']`` (the reason); one
+    finished within it, or whose first pass failed, its first-pass result. Returns the results in order."""
+    from amdflow.relax import relax_many
+    from amdflow.relax.base import RelaxResult
+
+    out: list[Any] = list(relax_many(first, structures, workers))
+    lowest = dict(lowest)
+    energies: dict[int, float] = {}
+    for i, r in enumerate(out):
+        if isinstance(r, RelaxResult):
+            try:
+                energies[i] = energy(i, r)
+            except Exception as err:  # a correction that cannot be made: the start's own failure
+                out[i] = err
+                continue
+            lowest[formulas[i]] = min(lowest.get(formulas[i], energies[i]), energies[i])
+    go_on = []
+    for i, r in enumerate(out):
+        if not isinstance(r, RelaxResult) or r.converged or r.n_steps < first.cfg.max_steps:
+            continue  # failed, or done within the first pass
+        gap = energies[i] - lowest[formulas[i]]
+        if gap > margin:
+            r.details["stopped_early"] = stopped_reason(energies[i], lowest[formulas[i]], formulas[i], r.n_steps, margin)
+        else:
+            go_on.append(i)
+    if go_on:
+        for i, r2 in zip(go_on, relax_many(rest, [out[i].final_structure for i in go_on], workers), strict=True):
+            r1 = out[i]
+            if isinstance(r2, RelaxResult):
+                r2 = RelaxResult(r2.final_structure, r2.energy, r2.converged, r1.n_steps + r2.n_steps, r2.max_force,
+                                 r1.run_time_s + r2.run_time_s, {**r2.details, "first_pass_steps": r1.n_steps})
+            out[i] = r2
+    return out
