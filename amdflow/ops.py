@@ -414,13 +414,13 @@ def random_search_status(db: AmdflowDB, campaign: str, doc: dict[str, Any]) -> l
     """Per composition of the campaign's random search (none: []): starts generated and relaxed, stopped after the
     first pass, the lowest structure's ML energy and space group, how often it was found, and whether that
     reaches stop_found (AIRSS's signal that the composition is searched enough)."""
-    from amdflow.stages.random_search import SUMMARY_FIELDS, search_summary
+    from amdflow.stages.random_search import formula_search
 
     source = next((t for t in doc["config"]["templates"] if t.get("source") == "random"), None)
     if source is None:
         return []
     stop_found = int(source.get("stop_found", 3))
-    stats = search_summary(db.candidates.find({"campaign": campaign, "template.source": "random"}, SUMMARY_FIELDS), stop_found)
+    stats = formula_search(db, campaign, stop_found)
     return [{**s.as_dict(), "stop_found": stop_found} for s in stats.values()]
 
 

@@ -140,6 +140,7 @@ def _relax_batch(db: AmdflowDB, cfg: CampaignConfig, engine: Any, todo: list[dic
     has converged. Returns the results aligned with ``todo`` (a stopped start's is its first pass, with
     ``details['stopped_early']``; a start not relaxed has None) and, per candidate not relaxed, why."""
     from amdflow.relax import get_funnel_engine, relax_many
+    from amdflow.relax.base import RelaxResult
     from amdflow.stages.random_search import (
         campaign_search,
         converged_reason,
@@ -171,6 +172,15 @@ def _relax_batch(db: AmdflowDB, cfg: CampaignConfig, engine: Any, todo: list[dic
     rest = get_funnel_engine(cfg.funnel.model_copy(update={"max_steps": max(cfg.funnel.max_steps - first_steps, 1)}),
                              device, settings.funnel_max_atoms)
     lowest = {f: s.lowest_energy_per_atom for f, s in stats.items() if s.lowest_energy_per_atom is not None}
+    searched = {todo[i]["formula"] for i in rand}
+    for i in plain:  # this batch's substitution candidates of the same formulas count as found minima too
+        r = results[i]
+        if todo[i]["formula"] in searched and isinstance(r, RelaxResult) and r.converged:
+            try:
+                e = task_doc("candidate", "peer", structures[i], r, engine, cfg, None).energy_per_atom
+            except Exception:  # its own failure is reported by the stage; it sets no bar here
+                continue
+            lowest[todo[i]["formula"]] = min(lowest.get(todo[i]["formula"], e), e)
 
     def on_scale(i: int, r: Any) -> float:  # the run type's scale, as stored relaxations are: comparable with them
         return task_doc("candidate", "first-pass", structures[rand[i]], r, engine, cfg, None).energy_per_atom

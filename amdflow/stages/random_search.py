@@ -12,7 +12,8 @@
 * **Convergence, as AIRSS reads it** (Pickard & Needs 2011): a composition is searched
   enough when its lowest relaxed structure has been found ``stop_found`` times, i.e. that
   many random starts relaxed into it (the start itself and its duplicates, through chains
-  of duplicates). From then on the composition's unrelaxed random candidates are not
+  of duplicates; the lowest may be a substitution candidate's structure, which the random
+  starts then rediscovered). From then on the composition's unrelaxed random candidates are not
   relaxed (cut with the reason); ``n_structures`` bounds the search otherwise.
 
 :func:`search_summary` is the pure part (documents in, per-composition figures out); the
@@ -31,7 +32,7 @@ from amdflow.campaign import CampaignConfig, RandomTemplates
 from amdflow.db import AmdflowDB
 
 #: Candidate fields the summary reads.
-SUMMARY_FIELDS = {"_id": 0, "candidate_id": 1, "formula": 1, "state": 1, "funnel": 1, "random": 1}
+SUMMARY_FIELDS = {"_id": 0, "candidate_id": 1, "formula": 1, "state": 1, "funnel": 1, "random": 1, "template.source": 1}
 
 
 def random_source(cfg: CampaignConfig) -> RandomTemplates | None:
@@ -51,11 +52,12 @@ class SearchStat:
     generated: int  # random candidates of the composition
     relaxed: int  # of them relaxed by the funnel's potential (to the end, or stopped after the first pass)
     stopped_early: int  # stopped after the first pass (above the lowest by more than the margin)
-    lowest_id: str | None  # candidate id of the lowest relaxed random structure
+    lowest_id: str | None  # candidate id of the formula's lowest relaxed structure (a random start's or a template's)
     lowest_energy_per_atom: float | None  # its ML energy, on the funnel's run type scale
-    lowest_space_group: int | None  # the space group its random start was drawn in
+    lowest_space_group: int | None  # the space group its random start was drawn in (None: a template's)
     found_lowest: int  # random starts that relaxed into the lowest structure (itself and its duplicates)
     converged: bool  # found_lowest >= stop_found
+    lowest_source: str | None = None  # 'random', or the template source that found it first
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,40 +72,53 @@ def _root(cid: str, parent: dict[str, str | None]) -> str:
 
 
 def search_summary(docs: Iterable[dict[str, Any]], stop_found: int) -> dict[str, SearchStat]:
-    """Per composition, from the random candidates' documents (:data:`SUMMARY_FIELDS`): how far its search has got.
+    """Per composition of the random search, from the documents (:data:`SUMMARY_FIELDS`) of *every* candidate of its
+    formulas (random starts and substitution candidates): how far its search has got.
 
-    The lowest structure is the lowest ML energy among the composition's relaxed random candidates that are no one's
-    duplicate; it was *found* by every random candidate whose chain of ``funnel.duplicate_of`` ends at it.
+    The lowest structure is the lowest ML energy among the formula's relaxed candidates that are no one's duplicate
+    and ran to the end (a start stopped after the first pass has a partial energy, not a minimum's); it may be a
+    substitution candidate's. It was *found* by every random start whose chain of ``funnel.duplicate_of`` ends at it
+    (AIRSS counts the random starts that fell into the lowest minimum). Formulas without a random start are left out.
     """
     by_formula: dict[str, list[dict[str, Any]]] = {}
     for d in docs:
         by_formula.setdefault(d["formula"], []).append(d)
     out = {}
     for formula, group in sorted(by_formula.items()):
+        starts = [d for d in group if is_random(d)]
+        if not starts:
+            continue
         relaxed = [d for d in group if (d.get("funnel") or {}).get("energy_per_atom") is not None]
         parent = {d["candidate_id"]: (d.get("funnel") or {}).get("duplicate_of") for d in relaxed}
-        roots = [d for d in relaxed if not parent[d["candidate_id"]]]
+        roots = [d for d in relaxed if not parent[d["candidate_id"]] and not d["funnel"].get("stopped_early")]
         lowest = min(roots, key=lambda d: (d["funnel"]["energy_per_atom"], d["candidate_id"]), default=None)
-        found = 0 if lowest is None else sum(_root(d["candidate_id"], parent) == lowest["candidate_id"] for d in relaxed)
+        mine = [d for d in relaxed if is_random(d)]
+        found = 0 if lowest is None else sum(_root(d["candidate_id"], parent) == lowest["candidate_id"] for d in mine)
         out[formula] = SearchStat(
-            composition=formula, generated=len(group), relaxed=len(relaxed),
-            stopped_early=sum(bool((d.get("funnel") or {}).get("stopped_early")) for d in relaxed),
+            composition=formula, generated=len(starts), relaxed=len(mine),
+            stopped_early=sum(bool(d["funnel"].get("stopped_early")) for d in mine),
             lowest_id=None if lowest is None else lowest["candidate_id"],
             lowest_energy_per_atom=None if lowest is None else round(float(lowest["funnel"]["energy_per_atom"]), 6),
             lowest_space_group=None if lowest is None else (lowest.get("random") or {}).get("space_group"),
+            lowest_source=None if lowest is None else (lowest.get("template") or {}).get("source"),
             found_lowest=found, converged=found >= stop_found)
     return out
 
 
 def campaign_search(db: AmdflowDB, cfg: CampaignConfig, formulas: list[str] | None = None) -> dict[str, SearchStat]:
-    """:func:`search_summary` of the campaign's random candidates (of ``formulas`` only, when given)."""
+    """:func:`search_summary` of the campaign's random search (of ``formulas`` only, when given)."""
     source = random_source(cfg)
     if source is None:
         return {}
-    query: dict[str, Any] = {"campaign": cfg.name, "template.source": "random"}
-    if formulas is not None:
-        query["formula"] = {"$in": sorted(set(formulas))}
-    return search_summary(db.candidates.find(query, SUMMARY_FIELDS), source.stop_found)
+    return formula_search(db, cfg.name, source.stop_found, formulas)
+
+
+def formula_search(db: AmdflowDB, campaign: str, stop_found: int, formulas: list[str] | None = None) -> dict[str, SearchStat]:
+    """:func:`search_summary` over the campaign's candidates of the random search's formulas (or of ``formulas``)."""
+    if formulas is None:
+        formulas = db.candidates.distinct("formula", {"campaign": campaign, "template.source": "random"})
+    query = {"campaign": campaign, "formula": {"$in": sorted(set(formulas))}}
+    return search_summary(db.candidates.find(query, SUMMARY_FIELDS), stop_found)
 
 
 def converged_reason(stat: SearchStat, stop_found: int) -> str:
