@@ -322,11 +322,10 @@ def test_without_the_funnels_references_the_decision_waits_for_the_relax_check(d
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.fault
-@pytest.mark.parametrize("random_search", [False, True], ids=["substitution", "with-random-search"])
-def test_funnel_rockets_exactly_once_after_one_is_killed(mongo_launchpad_file, tmp_path, random_search):
+def test_funnel_rockets_exactly_once_after_one_is_killed(mongo_launchpad_file, tmp_path):
     """A batched funnel rocket killed with -9 mid-batch -> `amdflow rerun --lost` -> two batched funnel rockets finish:
-    every funnel Firework exactly one completed launch, one ML task per candidate, every candidate decided once. With
-    random-search starts in the batches too (two passes each; stop_found high, so every start is relaxed)."""
+    every funnel Firework exactly one completed launch, one ML task per candidate, every candidate decided once. The
+    batches hold random-search starts too (two passes each; stop_found high, so every start is relaxed)."""
     import json
     import signal
     import subprocess
@@ -340,14 +339,13 @@ def test_funnel_rockets_exactly_once_after_one_is_killed(mongo_launchpad_file, t
 
     campaign = {"name": "AlNi-funnel-mp", "elements": ["Ni", "Al"],
                 "templates": [{"source": "aflow", "prototypes": ["AB_cP2_221_b_a", "AB3_cP4_221_a_c", "AB_cF8_225_a_b",
-                                                                 "AB3_cF16_225_a_bc"]}],
+                                                                 "AB3_cF16_225_a_bc"]},
+                              # random starts in the same batches: their two passes under the same kill
+                              {"source": "random", "compositions": ["AlNi", "AlNi3"], "n_structures": 3, "max_atoms": 4,
+                               "first_pass_steps": 10, "stop_found": 1000}],
                 "screen": {"max_formation_energy_per_atom": 2.0},
                 "funnel": {"fmax": 0.1, "max_steps": 60, "max_e_above_hull": 0.1},
                 "relax": {"fmax": 0.1, "max_steps": 60, "reference_prototypes": ["fcc"], "reference_ground_state": False}}
-    if random_search:
-        campaign["name"] = "AlNi-funnel-rss"
-        campaign["templates"].append({"source": "random", "compositions": ["AlNi", "AlNi3"], "n_structures": 3, "max_atoms": 4,
-                                      "first_pass_steps": 10, "stop_found": 1000})
     env, cli = campaign_on_server(tmp_path, mongo_launchpad_file, campaign)
     cli("add", "campaign.yaml")
     lp = LaunchPad.from_file(str(mongo_launchpad_file))
@@ -396,10 +394,9 @@ def test_funnel_rockets_exactly_once_after_one_is_killed(mongo_launchpad_file, t
     assert db["locks"].count_documents({}) == 0  # every formula's and hull's claim released
     # the figures of the other fault tests, for the funnel's Fireworks (the relax ones wait for their own rockets)
     lost = sum(1 for fw in funnel_fws if completed.get(fw, 0) == 0) + abs(len(ml_tasks) - len(funnel_fws))
-    if random_search:
-        starts = [c for c in db.candidates.find({"fw_ids.funnel": {"$in": funnel_fws}, "template.source": "random"})]
-        assert starts and all(c["funnel"]["task_id"] for c in starts)  # each random start relaxed once, kept
-    record_figures("kill_9_funnel_rocket" + ("_random" if random_search else ""), {"fireworks": len(funnel_fws), "unfinished": 0, "lost": lost,
+    starts = list(db.candidates.find({"fw_ids.funnel": {"$in": funnel_fws}, "template.source": "random"}))
+    assert starts and all(c["funnel"]["task_id"] for c in starts)  # each random start relaxed once, kept
+    record_figures("kill_9_funnel_rocket", {"fireworks": len(funnel_fws), "unfinished": 0, "lost": lost,
                                             "duplicated": sum(n - 1 for n in completed.values())})
     status = json.loads(cli("status", "campaign.yaml", "--json").stdout)["funnel"]
     assert status["relaxed"] == len(funnel_fws) and status["passed"] + status["cut"] + status["relaxed_duplicates"] == len(funnel_fws)
