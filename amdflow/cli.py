@@ -218,6 +218,8 @@ def _print_generation(gen: dict[str, Any], skipped: list[tuple[str, str]]) -> No
         f"candidates: {gen['candidates']}",
         highlight=False,
     )
+    if gen.get("random_starts"):
+        console.print(f"  of them random-search starts: {gen['random_starts']}", highlight=False)
 
 
 @app.command()

@@ -65,7 +65,8 @@ def test_random_and_substitution_candidates_in_one_campaign_in_worker_processes(
     report = GenerateReport()
     docs = list(generate_candidates(cfg, report, workers=2))
     assert {d["template"]["source"] for d in docs} == {"aflow", "random"}
-    assert sum(d["template"]["source"] == "random" for d in docs) == 40 and report.candidates == len(docs)
+    assert sum(d["template"]["source"] == "random" for d in docs) == 40 == report.as_dict()["random_starts"]
+    assert report.candidates == len(docs) and report.templates.read == 2  # the two prototypes; random starts are none
     assert [d["candidate_id"] for d in docs] == [d["candidate_id"] for d in generate_candidates(cfg, workers=1)]
 
 

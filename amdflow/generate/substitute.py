@@ -216,12 +216,14 @@ class PlanStats:
     distinct: int = 0  # after symmetry reduction
     filtered: Counter = field(default_factory=Counter)  # reason -> assignments removed
     candidates: int = 0  # documents (distinct x lattice scales, after filters)
+    random_starts: int = 0  # of them, a random search's structures
 
     def merge(self, other: PlanStats) -> None:
         self.assignments += other.assignments
         self.distinct += other.distinct
         self.filtered.update(other.filtered)
         self.candidates += other.candidates
+        self.random_starts += other.random_starts
 
 
 def _label_rows(plan: TemplatePlan) -> list[np.ndarray]:
@@ -325,6 +327,7 @@ class GenerateReport:
             "after_symmetry": self.stats.distinct,
             "filtered": dict(self.stats.filtered),
             "candidates": self.stats.candidates,
+            "random_starts": self.stats.random_starts,
         }
 
 
@@ -347,12 +350,12 @@ def process_item(item: TemplateItem, cfg: CampaignConfig, build: bool = True, st
         from amdflow.generate.random_search import random_documents
 
         made, skipped = random_documents(item, cfg)
-        n = item.payload[2] - item.payload[1]
-        log.read += 1
+        n = item.payload[2] - item.payload[1]  # (random starts are no templates: `generate` prints the search's own line)
         stats.assignments += n
         stats.distinct += n
         stats.filtered.update({f"random: {why}": k for why, k in skipped.items()})
         stats.candidates += len(made)
+        stats.random_starts += len(made)
         return (made if build else []), log, stats, None
     templates, skipped = load_item(item)
     if first:
