@@ -366,7 +366,8 @@ def _status_table(info: dict[str, Any]) -> Table:
         low = "" if r["lowest_energy_per_atom"] is None else (f"; lowest {r['lowest_energy_per_atom']:.3f} eV/atom "
                                                               f"(sg {r['lowest_space_group']}) found {r['found_lowest']}x")
         done = "searched enough" if r["converged"] else f"not yet ({r['found_lowest']}/{r['stop_found']})"
-        table.add_row("random search", r["composition"], f"{r['relaxed']}/{r['generated']} relaxed{low}; {done}")
+        holes = f", {r['holes']} in holes" if r.get("holes") else ""
+        table.add_row("random search", r["composition"], f"{r['relaxed']}/{r['generated']} relaxed{holes}{low}; {done}")
     if len(searched) > 20:
         table.add_row("random search", f"+{len(searched) - 20} more compositions", "`amdflow status --json`")
     budget = info.get("budget") or {}

@@ -96,7 +96,8 @@ def render(rep: dict[str, Any]) -> list[RenderableType]:
     rnd, search = rep.get("random"), rep.get("random_search")
     if rnd:
         found = "" if not search else (
-            f"; {search['composition']}: {search['relaxed']}/{search['generated']} starts relaxed, the lowest "
+            f"; {search['composition']}: {search['relaxed']}/{search['generated']} starts relaxed"
+            f"{', ' + str(search['holes']) + ' in holes of the potential' if search.get('holes') else ''}, the lowest "
             f"({_f(search['lowest_energy_per_atom'], 4)} eV/atom{', this one' if search['is_lowest'] else ''}) found "
             f"{search['found_lowest']}x, {'searched enough' if search['converged'] else 'not yet searched enough'}")
         head.add_row("random search", f"start {rnd.get('index')} (seed {rnd.get('seed')}), space group {rnd.get('space_group')}, "

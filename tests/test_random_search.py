@@ -161,17 +161,28 @@ def test_the_init_examples_random_block_uncommented_is_a_valid_search(tmp_path):
 
 
 @pytest.mark.slow
-def test_random_search_through_the_batched_funnel_halving_dedup_and_the_stop_rule(db, lpad, tmp_path):
+def test_random_search_through_the_batched_funnel_halving_dedup_and_the_stop_rule(db, lpad, tmp_path, monkeypatch):
     """[aflow B2, random AlNi] on one ML hull: the batched funnel relaxes the random starts in two passes (those far
     above the lowest after the first stop there, kept as unconverged tasks), dedups the relaxed ones, and counts how
-    often the lowest was found. `add` with more structures adds only the new ones (same settings hash); once the
-    lowest has been found stop_found times, new starts of the composition are cut unrelaxed."""
+    often the lowest was found. A start that falls into a hole of the potential is cut (funnel.hole), not passed on
+    to DFT. `add` with more structures adds only the new ones (same settings hash); once the lowest has been found
+    stop_found times, new starts of the composition are cut unrelaxed."""
     from fireworks import FWorker
     from fireworks.core.rocket_launcher import rapidfire
 
     from amdflow.ops import add_campaign
+    from amdflow.relax.guards import GuardTripped
+    from amdflow.relax.sevennet_engine import SevenNetEngine
     from amdflow.rocket import run_batched_rocket
     from amdflow.stages.random_search import campaign_search
+
+    original = SevenNetEngine.relax_many
+    hole_start: list[Structure] = []
+
+    def one_in_a_hole(self, structures, workers=1):  # the first pass of the first random start trips the guard
+        results = original(self, structures, workers)
+        return [GuardTripped("the relaxation went unphysical after 3 steps: 0.9 A^3/atom") if hole_start and s == hole_start[0]
+                else r for s, r in zip(structures, results, strict=True)]
 
     def campaign(n: int, stop_found: int = 2) -> object:
         return campaign_from_dict({
@@ -200,12 +211,22 @@ def test_random_search_through_the_batched_funnel_halving_dedup_and_the_stop_rul
     cfg = campaign(8)
     assert add_campaign(db, cfg).new_candidates == 9
     others()  # predict, dedup, the references of both hulls
+    (first,) = [c for c in db.candidates.find({"template.source": "random", "state": {"$ne": "duplicate"}})
+                if c["random"]["index"] == min(d["random"]["index"] for d in db.candidates.find(
+                    {"template.source": "random", "state": {"$ne": "duplicate"}}))]
+    hole_start.append(Structure.from_dict(first["structure"]))
+    monkeypatch.setattr(SevenNetEngine, "relax_many", one_in_a_hole)
     report = run_batched_rocket(lpad, batch_size=16, pipeline=False, stage="funnel")
+    monkeypatch.setattr(SevenNetEngine, "relax_many", original)
     assert report.fizzled == 0 and report.batches == 1
+    holed = db.candidates.find_one({"candidate_id": first["candidate_id"]})
+    assert holed["state"] == "funnel_cut" and holed["funnel"]["hole"] is True and not holed["funnel"]["passed"]
+    assert "hole of the potential" in holed["funnel"]["reason"] and "0.9 A^3/atom" in holed["funnel"]["ml_error"]
+    assert not holed["funnel"]["ml_failed"] and holed["funnel"]["task_id"] is None  # not passed on to DFT
     rand = list(db.candidates.find({"template.source": "random"}))
     tasks = {t["candidate_id"]: t for t in db.tasks.find({"level": "funnel", "kind": "candidate"})}
     relaxed = [c for c in rand if c["funnel"] and c["funnel"]["task_id"]]
-    assert len(relaxed) == len({c["candidate_id"] for c in rand if c["state"] != "duplicate" or c["funnel"]}) == 8
+    assert len(relaxed) == len({c["candidate_id"] for c in rand if c["state"] != "duplicate" or c["funnel"]}) - 1 == 7
     stopped = [c for c in relaxed if c["funnel"]["stopped_early"]]
     for c in stopped:  # stopped after the first pass: the partial relaxation is kept, the reason says why
         t = tasks[c["candidate_id"]]
@@ -217,13 +238,14 @@ def test_random_search_through_the_batched_funnel_halving_dedup_and_the_stop_rul
             assert t["details"]["first_pass_steps"] == 12  # went on from where the first pass stopped
     (b2,) = db.candidates.find({"template.source": "aflow"})
     assert b2["funnel"]["run_type"] == relaxed[0]["funnel"]["run_type"]  # one ML hull for both kinds
-    assert db.thermo.count_documents({"material_id": {"$in": [b2["funnel"]["task_id"], *(c["funnel"]["task_id"] for c in relaxed)]}}) == 9
+    assert db.thermo.count_documents({"material_id": {"$in": [b2["funnel"]["task_id"], *(c["funnel"]["task_id"] for c in relaxed)]}}) == len(relaxed) + 1
 
     stat = campaign_search(db, cfg)["AlNi"]
     everyone = [*relaxed, b2]  # the lowest structure may be the template's: the random starts then rediscovered it
     roots = [c for c in everyone if not c["funnel"]["duplicate_of"] and not c["funnel"]["stopped_early"]]
     lowest = min(roots, key=lambda c: c["funnel"]["energy_per_atom"])
-    assert stat.lowest_id == lowest["candidate_id"] and stat.relaxed == 8 and stat.stopped_early == len(stopped)
+    assert stat.lowest_id == lowest["candidate_id"] and stat.relaxed == 7 and stat.stopped_early == len(stopped)
+    assert stat.holes == 1
     assert stat.lowest_source == lowest["template"]["source"]
     parent = {c["candidate_id"]: c["funnel"]["duplicate_of"] for c in everyone}
 
@@ -244,7 +266,8 @@ def test_random_search_through_the_batched_funnel_halving_dedup_and_the_stop_rul
     from amdflow.show import candidate_report, render
 
     (row,) = campaign_status(db, "AlNi-rss")["random_search"]
-    assert (row["composition"], row["found_lowest"], row["stop_found"], row["relaxed"]) == ("AlNi", stat.found_lowest, 2, 8)
+    assert (row["composition"], row["found_lowest"], row["stop_found"], row["relaxed"], row["holes"]) == (
+        "AlNi", stat.found_lowest, 2, 7, 1)
     rep = candidate_report(Campaign(db, "AlNi-rss"), shown["candidate_id"])
     assert rep["random_search"]["is_lowest"] == (shown["candidate_id"] == stat.lowest_id)
     assert rep["random"]["space_group"] == shown["random"]["space_group"] and rep["random_search"]["found_lowest"] == stat.found_lowest
@@ -288,3 +311,38 @@ def test_random_search_through_the_batched_funnel_halving_dedup_and_the_stop_rul
     assert {b2["candidate_id"], stat.lowest_id} <= on_hull
     kinds = {d["template"]["source"] for d in db.candidates.find({"candidate_id": {"$in": sorted(on_hull)}})}
     assert kinds == {"aflow", "random"}
+
+
+def test_the_collapse_bound_lets_an_ionic_hydride_reach_its_volume():
+    """A random KMgH3 start sits at its elements' volumes (31.3 A^3/atom: solid H2 is roomy); MP's cubic perovskite
+    is at 12.8. The collapse bound used to be half the smaller of start and elements (15.6): 11 of 50 SevenNet-0
+    relaxations tripped it on their way down. The packed covalent spheres (12.7) put it at 6.4; a real collapse
+    (0.85 A^3/atom, measured on perovskite decorations) still trips it, and metals keep their bound."""
+    from pymatgen.core import Lattice
+
+    from amdflow.campaign import RandomTemplates
+    from amdflow.generate.random_search import random_structure
+    from amdflow.relax.guards import volume_bounds
+
+    start, _ = random_structure("KMgH3", 0, RandomTemplates(source="random", max_atoms=5, max_z=1), 0.75, 3.0)
+    assert start.volume / len(start) == pytest.approx(31.3, abs=0.2)
+    low, high = volume_bounds(start)
+    assert 0.85 < low < 12.8 < high and low == pytest.approx(6.37, abs=0.05)
+    fe = Structure(Lattice.cubic(2.87), ["Fe", "Fe"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    assert volume_bounds(fe)[0] == pytest.approx(0.5 * fe.volume / 2, rel=0.02)  # its own volume is the smallest
+
+
+def test_a_compound_below_the_formation_energy_floor_never_shapes_the_hull():
+    """A hole of the potential (E_f far below any real compound's) is placed but left off the hull, so real
+    candidates of its system are not pushed above it."""
+    from amdflow.thermo.hull import FORMATION_ENERGY_FLOOR, HullEntry, hull_analysis
+
+    refs = [HullEntry("al", "Al", -3.7, kind="reference"), HullEntry("ni", "Ni", -5.5, kind="reference")]
+    real = HullEntry("alni", "AlNi", -5.3)  # E_f -0.7
+    hole = HullEntry("hole", "AlNi3", -5.5 + FORMATION_ENERGY_FLOOR - 1.0)  # E_f about -6.4
+    out = {r.entry_id: r for r in hull_analysis([*refs, real, hole])}
+    assert out["alni"].is_stable and out["alni"].e_above_hull == 0.0
+    assert not out["hole"].in_hull and not out["hole"].is_stable and out["hole"].e_above_hull < 0
+    assert out["hole"].formation_energy_per_atom < FORMATION_ENERGY_FLOOR
+    with_it_on = {r.entry_id: r for r in hull_analysis([*refs, real, HullEntry("deep", "AlNi3", -7.0)])}
+    assert with_it_on["deep"].in_hull and with_it_on["deep"].is_stable  # E_f -1.6: a real compound shapes it

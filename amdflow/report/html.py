@@ -137,13 +137,14 @@ def render_report(data: ReportData) -> str:
         parts.append(f"<h2>Random structure search ({len(data.random_search)} compositions)</h2>")
         parts.append("<p class='muted'>Random symmetric starts (pyxtal) relaxed by the funnel's potential. A composition is "
                      "searched enough (AIRSS) when its lowest structure has been found stop_found times; energies are "
-                     "the funnel's ML energies (eV/atom).</p>")
+                     "the funnel's ML energies (eV/atom). Starts in holes of the potential are cut, not sent to DFT.</p>")
         rows = [[f"<td>{_e(r['composition'])}</td>", f'<td class="num">{r["generated"]}</td>',
                  f'<td class="num">{r["relaxed"]}</td>', f'<td class="num">{r["stopped_early"]}</td>',
+                 f'<td class="num">{r.get("holes", 0)}</td>',
                  f'<td class="num">{_num(r["lowest_energy_per_atom"], 4)}</td>', f"<td>{_e(r['lowest_space_group'] or '')}</td>",
                  f'<td class="num">{r["found_lowest"]} / {r["stop_found"]}</td>',
                  f"<td>{'yes' if r['converged'] else 'not yet'}</td>"] for r in data.random_search]
-        parts.append(_table(["composition", "starts", "relaxed", "stopped after the first pass", "lowest E (ML)",
+        parts.append(_table(["composition", "starts", "relaxed", "stopped after the first pass", "in holes (cut)", "lowest E (ML)",
                              "its space group", "lowest found", "searched enough"], rows, table_id="random-search"))
     if data.known:
         parts.append(f"<h2>Known phases on this hull ({len(data.known)})</h2>")

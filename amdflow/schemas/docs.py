@@ -113,6 +113,9 @@ class FunnelRecord(_Doc):
     ml_error: str | None = Field(None, description="ml_failed: what the guard saw.")
     stopped_early: bool = Field(False, description="A random-search start stopped after the funnel's first pass (far "
                                 "above its composition's lowest): energy_per_atom is that of its partial relaxation.")
+    hole: bool = Field(False, description="A random-search start whose relaxation fell into a hole of the potential (its "
+                       "guard tripped, or a formation energy below the hull's floor): cut, not passed on; a random start "
+                       "is one draw of many, and the search's other starts stand for it (ml_error says what was seen).")
 
 
 class CandidateDoc(_Doc):

@@ -20,8 +20,13 @@ a universal potential that relaxes the structure ranks far better. The rules her
   serialized by a claim, and every read they rest on is made inside it; candidates
   waiting for the DFT budget count as kept.
 * **A hole in the potential is no verdict.** A relaxation that trips the guard
-  (:mod:`amdflow.relax.guards`) passes on flagged ``ml_failed``, after every ranked
-  candidate (its priority is below theirs), starting the final relax from its own cell.
+  (:mod:`amdflow.relax.guards`), or whose formation energy on the ML hull lies below
+  :data:`amdflow.thermo.hull.FORMATION_ENERGY_FLOOR` (such an entry never shapes the hull),
+  passes on flagged ``ml_failed``, after every ranked candidate (its priority is below
+  theirs), starting the final relax from its own cell. A random-search start is the
+  exception: it is one draw of many, so one in a hole is cut (``funnel.hole``) and the
+  search's other starts stand for it: passing them on would spend DFT on the potential's
+  failures (11 of 50 KMgH3 starts tripped the guard before its collapse bound was fixed).
 * **Energies on one scale.** Ranks and hulls use the task's energy on the run type's
   scale (its correction scheme applied, :mod:`amdflow.thermo.corrections`).
 * **Priorities.** A candidate that passes hands its ML energy above the hull to its relax
@@ -203,6 +208,7 @@ def funnel_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> l
     (``error``; their relaxations are kept for the rerun), never the batch's decided ones.
     """
     from amdflow.relax.guards import GuardTripped
+    from amdflow.stages.random_search import is_random
 
     failpoint_delay("AMDFLOW_FAILPOINT_FUNNEL_DELAY_S")  # tests: a batch surely mid-run when killed
     docs = list(db.candidates.find({"candidate_id": {"$in": candidate_ids}},
@@ -235,7 +241,10 @@ def funnel_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> l
                 outcomes.append(_cut_unrelaxed(db, cfg, engine, cid, not_relaxed[cid]))
                 continue
             if isinstance(r, GuardTripped):
-                ml_failed.append((d, str(r)))
+                if is_random(d):
+                    outcomes.append(_cut_hole(db, cfg, engine, cid, str(r)))
+                else:
+                    ml_failed.append((d, str(r)))
                 continue
             try:
                 if isinstance(r, BaseException):
@@ -261,7 +270,7 @@ def funnel_stage(db: AmdflowDB, candidate_ids: list[str], workers: int = 1) -> l
                 with claim(db, f"funnel:{name}:{formula}", timeout_s=FORMULA_CLAIM_TIMEOUT_S):
                     failpoint_delay("AMDFLOW_FAILPOINT_FUNNEL_DECIDE_DELAY_S")  # tests: a decision held open under the claim
                     for d, r in sorted(items, key=lambda it: (it[1].energy_per_atom, it[0]["candidate_id"])):
-                        outcomes.append(_decide(db, cfg, engine, d["candidate_id"], formula, r))
+                        outcomes.append(_decide(db, cfg, engine, d["candidate_id"], formula, r, is_random(d)))
                         decided.add(d["candidate_id"])
             except ClaimTimeout as err:  # the decided ones stand; the rest wait for a rerun (their relaxations are kept)
                 for d, _ in items:
@@ -282,6 +291,24 @@ def _cut_unrelaxed(db: AmdflowDB, cfg: CampaignConfig, engine: Any, candidate_id
     return FunnelOutcome(candidate_id, False, reason=reason)
 
 
+def _cut_hole(db: AmdflowDB, cfg: CampaignConfig, engine: Any, candidate_id: str, seen: str) -> FunnelOutcome:
+    """A random start whose relaxation fell into a hole of the potential: cut (one draw of many), with what was seen."""
+    reason = f"random search: the start fell into a hole of the potential ({seen[:300]}): cut, the other starts stand for it"
+    record = FunnelRecord(engine=engine.name, model=_model_label(engine), run_type=engine.run_type, task_id=None,
+                          energy_per_atom=None, converged=False, n_steps=0, max_force=None,
+                          max_e_above_hull=cfg.funnel.max_e_above_hull, passed=False, hole=True, ml_error=seen[:500],
+                          reason=reason)
+    set_state(db, candidate_id, CandidateState.FUNNEL_CUT, funnel=record.to_mongo(), error=None)
+    return FunnelOutcome(candidate_id, False, reason=reason)
+
+
+def hole_reason(formation_energy: float, run_type: str) -> str:
+    from amdflow.thermo.hull import FORMATION_ENERGY_FLOOR
+
+    return (f"formation energy {formation_energy:.2f} eV/atom on the {run_type} hull, below the floor "
+            f"{FORMATION_ENERGY_FLOOR} eV/atom of any real compound: the potential has a hole here")
+
+
 def _pass_ml_failed(db: AmdflowDB, cfg: CampaignConfig, engine: Any, candidate_id: str, reason: str) -> FunnelOutcome:
     """A candidate whose ML relaxation tripped the guard: passed on, flagged, with no place on the ML hull."""
     record = FunnelRecord(engine=engine.name, model=_model_label(engine), run_type=engine.run_type, task_id=None,
@@ -293,13 +320,22 @@ def _pass_ml_failed(db: AmdflowDB, cfg: CampaignConfig, engine: Any, candidate_i
     return FunnelOutcome(candidate_id, True, ml_failed=True)
 
 
-def _decide(db: AmdflowDB, cfg: CampaignConfig, engine: Any, candidate_id: str, formula: str, result: _Relaxed) -> FunnelOutcome:
-    """Second dedup, ML hull position and rank, cut: one candidate, inside its formula's claim (every read made here)."""
+def _decide(db: AmdflowDB, cfg: CampaignConfig, engine: Any, candidate_id: str, formula: str, result: _Relaxed,
+            random: bool = False) -> FunnelOutcome:
+    """Second dedup, ML hull position and rank, cut: one candidate, inside its formula's claim (every read made here).
+    A formation energy below the hull's floor is a hole: a random start is cut, any other candidate passed on
+    ``ml_failed``."""
+    from amdflow.thermo.hull import FORMATION_ENERGY_FLOOR
+
     energy = result.energy_per_atom
     task_id = result.task_id
+    thermo = _ml_thermo(db, cfg, engine.run_type, [task_id]).get(task_id)
+    e_form = None if thermo is None else thermo["formation_energy_per_atom"]
+    if e_form is not None and e_form < FORMATION_ENERGY_FLOOR:
+        seen = hole_reason(e_form, engine.run_type)
+        return _cut_hole(db, cfg, engine, candidate_id, seen) if random else _pass_ml_failed(db, cfg, engine, candidate_id, seen)
     peers = _kept_peers(db, cfg.name, formula, candidate_id, engine.run_type)
     dup, demoted = _second_dedup(db, cfg, candidate_id, energy, result.final_structure, peers)
-    thermo = _ml_thermo(db, cfg, engine.run_type, [task_id]).get(task_id)
     e_hull = None if thermo is None else thermo["e_above_hull"]
     alive = [p for p in peers if p["candidate_id"] not in demoted]
     rank = 1 + sum((p["funnel"]["energy_per_atom"], p["candidate_id"]) < (energy, candidate_id) for p in alive)

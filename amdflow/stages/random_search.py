@@ -9,6 +9,9 @@
   of a fixed fraction: a gap keeps every start that might still win, however many do.
 * **Dedup of the relaxed structures** is the funnel's second dedup, as for every candidate:
   a relaxed structure that matches a lower one of its formula is its duplicate.
+* **Holes.** A start whose relaxation trips the potential's guard, or lands below the hull's
+  formation-energy floor, is cut (``funnel.hole``), not passed on to DFT as other candidates
+  in a hole are: it is one draw of many. The count is shown per composition.
 * **Convergence, as AIRSS reads it** (Pickard & Needs 2011): a composition is searched
   enough when its lowest relaxed structure has been found ``stop_found`` times, i.e. that
   many random starts relaxed into it (the start itself and its duplicates, through chains
@@ -58,6 +61,7 @@ class SearchStat:
     found_lowest: int  # random starts that relaxed into the lowest structure (itself and its duplicates)
     converged: bool  # found_lowest >= stop_found
     lowest_source: str | None = None  # 'random', or the template source that found it first
+    holes: int = 0  # starts whose relaxation fell into a hole of the potential (cut, funnel.hole)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,7 +105,8 @@ def search_summary(docs: Iterable[dict[str, Any]], stop_found: int) -> dict[str,
             lowest_energy_per_atom=None if lowest is None else round(float(lowest["funnel"]["energy_per_atom"]), 6),
             lowest_space_group=None if lowest is None else (lowest.get("random") or {}).get("space_group"),
             lowest_source=None if lowest is None else (lowest.get("template") or {}).get("source"),
-            found_lowest=found, converged=found >= stop_found)
+            found_lowest=found, converged=found >= stop_found,
+            holes=sum(bool((d.get("funnel") or {}).get("hole")) for d in starts))
     return out
 
 

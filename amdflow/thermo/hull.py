@@ -7,7 +7,7 @@ subsystems goes into one hull, so candidates lower the hull for each other.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from pymatgen.analysis.phase_diagram import PhaseDiagram
@@ -17,6 +17,12 @@ from pymatgen.entries.computed_entries import ComputedEntry
 from amdflow.errors import AmdflowError
 
 STABLE_TOL = 1e-8  # eV/atom: at most this far above the hull counts as on it
+#: eV/atom: a compound whose formation energy lies below this is a hole of the potential (or a broken calculation),
+#: not a crystal: it is placed but does not shape the hull. MP's most strongly bound compounds, fluorides and oxides,
+#: lie near -4 eV/atom (the stable perovskite fluorides of ../shared: RbYbF3 -3.89); measured holes lie far below
+#: (a SevenNet-0 Pb3 triangle at 2.15 A: -15.8 eV/atom against fcc Pb), and one such entry on a hull would put every
+#: real candidate of its system above it.
+FORMATION_ENERGY_FLOOR = -5.0
 
 
 class EntryKind(StrEnum):
@@ -89,6 +95,14 @@ def formation_energy_per_atom(formula: str, energy_per_atom: float, refs: Mappin
     return energy_per_atom - sum(frac[el] * refs[el.symbol] for el in comp.elements)
 
 
+def is_hole(formula: str, energy_per_atom: float, refs: Mapping[str, float]) -> bool:
+    """Whether a compound's formation energy lies below :data:`FORMATION_ENERGY_FLOOR` (elements never are)."""
+    comp = Composition(formula)
+    if len(comp.elements) < 2 or any(el.symbol not in refs for el in comp.elements):
+        return False
+    return formation_energy_per_atom(formula, energy_per_atom, refs) < FORMATION_ENERGY_FLOOR
+
+
 def _clean(e_hull: float) -> float:
     return max(float(e_hull), 0.0) if abs(e_hull) < STABLE_TOL else float(e_hull)
 
@@ -97,17 +111,19 @@ def hull_analysis(entries: Iterable[HullEntry], elements: Iterable[str] | None =
     """Build one PhaseDiagram over ``entries`` and place every entry on it.
 
     Entries with ``in_hull=False`` are placed but do not shape the hull (their
-    e_above_hull may be negative). A second diagram over the references and known
+    e_above_hull may be negative), and neither do compounds below :data:`FORMATION_ENERGY_FLOOR`
+    (holes of a potential: their result says ``in_hull=False``). A second diagram over the references and known
     phases gives ``e_above_known_hull``.
     """
     entries = list(entries)
     computed = [e.to_computed_entry() for e in entries]
     els = sorted(set(elements) if elements else {el.symbol for c in computed for el in c.composition.elements})
-    shaping = [e for e in entries if e.in_hull]
-    refs = reference_energies(shaping)
+    refs = reference_energies(e for e in entries if e.in_hull)
     missing = [el for el in els if el not in refs]
     if missing:
         raise AmdflowError(f"no elemental reference for {missing} in {'-'.join(els)}: relax the reference workflow first")
+    entries = [replace(e, in_hull=False) if e.in_hull and is_hole(e.formula, e.energy_per_atom, refs) else e for e in entries]
+    shaping = [e for e in entries if e.in_hull]
     elements_obj = [Element(el) for el in els]
     pd = PhaseDiagram([c for e, c in zip(entries, computed, strict=True) if e.in_hull], elements=elements_obj)
     known_pd = None
