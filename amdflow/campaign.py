@@ -508,6 +508,39 @@ class AnalyzeConfig(_Strict):
     )
 
 
+class RoundsConfig(_Strict):
+    """Active learning in rounds within the DFT budget (amdflow.stages.rounds): each round releases the next ``size``
+    best-ranked candidates into the final relax; when their relaxations are done, the models named in ``retrain`` are
+    fine-tuned on the campaign's own results, the waiting pool is ranked again, and the next round starts."""
+
+    size: int = Field(ge=1, le=1_000_000, description="Final relaxations per round (the round's share of relax.budget).")
+    retrain: list[str] = Field(
+        default_factory=lambda: ["cgcnn"], description="Models fine-tuned after each round: cgcnn (the screen's model, "
+        "on the campaign's hull), or [] to re-rank only. (Fine-tuning the funnel's potential is not offered yet.)")
+    max_rounds: int | None = Field(None, ge=1, le=10_000, description="Stop after this many rounds (default: when "
+                                   "relax.budget is spent or the pool is empty).")
+    min_hit_rate: float | None = Field(None, ge=0.0, le=1.0, description="Stop when a round's hit rate (its relaxed "
+                                       "candidates on the final hull within hit_e_above_hull) falls below this.")
+    hit_e_above_hull: float = Field(0.0, ge=0.0, le=1.0, description="A round's hit: a candidate it relaxed at most "
+                                    "this far above the final hull (eV/atom).")
+    auto: bool = Field(True, description="`amdflow run` and the rockets close a finished round and open the next "
+                       "themselves; false: only `amdflow round CAMPAIGN` does.")
+    epochs: int = Field(60, ge=1, le=10_000, description="CGCNN fine-tuning epochs per round (early stopping on "
+                        "validation MAE with patience).")
+    patience: int = Field(15, ge=1, le=10_000, description="CGCNN fine-tuning: epochs without a better validation MAE.")
+
+    @field_validator("retrain")
+    @classmethod
+    def _retrainable(cls, value: list[str]) -> list[str]:
+        if "potential" in value:
+            raise ValueError("'potential': fine-tuning the funnel's potential between rounds is not available in this "
+                             "version; use [cgcnn] or []")
+        unknown = [v for v in value if v != "cgcnn"]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}: rounds retrain cgcnn, or nothing ([])")
+        return list(dict.fromkeys(value))
+
+
 class CampaignConfig(_Strict):
     """A validated campaign file."""
 
@@ -520,6 +553,8 @@ class CampaignConfig(_Strict):
     funnel: FunnelConfig = Field(default_factory=FunnelConfig, description="ML relaxation and cut before the final relax.")
     relax: RelaxConfig = Field(default_factory=RelaxConfig)
     analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
+    rounds: RoundsConfig | None = Field(None, description="Active-learning rounds within relax.budget (default: one "
+                                        "ranking, no rounds).")
     output_dir: Path | None = Field(
         None, description="Campaign folder (store, promising/, plots). Default: <file folder>/<name>."
     )
@@ -577,8 +612,9 @@ class CampaignConfig(_Strict):
 
     def config_hash(self) -> str:
         """sha256 of the settings that decide results (the output folder is excluded)."""
-        # the output folder and the DFT budget (an allocation, changed while rockets run) decide no result
-        data = self.model_dump(mode="json", exclude={"output_dir": True, "relax": {"budget"}})
+        # the output folder, the DFT budget (an allocation, changed while rockets run) and the rounds (how that
+        # allocation is spent over time; each round's checkpoint is recorded where it is used) decide no result
+        data = self.model_dump(mode="json", exclude={"output_dir": True, "relax": {"budget"}, "rounds": True})
         for tmpl in data["templates"]:  # a random search's size: more structures add candidates, change none
             if tmpl.get("source") == "random":
                 tmpl.pop("n_structures", None)
@@ -753,6 +789,12 @@ analyze:
 #   path: known/
 #   energies: relax                       # relax: recompute with this campaign's engine | as_is
 #   max_e_above_hull: 0.1                 # import phases up to this far above their own hull
+
+# rounds:                    # active learning within relax.budget: each round's DFT results retrain the ranking
+#   size: 50                 # final relaxations per round (relax.budget bounds the total)
+#   retrain: [cgcnn]         # fine-tune CGCNN on the campaign's hull after each round; [] re-ranks only
+#   min_hit_rate: 0.05       # stop when a round finds fewer stable candidates than this share
+#   max_rounds: 10
 
 # output_dir: CeFeIn         # campaign folder; default: <this file's folder>/<name>
 """

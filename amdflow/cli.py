@@ -374,6 +374,8 @@ def _status_table(info: dict[str, Any]) -> Table:
     if budget.get("limit") is not None or budget.get("over_budget"):
         table.add_row("relax budget", "used / limit", f"{budget['used']} / {budget['limit']}")
         table.add_row("relax budget", "over_budget (waiting)", str(budget["over_budget"]))
+    for row in _round_rows(info.get("rounds")):
+        table.add_row("rounds", *row)
     for stage, t in info["stage_times"].items():
         wall = t.get("wall_s", t["total_s"])
         together = "" if wall >= 0.99 * t["total_s"] else " (batched/parallel)"
@@ -483,6 +485,69 @@ def rocket(
             report = run_batched_rocket(db.launchpad, batch_size or 256, time_limit, workers or 1, campaign, update, stage=stage)
     console.print(f"batched rocket: {report.fireworks} {stage} Fireworks completed, {report.fizzled} fizzled, "
                   f"{report.batches} batches in {report.seconds:.1f} s", highlight=False)
+
+
+def _round_rows(rounds: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """(label, value) rows of the rounds: each closed one's hit rate, then the open one's progress."""
+    if not rounds or not rounds.get("k"):
+        return []
+    rows = []
+    for r in rounds.get("history", []):
+        rate = "-" if r.get("hit_rate") is None else f"{r['hit_rate']:.2f}"
+        model = f"; CGCNN retrained -> {Path(r['checkpoint']).name}" if r.get("checkpoint") else ""
+        rows.append((f"round {r['k']}", f"{r['hits']} hits of {r['relaxed']} relaxed (hit rate {rate}); "
+                     f"{len(r.get('stable_on_hull') or [])} stable on the hull{model}"))
+    if rounds["state"] == "stopped":
+        rows.append(("rounds stopped", rounds.get("stop_reason") or ""))
+    else:
+        what = "finished: closes at the next `amdflow run` or `amdflow round`" if rounds["finished"] else rounds["waiting_for"]
+        rows.append((f"round {rounds['k']} ({rounds['state']})", f"{rounds['slots']} started, share up to "
+                     f"{rounds['limit']} of the budget ({rounds['used']} used); {what}"))
+    if rounds.get("error"):
+        rows.append(("round error", rounds["error"]))
+    return rows
+
+
+@app.command(name="round")
+@handle_errors
+def round_(
+    campaign: CampaignArg = Path("campaign.yaml"),
+    launchpad: LaunchpadOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Close the round now, with slots of its share left (once "
+                                                        "every relaxation it started has finished).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Close the campaign's finished active-learning round (its figures; CGCNN fine-tuned on the campaign's hull;
+    the waiting pool ranked again) and open the next within relax.budget. Rockets and `amdflow run` do this
+    themselves with rounds.auto; this is the manual step, and it says what a round waits for."""
+    from amdflow.ops import rounds_status
+    from amdflow.stages.rounds import advance
+
+    with _campaign_db(campaign, launchpad) as (cfg, db):
+        out = advance(db, cfg.name, force=force)
+        db.flush()
+        status = rounds_status(db, cfg.name)
+    if as_json:
+        print(json.dumps({"closed": out.get("closed"), "opened": out.get("opened"), "status": status}, default=str))
+        return
+    if out.get("busy"):
+        console.print("another process is closing the round: try `amdflow status` in a moment", highlight=False)
+    closed = out.get("closed")
+    if closed:
+        rate = "-" if closed["hit_rate"] is None else f"{closed['hit_rate']:.2f}"
+        console.print(f"round {closed['k']} closed: {closed['hits']} hits of {closed['relaxed']} relaxed (hit rate {rate})"
+                      + (f"; CGCNN fine-tuned -> {closed['checkpoint']}; {closed['pool_reranked']} waiting candidates "
+                         "ranked again" if closed.get("checkpoint") else ""), highlight=False)
+        if out.get("opened"):
+            nxt = out["opened"]
+            console.print(f"round {nxt['k']} open: relaxations up to {nxt['limit']} of the budget; run `amdflow run "
+                          f"{campaign}` or let the rockets take them", highlight=False)
+        else:
+            console.print(f"rounds stopped: {closed['stop_reason']}", highlight=False)
+    elif status.get("state") == "stopped":
+        console.print(f"rounds stopped: {status.get('stop_reason')}", highlight=False)
+    else:
+        console.print(f"round {status['k']} is not finished: {status['waiting_for']}", highlight=False)
 
 
 @app.command()

@@ -82,6 +82,9 @@ def register_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = 
     elif stored["config"].get("templates") != doc.config.get("templates"):
         # the same settings, a random search of another size (n_structures is outside the hash): the stored sources follow
         db.campaigns.update_one({"name": cfg.name}, {"$set": {"config.templates": doc.config["templates"], "updated_at": utcnow()}})
+    if stored["config"].get("rounds") != doc.config.get("rounds"):
+        # the rounds are outside the hash (how the budget is spent over time): the file's stand from now on
+        db.campaigns.update_one({"name": cfg.name}, {"$set": {"config.rounds": doc.config.get("rounds"), "updated_at": utcnow()}})
     now_types = {"run_type": doc.run_type, "funnel_run_type": doc.funnel_run_type}
     if any(stored.get(k) != v for k, v in now_types.items()):
         # this amdflow names run types differently (their correction scheme, every energy-relevant setting): results
@@ -290,6 +293,9 @@ def add_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = False
     report = AddReport()
     check_template_sources(cfg)  # a missing folder or unknown label: nothing registered
     doc = register_campaign(db, cfg, allow_changed)
+    from amdflow.stages.rounds import open_first_round
+
+    open_first_round(db, cfg)
     # An add that stops (a kill, the database failing) leaves this mark: the next one repairs what FireWorks' inserts
     # may have left half done (Fireworks without their workflow; a workflow without its reference docs).
     recovering = doc.get("add_started_at") is not None
@@ -401,6 +407,7 @@ def campaign_status(db: AmdflowDB, campaign: str) -> dict[str, Any]:
         "random_search": random_search_status(db, campaign, doc),
         "budget": {"limit": doc["config"]["relax"].get("budget"), "used": int(doc.get("budget_used", 0)),
                    "over_budget": cand.get(CandidateState.OVER_BUDGET.value, 0)},
+        "rounds": rounds_status(db, campaign) if doc["config"].get("rounds") else None,
         "thermo": {
             "materials": db.thermo.count_documents(thermo_q),
             "stable": db.thermo.count_documents({**thermo_q, "is_stable": True}),
@@ -408,6 +415,19 @@ def campaign_status(db: AmdflowDB, campaign: str) -> dict[str, Any]:
             "promising": db.thermo.count_documents({**thermo_q, "campaign": campaign, "e_above_hull": {"$lte": threshold}}),
         },
     }
+
+
+def rounds_status(db: AmdflowDB, campaign: str) -> dict[str, Any]:
+    """The campaign's active-learning rounds: the open one (share, used, finished or what it waits for) and each
+    closed one's figures (hits, hit rate, checkpoint)."""
+    from amdflow.stages import load_campaign_config
+    from amdflow.stages.rounds import round_status
+
+    cfg, doc = load_campaign_config(db, campaign)
+    out = round_status(db, cfg)
+    out["error"] = (doc.get("round") or {}).get("error")
+    out["screen_checkpoint"] = doc.get("screen_checkpoint")
+    return out
 
 
 def random_search_status(db: AmdflowDB, campaign: str, doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -480,6 +500,7 @@ class RunReport:
     recovered: int = 0
     fw_states: dict[str, int] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)
+    rounds_closed: list[dict[str, Any]] = field(default_factory=list)  # active-learning rounds this run closed
 
 
 def run_campaign(db: AmdflowDB, cfg: CampaignConfig, progress: Progress | None = None,
@@ -689,6 +710,7 @@ def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: P
     from amdflow.stages import analyze_stage
 
     lp = db.launchpad
+    rounds_before = len((db.campaigns.find_one({"name": cfg.name}, {"rounds": 1}) or {}).get("rounds") or [])
     if db.embedded is not None:
         lost = lp.detect_lostruns(expiration_secs=0, rerun=True, query={"spec.campaign": cfg.name})
         report.recovered = len(lost[1])
@@ -730,10 +752,19 @@ def _run_loop(db: AmdflowDB, cfg: CampaignConfig, report: RunReport, progress: P
                 ran = _run_batch(db, cfg, "funnel", left, say)
         _tidy_launch_dir(ldir)
         db.flush()
+        if not ran and cfg.rounds is not None:  # a finished round: close it (retrain, re-rank) and run the next
+            from amdflow.stages.rounds import advance_quietly
+
+            advanced = advance_quietly(db, cfg.name)
+            db.flush()
+            if advanced and advanced.get("opened"):
+                continue
         if not ran:
             break
         report.launched += ran
     report.fw_states = fw_state_counts(db, cfg.name)
+    history = (db.campaigns.find_one({"name": cfg.name}, {"rounds": 1}) or {}).get("rounds") or []
+    report.rounds_closed = history[rounds_before:]  # closed here or by the analyses this run launched
     if progress:
         progress(sum(report.fw_states.get(s, 0) for s in DONE_STATES), total, "building hull")
     report.outputs = analyze_stage(db, cfg.name, plot=True, always_refresh=False)

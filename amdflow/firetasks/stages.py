@@ -146,7 +146,10 @@ class RelaxKnownTask(_AmdflowTask):
 
 @explicit_serialize
 class AnalyzeTask(_AmdflowTask):
-    """Hull of the campaign's system (maggma ThermoBuilder), promising/ and the plot; ``level`` funnel: the funnel's ML hull."""
+    """Hull of the campaign's system (maggma ThermoBuilder), promising/ and the plot; ``level`` funnel: the funnel's ML hull.
+
+    With ``rounds:`` (and ``rounds.auto``), a candidate's analysis that finishes its round closes the round (retrains,
+    re-ranks) and opens the next (:func:`amdflow.stages.rounds.advance_quietly`; never fizzles this Firework)."""
 
     required_params = ["campaign"]
     optional_params = ["candidate_id", "level"]
@@ -156,6 +159,12 @@ class AnalyzeTask(_AmdflowTask):
         if self.get("level", "final") == "funnel":
             return FWAction(stored_data=stages.funnel_hull_stage(db, self["campaign"]))
         summary = self._guarded(db, "analyze", lambda: stages.analyze_stage(db, self["campaign"], self.get("candidate_id")))
+        if self.get("candidate_id"):  # with rounds: the round's last analysis closes it and opens the next
+            from amdflow.stages.rounds import advance_quietly
+
+            advanced = advance_quietly(db, self["campaign"])
+            if advanced and advanced.get("closed"):
+                summary = {**summary, "round_closed": advanced["closed"]["k"]}
         return FWAction(stored_data=summary)
 
 

@@ -148,6 +148,8 @@ class CandidateDoc(_Doc):
                                           "folder; the rerun continues from it.")
     relax_started_at: datetime | None = Field(None, description="When its final relaxation started (budget slot taken): "
                                               "from then on the funnel's second dedup keeps it.")
+    round: int | None = Field(None, description="The active-learning round whose share of relax.budget its final "
+                              "relaxation took (campaigns with rounds).")
     fw_ids: dict[str, int] = Field(default_factory=dict, description="Stage name -> Firework id.")
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
@@ -159,6 +161,8 @@ class TaskDoc(_Doc):
     task_id: str
     kind: str = Field(description="'candidate', 'reference' or 'known'.")
     level: str = Field("final", description="'final': the campaign's relax engine; 'funnel': the funnel's potential.")
+    round: int | None = Field(None, description="The active-learning round whose share this final relaxation took "
+                              "(campaigns with rounds).")
     candidate_id: str | None = None
     campaign: str | None = None
     formula: str

@@ -51,7 +51,10 @@ def load_campaign_config(db: AmdflowDB, name: str) -> tuple[CampaignConfig, dict
     doc = db.campaigns.find_one({"name": name}, {"_id": 0})
     if doc is None:
         raise AmdflowError(f"campaign '{name}' is not in the database: add it with `amdflow add CAMPAIGN.yaml`")
-    return stored_campaign_from_dict(doc["config"], source=f"campaign '{name}' (stored)"), doc
+    cfg = stored_campaign_from_dict(doc["config"], source=f"campaign '{name}' (stored)")
+    if doc.get("screen_checkpoint"):  # a round's fine-tuned CGCNN (amdflow.stages.rounds) screens from then on
+        object.__setattr__(cfg.screen, "checkpoint", doc["screen_checkpoint"])
+    return cfg, doc
 
 
 def set_state(db: AmdflowDB, candidate_id: str, state: CandidateState, **fields: Any) -> None:

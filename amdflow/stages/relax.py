@@ -24,22 +24,22 @@ def take_budget_slot(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any]) ->
     """Count this candidate's relaxation against ``relax.budget``, or raise :class:`OverBudget` and mark it over_budget.
 
     The count is one atomic conditional increment on the campaign document, so parallel
-    rockets never start more than the budget. A candidate keeps its slot (``budget_slot``):
+    rockets never start more than the budget; with ``rounds:`` the increment also checks the open round's share, and
+    the candidate records its round (:func:`amdflow.stages.rounds.take_slot`). A candidate keeps its slot (``budget_slot``):
     a rerun of its relaxation (fizzled, lost, walltime) does not count twice. A rocket killed
     between the increment and the mark leaves one slot counted but unused: the budget errs
     towards fewer relaxations, never more.
     """
     if doc.get("budget_slot"):
         return
-    limit = cfg.relax.budget
-    query: dict[str, Any] = {"name": cfg.name}
-    if limit is not None:
-        query["$or"] = [{"budget_used": {"$lt": limit}}, {"budget_used": {"$exists": False}}]
-    if (limit is not None and limit <= 0) or db.campaigns.find_one_and_update(query, {"$inc": {"budget_used": 1}},
-                                                                             {"_id": 1}) is None:
+    from amdflow.stages.rounds import take_slot
+
+    taken, k, why = take_slot(db, cfg)  # with rounds: the open round's share too (amdflow.stages.rounds)
+    if not taken:
         set_state(db, doc["candidate_id"], CandidateState.OVER_BUDGET)
-        raise OverBudget(f"relax budget of {limit} spent: waits for `amdflow budget {cfg.name} +N`")
-    db.candidates.update_one({"candidate_id": doc["candidate_id"]}, {"$set": {"budget_slot": True}})
+        raise OverBudget(why)
+    db.candidates.update_one({"candidate_id": doc["candidate_id"]},
+                             {"$set": {"budget_slot": True, **({} if k is None else {"round": k})}})
 
 
 def relax_candidate_stage(db: AmdflowDB, candidate_id: str, directory: Path | None = None, env: dict[str, Any] | None = None) -> str:
@@ -70,7 +70,9 @@ def relax_candidate_stage(db: AmdflowDB, candidate_id: str, directory: Path | No
     if resume:
         result.details["resumed_from"] = resume.get("dir")
     task_id = f"{candidate_id}-{engine.name}"
-    task = task_doc("candidate", task_id, structure, result, engine, cfg, directory, candidate_id, doc["campaign"])
+    k = (db.candidates.find_one({"candidate_id": candidate_id}, {"round": 1}) or {}).get("round")
+    task = task_doc("candidate", task_id, structure, result, engine, cfg, directory, candidate_id, doc["campaign"],
+                    **({} if k is None else {"round": k}))
     db.tasks.replace_one({"task_id": task_id}, task.to_mongo(), upsert=True)
     set_state(db, candidate_id, CandidateState.RELAXED, task_id=task_id, error=None)
     if resume:
