@@ -11,7 +11,14 @@ import pytest
 from amdflow.campaign import RoundsConfig, campaign_from_dict
 from amdflow.errors import ConfigError
 from amdflow.ops import add_campaign, campaign_status, run_campaign
-from amdflow.stages.rounds import RoundError, RoundFigures, advance, next_limit, round_figures, stop_reason
+from amdflow.stages.rounds import (
+    RoundError,
+    RoundFigures,
+    advance,
+    next_limit,
+    round_figures,
+    stop_reason,
+)
 
 
 def test_round_figures_and_the_stop_rule_have_known_answers():
@@ -117,7 +124,6 @@ def test_an_adopted_checkpoint_reranks_the_over_budget_pool(db, lpad, binary_cam
     cfg = _rounds_campaign({**binary_campaign_dict, "screen": {"max_formation_energy_per_atom": 3.0}})
     add_campaign(db, cfg)
     os.chdir(tmp_path)
-    from amdflow.stages.rounds import advance
 
     run_campaign(db, cfg, max_fireworks=None)
     doc = db.campaigns.find_one({"name": cfg.name})
