@@ -143,3 +143,133 @@ def test_an_adopted_checkpoint_reranks_the_over_budget_pool(db, lpad, binary_cam
             fw = lpad.fireworks.find_one({"fw_id": c["fw_ids"]["relax"]})
             assert fw["spec"]["_priority"] == pytest.approx(-c["prediction"]["formation_energy_per_atom"], abs=1e-6)
     assert advance(db, cfg.name)["closed"] is None  # stopped: nothing more to close
+
+
+TAKER = """
+import sys, time, pathlib
+from amdflow.db import open_db
+from amdflow.settings import get_settings
+from amdflow import stages
+lp_file, go, name, ids = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4].split(",")
+with open_db(None, get_settings(launchpad_file=lp_file)) as db:
+    cfg, _ = stages.load_campaign_config(db, name)
+    (go.parent / f"ready-{ids[0]}").touch()
+    while not go.exists():
+        time.sleep(0.01)
+    got = 0
+    for cid in ids:
+        doc = db.candidates.find_one({"candidate_id": cid})
+        if doc.get("budget_slot"):  # holds one from an earlier round
+            continue
+        try:
+            stages.take_budget_slot(db, cfg, doc)
+            got += 1
+        except stages.OverBudget:
+            pass
+    print(got)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_parallel_rockets_never_exceed_a_rounds_share_nor_the_budget(mongo_launchpad_file, binary_campaign_dict, tmp_path):
+    """Two rockets race for slots on the wire server, round after round: each round starts exactly its share
+    (size 3), the last one what is left of relax.budget (7), and every slot records its round."""
+    import subprocess
+    import sys
+    import time
+
+    from amdflow.db import open_db
+    from amdflow.ops import register_campaign
+    from amdflow.settings import get_settings
+    from amdflow.stages.rounds import open_first_round
+
+    settings = get_settings(launchpad_file=mongo_launchpad_file)
+    cfg = campaign_from_dict({**binary_campaign_dict, "name": "rounds-race",
+                              "relax": {**binary_campaign_dict["relax"], "budget": 7},
+                              "rounds": {"size": 3, "retrain": []}})
+    ids = [f"r{i:03d}" for i in range(40)]
+    with open_db(None, settings) as db:
+        register_campaign(db, cfg)
+        open_first_round(db, cfg)
+        db.candidates.insert_many([{"candidate_id": c, "campaign": "rounds-race", "state": "unique"} for c in ids])
+
+    def race(k: int) -> int:
+        go = tmp_path / f"go-{k}"
+        for f in tmp_path.glob("ready-*"):
+            f.unlink()
+        procs = [subprocess.Popen([sys.executable, "-c", TAKER, str(mongo_launchpad_file), str(go), "rounds-race",
+                                   ",".join(ids[j::2])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for j in range(2)]
+        deadline = time.time() + 120
+        while len(list(tmp_path.glob("ready-*"))) < 2:
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "a rocket failed to start"
+            time.sleep(0.05)
+        go.touch()
+        taken = 0
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err[-2000:]
+            taken += int(out.strip().splitlines()[-1])
+        return taken
+
+    with open_db(None, settings) as db:
+        for k, share in ((1, 3), (2, 3), (3, 1)):
+            assert race(k) == share
+            assert db.candidates.count_documents({"campaign": "rounds-race", "round": k, "budget_slot": True}) == share
+            # the round's relaxations finish (as their analyses would mark them), then it closes and the next opens
+            db.candidates.update_many({"campaign": "rounds-race", "round": k}, {"$set": {"state": "analyzed"}})
+            out = advance(db, "rounds-race")
+            assert out["closed"]["k"] == k and out["closed"]["slots"] == share
+        assert db.campaigns.find_one({"name": "rounds-race"})["budget_used"] == 7
+        assert out["opened"] is None and "relax.budget of 7 spent" in out["closed"]["stop_reason"]
+        assert race(4) == 0  # stopped: nothing more is taken
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+def test_kill_9_while_a_round_closes_then_run_again_loses_nothing_and_does_nothing_twice(binary_campaign_dict, tmp_path):
+    """`amdflow run` on the embedded store, killed with -9 while it closes round 1 (training CGCNN), then run again:
+    both rounds close once each, the budget is spent exactly, and no candidate is relaxed twice."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from amdflow.db import open_db
+    from amdflow.settings import get_settings
+
+    camp = {**binary_campaign_dict, "relax": {**binary_campaign_dict["relax"], "budget": 2},
+            "rounds": {"size": 1, "epochs": 3, "patience": 2}, "output_dir": str(tmp_path / "out")}
+    (tmp_path / "campaign.yaml").write_text(yaml.safe_dump(camp))
+    env = {**os.environ, "AMDFLOW_PROGRESS": "false"}
+
+    def cli(*args: str, extra: dict | None = None) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "amdflow", *args], cwd=tmp_path, env={**env, **(extra or {})},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    add = cli("add", "campaign.yaml")
+    assert add.wait(timeout=600) == 0, add.stderr.read()[-2000:]
+    victim = cli("run", "campaign.yaml", extra={"AMDFLOW_FAILPOINT_ROUND_TRAIN_DELAY_S": "300"})
+    deadline = time.time() + 600
+    while not (tmp_path / "out" / "rounds").exists():
+        assert victim.poll() is None, victim.stderr.read()[-2000:]
+        assert time.time() < deadline, "round 1 never started closing"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    again = cli("run", "campaign.yaml")
+    out, err = again.communicate(timeout=900)
+    assert again.returncode == 0, err[-3000:]
+    with open_db(tmp_path / "out", get_settings()) as db:
+        doc = db.campaigns.find_one({"name": camp["name"]})
+        assert [r["k"] for r in doc["rounds"]] == [1, 2] and doc["round"]["state"] == "stopped"
+        assert doc["budget_used"] == 2
+        relaxed = list(db.candidates.find({"state": "analyzed"}))
+        assert sorted(c["round"] for c in relaxed) == [1, 2]
+        assert db.tasks.count_documents({"kind": "candidate", "level": "final"}) == 2
+        assert len({t["candidate_id"] for t in db.tasks.find({"kind": "candidate", "level": "final"})}) == 2
+    assert sorted(p.name for p in (tmp_path / "out" / "rounds").glob("round-*.json")) == ["round-1.json", "round-2.json"]

@@ -242,6 +242,7 @@ def close_round(db: AmdflowDB, name: str) -> dict[str, Any]:
     reason = closing["reason"]
     if "cgcnn" in cfg.rounds.retrain and reason is None:  # the next round's ranking: retrained on this round's results
         if "adopted" not in closing:
+            (Path(cfg.output_dir or ".") / ROUNDS_DIR).mkdir(parents=True, exist_ok=True)
             failpoint_delay("AMDFLOW_FAILPOINT_ROUND_TRAIN_DELAY_S")  # tests: a close surely killed while it trains
             closing = {**closing, **retrain_cgcnn(db, cfg, doc, k)}
             db.campaigns.update_one({"name": name}, {"$set": {"round.closing": closing}})
@@ -261,6 +262,7 @@ def close_round(db: AmdflowDB, name: str) -> dict[str, Any]:
     if reason is None:
         figures.released = db.candidates.count_documents({"campaign": name, "state": CandidateState.OVER_BUDGET.value})
     record = figures.as_dict() | {"closed_at": utcnow(), "stop_reason": reason}
+    _write_summary(cfg, record)
     if reason is not None:
         db.campaigns.update_one({"name": name, "round.k": k}, {"$set": {"round.state": "stopped", "round.stop_reason": reason},
                                                                "$push": {"rounds": record}})
@@ -275,6 +277,20 @@ def close_round(db: AmdflowDB, name: str) -> dict[str, Any]:
     logger.info("campaign %s: round %d closed (%d hits of %d), round %d opened (limit %d)", name, k, figures.hits,
                 figures.relaxed, k + 1, nxt["limit"])
     return {"closed": record, "opened": nxt, "status": round_status(db, cfg)}
+
+
+def _write_summary(cfg: CampaignConfig, record: dict[str, Any]) -> None:
+    """<output_dir>/rounds/round-<k>.json: the round's figures for people and scripts (the database holds the same)."""
+    import json
+
+    folder = Path(cfg.output_dir or ".") / ROUNDS_DIR
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".round-{record['k']}.json.partial"
+        tmp.write_text(json.dumps(record, indent=1, default=str))
+        tmp.replace(folder / f"round-{record['k']}.json")
+    except OSError as err:  # the figures are in the database: a full disk loses only this copy
+        logger.warning("round %s summary not written: %s", record["k"], err)
 
 
 def retrain_cgcnn(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any], k: int) -> dict[str, Any]:
