@@ -262,7 +262,7 @@ def test_kill_9_while_a_round_closes_then_run_again_loses_nothing_and_does_nothi
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
     again = cli("run", "campaign.yaml")
-    out, err = again.communicate(timeout=900)
+    _, err = again.communicate(timeout=900)
     assert again.returncode == 0, err[-3000:]
     with open_db(tmp_path / "out", get_settings()) as db:
         doc = db.campaigns.find_one({"name": camp["name"]})
