@@ -1172,6 +1172,7 @@ def write_campaign_report(db: AmdflowDB, cfg: CampaignConfig) -> tuple[Path, dic
         plot_note=summary.get("plot_note", ""), stages=funnel_stages(status["candidates"], funnel or None),
         hit_rate=hit_rate(points, threshold), final_relaxations=len(points),
         parity_png=PARITY_FILE if parity else None, energy_labels=labels, random_search=status.get("random_search") or [],
+        rounds=(status.get("rounds") or {}).get("history") or [],
     )
     return write_report(out, data), summary
 

@@ -104,6 +104,17 @@ def test_two_rounds_end_to_end_retrain_and_stop_within_the_budget(db, lpad, bina
     assert first["adopted"] == (doc.get("screen_checkpoint") == first["checkpoint"])
     rows = campaign_status(db, cfg.name)["rounds"]
     assert rows["state"] == "stopped" and len(rows["history"]) == 2
+    from rich.console import Console
+
+    from amdflow.cli import _status_table
+    from amdflow.ops import write_campaign_report
+
+    console = Console(record=True, width=250)
+    console.print(_status_table(campaign_status(db, cfg.name)))
+    text = console.export_text()
+    assert "round 1" in text and "hits of 1 relaxed" in text and "relax.budget of 2 spent" in text
+    page = write_campaign_report(db, cfg)[0].read_text()
+    assert 'id="rounds"' in page and "relax.budget of 2 spent" in page
 
 
 @pytest.mark.slow

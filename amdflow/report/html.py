@@ -53,6 +53,7 @@ class ReportData:
     parity_png: str | None = None
     energy_labels: dict[str, str] = field(default_factory=dict)  # which model made which energy
     random_search: list[dict[str, Any]] = field(default_factory=list)  # per composition (ops.random_search_status)
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # closed active-learning rounds (amdflow.stages.rounds)
     generated_at: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
 
 
@@ -133,6 +134,18 @@ def render_report(data: ReportData) -> str:
     parts.append(f"<h2>Metastable candidates ({len(meta)}, at most {data.promising_threshold} eV/atom above the hull)</h2>")
     rows, classes = _candidate_rows(meta)
     parts.append(_table(CANDIDATE_HEADERS, rows, classes, table_id="metastable") if rows else "<p>none</p>")
+    if data.rounds:
+        parts.append(f"<h2>Rounds ({len(data.rounds)})</h2>")
+        parts.append("<p class='muted'>Each round spends its share of the DFT budget on the best-ranked candidates; its "
+                     "results retrain CGCNN (adopted only when it beats the model in use on held-out materials) and the "
+                     "waiting pool is ranked again. A hit: a candidate the round relaxed on or near the final hull.</p>")
+        rows = [[f'<td class="num">{r["k"]}</td>', f'<td class="num">{r["relaxed"]}</td>', f'<td class="num">{r["hits"]}</td>',
+                 f'<td class="num">{_num(r.get("hit_rate"), 2)}</td>',
+                 f"<td>{_e(', '.join(r.get('stable_on_hull') or []) or '-')}</td>",
+                 f"<td>{_e(r.get('why') or ('not retrained' if not r.get('checkpoint') else ''))}</td>",
+                 f"<td>{_e(r.get('stop_reason') or '')}</td>"] for r in data.rounds]
+        parts.append(_table(["round", "relaxed", "hits", "hit rate", "stable on the hull at its close", "CGCNN",
+                             "rounds stopped"], rows, table_id="rounds"))
     if data.random_search:
         parts.append(f"<h2>Random structure search ({len(data.random_search)} compositions)</h2>")
         parts.append("<p class='muted'>Random symmetric starts (pyxtal) relaxed by the funnel's potential. A composition is "
