@@ -88,6 +88,7 @@ _REQUIRED = {  # the least each model needs to be built; every other field takes
     "MPTemplates": {"source": "mp", "chemsys": ["Al-Ni"]},
     "RandomTemplates": {"source": "random"},
     "KnownPhasesConfig": {"source": "folder", "path": "k"},
+    "RoundsConfig": {"size": 5},
 }
 
 

@@ -196,8 +196,11 @@ def advance_quietly(db: AmdflowDB, name: str) -> dict[str, Any] | None:
         return out
     except Exception as err:  # the Firework that called it has done its own work: this must not fizzle it
         logger.warning("campaign %s: the round could not be closed: %s", name, err)
-        db.campaigns.update_one({"name": name, "round": {"$exists": True}},
-                                {"$set": {"round.error": f"{type(err).__name__}: {err}"[:500]}})
+        try:
+            db.campaigns.update_one({"name": name, "round": {"$exists": True}},
+                                    {"$set": {"round.error": f"{type(err).__name__}: {err}"[:500]}})
+        except Exception:  # the database itself is away: the next analysis, idle run or `amdflow round` tries again
+            pass
         return None
 
 
