@@ -31,6 +31,7 @@ figures; the rest reads and writes the campaign's collections, as the other stag
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -196,11 +197,10 @@ def advance_quietly(db: AmdflowDB, name: str) -> dict[str, Any] | None:
         return out
     except Exception as err:  # the Firework that called it has done its own work: this must not fizzle it
         logger.warning("campaign %s: the round could not be closed: %s", name, err)
-        try:
+        # the database itself may be away: then the next analysis, idle run or `amdflow round` tries again
+        with contextlib.suppress(Exception):
             db.campaigns.update_one({"name": name, "round": {"$exists": True}},
                                     {"$set": {"round.error": f"{type(err).__name__}: {err}"[:500]}})
-        except Exception:  # the database itself is away: the next analysis, idle run or `amdflow round` tries again
-            pass
         return None
 
 
