@@ -516,7 +516,8 @@ class RoundsConfig(_Strict):
     size: int = Field(ge=1, le=1_000_000, description="Final relaxations per round (the round's share of relax.budget).")
     retrain: list[str] = Field(
         default_factory=lambda: ["cgcnn"], description="Models fine-tuned after each round: cgcnn (the screen's model, "
-        "on the campaign's hull), or [] to re-rank only. (Fine-tuning the funnel's potential is not offered yet.)")
+        "on the campaign's hull), potential (the funnel's SevenNet, on the final engine's energies, forces and "
+        "stresses), both, or [] to re-rank only.")
     max_rounds: int | None = Field(None, ge=1, le=10_000, description="Stop after this many rounds (default: when "
                                    "relax.budget is spent or the pool is empty).")
     min_hit_rate: float | None = Field(None, ge=0.0, le=1.0, description="Stop when a round's hit rate (its relaxed "
@@ -528,16 +529,16 @@ class RoundsConfig(_Strict):
     epochs: int = Field(60, ge=1, le=10_000, description="CGCNN fine-tuning epochs per round (early stopping on "
                         "validation MAE with patience).")
     patience: int = Field(15, ge=1, le=10_000, description="CGCNN fine-tuning: epochs without a better validation MAE.")
+    potential_epochs: int = Field(20, ge=1, le=10_000, description="Potential fine-tuning epochs per round (the best "
+                                  "epoch on the held-out relaxations is kept).")
+    potential_lr: float = Field(1e-4, gt=0, le=1.0, description="Potential fine-tuning learning rate (Adam).")
 
     @field_validator("retrain")
     @classmethod
     def _retrainable(cls, value: list[str]) -> list[str]:
-        if "potential" in value:
-            raise ValueError("'potential': fine-tuning the funnel's potential between rounds is not available in this "
-                             "version; use [cgcnn] or []")
-        unknown = [v for v in value if v != "cgcnn"]
+        unknown = [v for v in value if v not in ("cgcnn", "potential")]
         if unknown:
-            raise ValueError(f"unknown model(s) {unknown}: rounds retrain cgcnn, or nothing ([])")
+            raise ValueError(f"unknown model(s) {unknown}: rounds retrain cgcnn, potential, both, or nothing ([])")
         return list(dict.fromkeys(value))
 
 
@@ -600,10 +601,28 @@ class CampaignConfig(_Strict):
         for tmpl in self.templates:
             if isinstance(tmpl, AflowTemplates) and tmpl.prototypes == []:
                 raise ValueError("templates: an aflow source lists no prototypes (omit the key to use all)")
+        if self.rounds is not None and "potential" in self.rounds.retrain:
+            self._potential_tunable()
         if sum(isinstance(t, RandomTemplates) for t in self.templates) > 1:
             raise ValueError("templates: more than one random source; list their compositions in one (a composition's "
                              "search and its stop rule are one)")
         return self
+
+    def _potential_tunable(self) -> None:
+        """rounds.retrain: [potential] needs a single-fidelity SevenNet funnel and final energies on its PBE scale."""
+        if self.funnel.engine != FunnelEngine.SEVENNET:
+            raise ValueError(f"rounds.retrain: potential fine-tunes the funnel's SevenNet; funnel.engine is "
+                             f"{self.funnel.engine.value}, which amdflow cannot fine-tune: use funnel.engine sevennet, "
+                             "or retrain [cgcnn]")
+        if self.funnel.model in SEVENNET_MODALS:
+            raise ValueError(f"rounds.retrain: potential: {self.funnel.model} is multi-fidelity, fine-tuning one modal "
+                             "is not offered: use funnel.model 7net-0 or 7net-l3i5, or retrain [cgcnn]")
+        engine = self.relax.engine
+        if engine == RelaxEngine.CP2K or (engine == RelaxEngine.VASP and self.relax.vasp.input_set != VaspInputFamily.MP):
+            what = "cp2k" if engine == RelaxEngine.CP2K else f"vasp input_set {self.relax.vasp.input_set.value}"
+            raise ValueError(f"rounds.retrain: potential: the final engine ({what}) computes energies on another scale "
+                             "than the funnel's PBE potential; fine-tuning on them is offered for vasp with input_set mp "
+                             "(or chgnet standing in): retrain [cgcnn]")
 
     @property
     def chemsys(self) -> str:
@@ -792,7 +811,8 @@ analyze:
 
 # rounds:                    # active learning within relax.budget: each round's DFT results retrain the ranking
 #   size: 50                 # final relaxations per round (relax.budget bounds the total)
-#   retrain: [cgcnn]         # fine-tune CGCNN on the campaign's hull after each round; [] re-ranks only
+#   retrain: [cgcnn]         # fine-tune CGCNN on the campaign's hull after each round; [cgcnn, potential] also
+#                            # fine-tunes the funnel's SevenNet on the final engine's labels; [] re-ranks only
 #   min_hit_rate: 0.05       # stop when a round finds fewer stable candidates than this share
 #   max_rounds: 10
 

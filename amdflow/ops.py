@@ -86,6 +86,8 @@ def register_campaign(db: AmdflowDB, cfg: CampaignConfig, allow_changed: bool = 
         # the rounds are outside the hash (how the budget is spent over time): the file's stand from now on
         db.campaigns.update_one({"name": cfg.name}, {"$set": {"config.rounds": doc.config.get("rounds"), "updated_at": utcnow()}})
     now_types = {"run_type": doc.run_type, "funnel_run_type": doc.funnel_run_type}
+    if stored.get("funnel_checkpoint"):  # a round's fine-tuned potential is the funnel's: its run type stands
+        now_types["funnel_run_type"] = stored.get("funnel_run_type")
     if any(stored.get(k) != v for k, v in now_types.items()):
         # this amdflow names run types differently (their correction scheme, every energy-relevant setting): results
         # stored under the old ones stay apart, and the references of the new ones are added by this add

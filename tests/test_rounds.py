@@ -39,13 +39,42 @@ def test_round_figures_and_the_stop_rule_have_known_answers():
 
 @pytest.mark.parametrize(("rounds", "message"), [
     ({"size": 0}, "key 'rounds.size': Input should be greater than or equal to 1"),
-    ({"size": 2, "retrain": ["potential"]}, "rounds.retrain"),
+    ({"size": 2, "retrain": ["potential"]}, "rounds.retrain: potential fine-tunes the funnel's SevenNet; funnel.engine "
+     "is none, which amdflow cannot fine-tune"),
+    ({"size": 2, "retrain": ["gnome"]}, "unknown model(s) ['gnome']"),
     ({"size": 2, "min_hit_rate": 2}, "key 'rounds.min_hit_rate'"),
 ])
 def test_bad_rounds_settings_are_one_clear_line(binary_campaign_dict, rounds, message):
     with pytest.raises(ConfigError) as err:
         campaign_from_dict({**binary_campaign_dict, "rounds": rounds})
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("funnel", "relax", "message"), [
+    ({"engine": "sevennet", "model": "7net-mf-0"}, {}, "7net-mf-0 is multi-fidelity, fine-tuning one modal is not offered"),
+    ({"engine": "chgnet"}, {"engine": "vasp"}, "funnel.engine is chgnet, which amdflow cannot fine-tune"),
+    ({"engine": "sevennet"}, {"engine": "cp2k"}, "the final engine (cp2k) computes energies on another scale"),
+    ({"engine": "sevennet"}, {"engine": "vasp", "vasp": {"input_set": "mp_r2scan"}}, "(vasp input_set mp_r2scan)"),
+])
+def test_a_potential_that_cannot_be_fine_tuned_is_one_clear_line(binary_campaign_dict, funnel, relax, message):
+    with pytest.raises(ConfigError) as err:
+        campaign_from_dict({**binary_campaign_dict, "funnel": funnel, "relax": {**binary_campaign_dict["relax"], **relax},
+                            "rounds": {"size": 2, "retrain": ["cgcnn", "potential"]}})
+    assert message in str(err.value) and "retrain [cgcnn]" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_fine_tuned_potentials_correction_follows_the_final_engines_energies():
+    from amdflow.relax.finetune import FineTuneError, split_groups, tuned_correction
+
+    assert tuned_correction("mp2020", "vasp") == "mp2020"  # raw PBE(+U) labels, like SevenNet-0's MPtrj training
+    assert tuned_correction("mp2020-in-model", "chgnet") == "none"  # CHGNet's energies carry MP2020 already
+    with pytest.raises(FineTuneError, match="on another scale"):
+        tuned_correction("none", "cp2k")
+    train, val = split_groups(["a", "a", "b", "b", "c", "d"] + [f"x{i}" for i in range(16)], 0.1, 0)
+    assert len(val) == 2 and len(train) == 18 and not train & val  # a relaxation's frames on one side
+    assert split_groups(["a", "b"], 0.1, 0)[1] and split_groups(["a", "b"], 0.9, 0)[0]  # one each at least
+    with pytest.raises(FineTuneError, match="at least 2 finished final relaxations"):
+        split_groups(["a", "a"], 0.1, 0)
 
 
 def test_retraining_with_no_finished_dft_is_one_clear_line(db, binary_campaign_dict):
@@ -154,6 +183,81 @@ def test_an_adopted_checkpoint_reranks_the_over_budget_pool(db, lpad, binary_cam
             fw = lpad.fireworks.find_one({"fw_id": c["fw_ids"]["relax"]})
             assert fw["spec"]["_priority"] == pytest.approx(-c["prediction"]["formation_energy_per_atom"], abs=1e-6)
     assert advance(db, cfg.name)["closed"] is None  # stopped: nothing more to close
+
+
+def _potential_campaign(binary_campaign_dict):
+    return campaign_from_dict({
+        **binary_campaign_dict, "screen": {"max_formation_energy_per_atom": 3.0},
+        "funnel": {"engine": "sevennet", "fmax": 0.1, "max_steps": 60, "max_e_above_hull": 5.0},
+        "relax": {**binary_campaign_dict["relax"], "budget": 2},
+        "rounds": {"size": 1, "retrain": ["potential"], "potential_epochs": 1}})
+
+
+def test_fine_tuning_the_potential_with_no_labelled_relaxations_is_one_clear_line(db, binary_campaign_dict):
+    cfg = _potential_campaign(binary_campaign_dict)
+    add_campaign(db, cfg)
+    from amdflow.stages import load_campaign_config
+    from amdflow.stages.rounds import retrain_potential
+
+    stored, doc = load_campaign_config(db, cfg.name)
+    with pytest.raises(RoundError) as err:
+        retrain_potential(db, stored, doc, 1)
+    assert "fine-tuning the funnel's potential needs finished final relaxations with labels and the campaign has 0" \
+        in str(err.value) and "rounds.retrain: [cgcnn]" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_potential_becomes_the_funnels_and_the_waiting_pool_is_relaxed_again(db, lpad, binary_campaign_dict,
+                                                                                         tmp_path, monkeypatch):
+    """retrain: [potential]: round 1's final relaxations (CHGNet standing in for DFT) leave labels on their task
+    documents; closing it fine-tunes SevenNet-0 on them (sevenn's Trainer), keeps the checkpoint with its sha256 in the
+    funnel's new run type, relaxes that hull's references with it, and relaxes the waiting pool again under it; round 2
+    relaxes a candidate ranked on the new hull. The old potential's relaxations stay on their own run type."""
+    import amdflow.relax.finetune as finetune
+
+    monkeypatch.setattr(finetune.FineTuneResult, "better", property(lambda self: True))  # adopted whatever it scored
+    cfg = _potential_campaign(binary_campaign_dict)
+    add_campaign(db, cfg)
+    old_type = db.campaigns.find_one({"name": cfg.name})["funnel_run_type"]
+    os.chdir(tmp_path)
+    run_campaign(db, cfg, max_fireworks=None)
+
+    doc = db.campaigns.find_one({"name": cfg.name})
+    first = doc["rounds"][0]
+    pot = first["potential"]
+    ckpt = Path(cfg.output_dir) / "rounds" / "sevennet-round-1.pth"
+    assert ckpt.is_file() and pot["checkpoint"] == str(ckpt.resolve()) and pot["adopted"]
+    assert pot["correction"] == "none" and pot["parent"] == "7net-0" and pot["trained_on"] >= 3
+    assert pot["metrics"]["n_val"] >= 1 and pot["metrics"]["epochs_run"] == 1
+    new_type = doc["funnel_run_type"]
+    assert new_type != old_type and new_type.startswith("sevennet-checkpoint-0.13.0-none-")
+    assert doc["funnel_checkpoint"] == pot["checkpoint"] and old_type in doc["funnel_run_types"]
+    from amdflow.relax.sevennet_engine import SevenNetEngine
+    from amdflow.stages import load_campaign_config
+
+    stored, _ = load_campaign_config(db, cfg.name)
+    assert SevenNetEngine(stored.funnel).run_type == new_type  # the checkpoint's sha256 is in the run type
+    # the new hull's references, relaxed with the tuned potential
+    refs = list(db.references.find({"run_type": new_type}))
+    assert {r["element"] for r in refs} == {"Al", "Ni"} and all(r["state"] == "relaxed" for r in refs)
+    # labels on the final tasks (first and last ionic steps), none on the funnel's
+    final = db.tasks.find_one({"campaign": cfg.name, "kind": "candidate", "level": "final", "round": 1})
+    assert len(final["labels"]) == 2 and len(final["labels"][1]["forces"]) == final["nsites"]
+    assert final["labels"][1]["energy"] == pytest.approx(final["uncorrected_energy"], abs=1e-6)
+    assert db.tasks.find_one({"level": "funnel", "labels": {"$ne": None}}) is None
+    # the waiting pool was relaxed again under the new potential; round 2's relaxation was ranked on the new hull
+    assert first["pool_refunneled"] >= 1
+    second = db.candidates.find_one({"campaign": cfg.name, "round": 2})
+    assert second["funnel"]["run_type"] == new_type and second["state"] == "analyzed"
+    waiting = list(db.candidates.find({"campaign": cfg.name, "state": "over_budget"}))
+    assert waiting and all(c["funnel"]["run_type"] == new_type for c in waiting)
+    assert db.tasks.count_documents({"level": "funnel", "run_type": old_type, "kind": "candidate"}) >= 2
+    assert doc["round"]["state"] == "stopped" and "budget of 2 spent" in doc["round"]["stop_reason"]
+    # adding the file again keeps the round's potential
+    from amdflow.ops import register_campaign
+
+    register_campaign(db, cfg)
+    assert db.campaigns.find_one({"name": cfg.name})["funnel_run_type"] == new_type
 
 
 TAKER = """

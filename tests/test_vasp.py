@@ -325,3 +325,25 @@ def test_output_policies(tmp_path, policy):
         assert names == sorted(["vasprun.xml.static.gz", "OUTCAR.static.gz", "custodian.json.gz"])
         with gzip.open(tmp_path / "OUTCAR.static.gz", "rt") as fh:
             assert fh.read() == "x" * 100
+
+
+def test_ionic_step_labels_match_ases_reading_of_the_same_vasprun():
+    """The fine-tuning labels of a real VASP run (first and last ionic steps): energies, forces, and the stress in ASE's
+    convention, checked against ASE's own reader of the file (an independent unit and sign conversion)."""
+    import ase.io
+    import numpy as np
+
+    from amdflow.relax.vasp import parse_vasp_dir
+
+    out = shared_path("vasp", "runs", "feo_ggau_relax", "outputs")
+    doc = parse_vasp_dir(out)
+    labels = doc["labels"]
+    assert len(labels) == 2
+    frames = ase.io.read(str(out / doc["final_run"]), index=":", format="vasp-xml")
+    assert len(frames) == doc["n_ionic_steps"] == 28
+    for label, atoms in zip(labels, (frames[0], frames[-1]), strict=True):
+        assert label["energy"] == pytest.approx(atoms.get_potential_energy(force_consistent=False), abs=1e-5)
+        assert np.allclose(label["forces"], atoms.get_forces(), atol=1e-5)
+        ase_stress = atoms.get_stress(voigt=False)
+        assert np.allclose(label["stress"], ase_stress, atol=1e-7), (label["stress"], ase_stress)
+    assert labels[-1]["energy"] == pytest.approx(doc["energy"], abs=1e-6)

@@ -27,6 +27,8 @@ class RelaxResult:
     max_force: float
     run_time_s: float
     details: dict[str, Any] = field(default_factory=dict)  # engine-specific: convergence, magnetization, corrections, inputs
+    #: training labels of a final engine (amdflow.relax.finetune.label_frame): its first and last ionic steps
+    labels: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def energy_per_atom(self) -> float:

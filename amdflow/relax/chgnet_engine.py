@@ -108,6 +108,7 @@ class CHGNetEngine:
             final.remove_site_property(key)
         return RelaxResult(
             final_structure=final,
+            labels=_labels(structure, traj),
             energy=float(traj.energies[-1]),
             converged=max_force <= self.cfg.fmax * 1.0001 or n_steps < self.cfg.max_steps,
             n_steps=n_steps,
@@ -127,6 +128,19 @@ class CHGNetEngine:
         pool = _pool(workers, self.device)
         settings = (float(self.cfg.fmax), int(self.cfg.max_steps), bool(self.cfg.relax_cell))
         return list(pool.map(_worker_relax, [(settings, s.as_dict()) for s in structures]))
+
+
+def _labels(structure: Structure, traj: Any) -> list[dict[str, Any]]:
+    """The first and last steps of a CHGNet trajectory as training labels (energies eV, forces eV/A, stresses as ASE
+    reads them from CHGNet's calculator: eV/A^3, tensile positive)."""
+    from amdflow.relax.finetune import label_frame
+
+    out = []
+    for i in sorted({0, len(traj.energies) - 1}):
+        frame = Structure(traj.cells[i], structure.species, traj.atom_positions[i], coords_are_cartesian=True)
+        stress = traj.stresses[i] if len(traj.stresses) > i else None
+        out.append(label_frame(frame, float(traj.energies[i]), traj.forces[i], stress))
+    return out
 
 
 def _relax_or_error(engine: CHGNetEngine, structure: Structure) -> RelaxResult | BaseException:

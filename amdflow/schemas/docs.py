@@ -188,6 +188,9 @@ class TaskDoc(_Doc):
     settings: dict[str, Any]
     details: dict[str, Any] = Field(default_factory=dict, description="Engine-specific results (VASP: convergence of forces and "
                                     "stress, magnetization, Custodian corrections, INCAR/KPOINTS/POTCARs of the final run).")
+    labels: list[dict[str, Any]] | None = Field(None, description="level 'final': the engine's first and last ionic "
+                                                "steps (structure, raw energy eV, forces eV/A, stress 3x3 eV/A^3 with "
+                                                "ASE's sign), the labels `rounds.retrain: [potential]` fine-tunes on.")
     dir_name: str | None = None
     known_id: str | None = Field(None, description="kind 'known': the imported known phase relaxed.")
     source: str | None = Field(None, description="kind 'known': where the phase was imported from (e.g. 'mp:mp-1234').")

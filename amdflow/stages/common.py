@@ -54,6 +54,10 @@ def load_campaign_config(db: AmdflowDB, name: str) -> tuple[CampaignConfig, dict
     cfg = stored_campaign_from_dict(doc["config"], source=f"campaign '{name}' (stored)")
     if doc.get("screen_checkpoint"):  # a round's fine-tuned CGCNN (amdflow.stages.rounds) screens from then on
         object.__setattr__(cfg.screen, "checkpoint", doc["screen_checkpoint"])
+    if doc.get("funnel_checkpoint"):  # a round's fine-tuned SevenNet relaxes the funnel's candidates from then on
+        for key, value in (("checkpoint", doc["funnel_checkpoint"]), ("model", None), ("modal", None),
+                           ("correction", doc["funnel_checkpoint_correction"])):
+            object.__setattr__(cfg.funnel, key, value)
     return cfg, doc
 
 

@@ -77,6 +77,8 @@ class RoundFigures:
     why: str | None = None  # why it was, or was not
     pool_reranked: int = 0  # candidates predicted and screened again
     released: int = 0  # waiting candidates released into the next round
+    potential: dict[str, Any] | None = None  # retrain potential: the fine-tuned checkpoint, its metrics, adopted or not
+    pool_refunneled: int = 0  # waiting candidates relaxed again under an adopted potential
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -262,6 +264,18 @@ def close_round(db: AmdflowDB, name: str) -> dict[str, Any]:
             closing = {**closing, "reranked_with": closing["checkpoint_sha256"], "pool_reranked": counts["reset"]}
             db.campaigns.update_one({"name": name}, {"$set": {"round.closing": closing}})
         figures.pool_reranked = int(closing.get("pool_reranked", 0))
+    if "potential" in cfg.rounds.retrain and reason is None:  # the funnel's potential, tuned on the final engine's labels
+        if "potential" not in closing:
+            failpoint_delay("AMDFLOW_FAILPOINT_ROUND_TRAIN_DELAY_S")
+            closing = {**closing, "potential": retrain_potential(db, cfg, doc, k)}
+            db.campaigns.update_one({"name": name}, {"$set": {"round.closing": closing}})
+        pot = closing["potential"]
+        if pot["adopted"] and not closing.get("refunneled_with"):
+            counts = adopt_potential(db, name, pot, k)
+            closing = {**closing, "refunneled_with": pot["checkpoint_sha256"], "pool_refunneled": counts["reset"]}
+            db.campaigns.update_one({"name": name}, {"$set": {"round.closing": closing}})
+        figures.potential = pot
+        figures.pool_refunneled = int(closing.get("pool_refunneled", 0))
     if reason is None:
         figures.released = db.candidates.count_documents({"campaign": name, "state": CandidateState.OVER_BUDGET.value})
     record = figures.as_dict() | {"closed_at": utcnow(), "stop_reason": reason}
@@ -342,6 +356,119 @@ def retrain_cgcnn(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any], k: in
            f"materials ({len(result.split['val'])})" if before is not None else "no checkpoint in use to compare with")
     return {"checkpoint": str(final.resolve()), "checkpoint_sha256": file_sha256(final), "train_metrics": metrics,
             "trained_on": len(graphs), "adopted": adopted, "why": ("adopted: " if adopted else "kept the one in use: ") + why}
+
+
+def potential_training_data(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """(frames, the relaxation each belongs to): the labels of every final relaxation of the campaign (its candidates,
+    and the elemental references and known phases of its final run type)."""
+    frames, groups = [], []
+    query = {"run_type": run_type, "level": {"$ne": "funnel"}, "labels": {"$ne": None},
+             "$or": [{"campaign": cfg.name}, {"kind": {"$in": ["reference", "known"]}, "elements": {"$in": cfg.elements}}]}
+    for task in db.tasks.find(query, {"_id": 0, "task_id": 1, "labels": 1, "elements": 1}).sort("task_id", 1):
+        if not set(task["elements"]) <= set(cfg.elements):
+            continue
+        for frame in task["labels"] or []:
+            frames.append(frame)
+            groups.append(task["task_id"])
+    return frames, groups
+
+
+def retrain_potential(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any], k: int) -> dict[str, Any]:
+    """Fine-tune the funnel's SevenNet (the checkpoint in use) on the final engine's labels; the checkpoint of round
+    ``k`` is kept as <output_dir>/rounds/sevennet-round-<k>.pth, adopted only when its energy error on the held-out
+    relaxations beats the one in use. Returns its path, sha256, the correction its energies need, metrics, and
+    whether (and why) it was adopted."""
+    from amdflow.relax.base import file_sha256
+    from amdflow.relax.finetune import FineTuneError, FineTuneSettings, finetune_sevennet, tuned_correction
+    from amdflow.settings import get_settings, resolve_device
+
+    corr = tuned_correction(_final_scheme(db, cfg, doc), cfg.relax.engine.value)
+    frames, groups = potential_training_data(db, cfg, doc["run_type"])
+    relaxations = len(set(groups))
+    if relaxations < 2:
+        raise RoundError(f"round {k}: fine-tuning the funnel's potential needs finished final relaxations with labels "
+                         f"and the campaign has {relaxations}: let the round's relaxations finish, or set "
+                         "rounds.retrain: [cgcnn]")
+    parent = doc.get("funnel_checkpoint") or cfg.funnel.model or "7net-0"
+    folder = Path(cfg.output_dir or ".") / ROUNDS_DIR
+    final = folder / f"sevennet-round-{k}.pth"
+    settings = FineTuneSettings(epochs=cfg.rounds.potential_epochs, lr=cfg.rounds.potential_lr, seed=k)
+    try:
+        result = finetune_sevennet(frames, groups, str(parent), final, settings, resolve_device(get_settings()))
+    except FineTuneError as err:
+        raise RoundError(f"round {k}: {err}") from err
+    adopted = result.better
+    why = (f"held-out energy MAE {result.val_energy_mae:.4f} against the potential in use's "
+           f"{result.parent_val_energy_mae:.4f} eV/atom on the same {result.n_val} frames")
+    metrics = {key: (round(v, 6) if isinstance(v, float) else v) for key, v in result.as_dict().items()
+               if key not in ("checkpoint", "history")}
+    return {"checkpoint": str(final.resolve()), "checkpoint_sha256": file_sha256(final), "correction": corr,
+            "parent": str(parent), "metrics": metrics, "trained_on": relaxations, "adopted": adopted,
+            "why": ("adopted: " if adopted else "kept the one in use: ") + why}
+
+
+def _final_scheme(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any]) -> str:
+    """The correction scheme of the campaign's final run type (what its energies need)."""
+    from amdflow.relax import get_engine
+
+    return get_engine(cfg.relax).correction.scheme.value
+
+
+def adopt_potential(db: AmdflowDB, name: str, pot: dict[str, Any], k: int) -> dict[str, int]:
+    """The round's fine-tuned potential becomes the funnel's: a new funnel run type (the checkpoint's sha256 is part
+    of it), so a new ML hull. Its elemental references and known phases are relaxed here, with the new potential
+    (the few structures the hull needs, before any candidate is placed on it), and the waiting pool is relaxed
+    again under it (:func:`refunnel_pool`). Relaxations of the old potential stay, on their own run type's hull."""
+    from amdflow.ops import AddReport, add_known_phases
+    from amdflow.stages.common import funnel_run_type_of
+    from amdflow.stages.funnel import refresh_funnel_hull
+    from amdflow.stages.relax import pending_references, relax_reference_stage
+
+    db.campaigns.update_one({"name": name}, {"$set": {"funnel_checkpoint": pot["checkpoint"],
+                                                     "funnel_checkpoint_sha256": pot["checkpoint_sha256"],
+                                                     "funnel_checkpoint_correction": pot["correction"],
+                                                     "funnel_checkpoint_round": k}})
+    cfg, doc = load_campaign_config(db, name)
+    run_type = str(funnel_run_type_of(cfg))
+    pending = pending_references(db, cfg, run_type)
+    if pending:
+        db.references.insert_many([r.to_mongo() for r in pending], ordered=False)
+    for ref in db.references.find({"run_type": run_type, "element": {"$in": cfg.elements}, "state": "pending",
+                                   "kind": {"$ne": "known"}}, {"_id": 0, "element": 1, "prototype": 1}):
+        relax_reference_stage(db, name, ref["element"], ref["prototype"], level="funnel")
+    if cfg.analyze.known_phases is not None:  # the known phases on the new hull too (their workflow, at the funnel level)
+        add_known_phases(db, cfg, run_type, AddReport(), level="funnel")
+    previous = doc.get("funnel_run_type")
+    db.campaigns.update_one({"name": name}, {"$set": {"funnel_run_type": run_type},
+                                             "$addToSet": {"funnel_run_types": previous}})
+    refresh_funnel_hull(db, cfg, run_type)
+    return refunnel_pool(db, cfg, run_type)
+
+
+def refunnel_pool(db: AmdflowDB, cfg: CampaignConfig, run_type: str) -> dict[str, int]:
+    """Relax again, under the funnel's new potential, what the next rounds choose from: every candidate the old
+    potential passed whose final relaxation has not started (``prerelaxed``, ``over_budget``). Their funnel Fireworks run
+    again (batched as usual) and the chain after them follows. Candidates the old potential cut stay cut (relaxing them
+    again would cost the funnel over; `amdflow refunnel` is for a changed cut), and those it has not relaxed yet meet
+    the new potential when their turn comes."""
+    lp = db.launchpad
+    counts = {"reset": 0}
+    query = {"campaign": cfg.name, "relax_started_at": None, "budget_slot": {"$ne": True},
+             "funnel.run_type": {"$ne": run_type, "$exists": True},
+             "state": {"$in": [CandidateState.PRERELAXED.value, CandidateState.OVER_BUDGET.value]}}
+    for cand in db.candidates.find(query, {"candidate_id": 1, "fw_ids": 1}):
+        fw_ids = cand.get("fw_ids") or {}
+        if "funnel" not in fw_ids:
+            continue
+        lp.rerun_fw(fw_ids["funnel"])
+        later = [fw_ids[s] for s in ("relax", "analyze") if s in fw_ids]
+        for fw in lp.fireworks.find({"fw_id": {"$in": later}, "state": "DEFUSED"}, {"fw_id": 1}):
+            lp.reignite_fw(fw["fw_id"])
+        db.candidates.update_one({"candidate_id": cand["candidate_id"]}, {"$set": {
+            "state": CandidateState.UNIQUE.value, "funnel": None, "updated_at": utcnow()}})
+        counts["reset"] += 1
+    db.flush()
+    return counts
 
 
 def rerank_pool(db: AmdflowDB, cfg: CampaignConfig) -> dict[str, int]:

@@ -39,5 +39,6 @@ def task_doc(kind: str, task_id: str, structure: Structure, result: Any, engine:
         converged=result.converged,
         n_steps=result.n_steps, max_force=result.max_force, run_time_s=result.run_time_s,
         settings=settings if settings is not None else cfg.relax.model_dump(mode="json"), details=result.details,
-        dir_name=str(directory) if directory else result.details.get("dir_name"), **extra,
+        dir_name=str(directory) if directory else result.details.get("dir_name"),
+        labels=(getattr(result, "labels", None) or None) if extra.get("level", "final") == "final" else None, **extra,
     )

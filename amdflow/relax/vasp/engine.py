@@ -95,7 +95,7 @@ class VaspEngine:
         details["dir_name"] = str(directory)
         return RelaxResult(final_structure=final, energy=doc["energy"], converged=bool(doc["converged_electronic"] and doc["converged_ionic"]),
                            n_steps=doc["n_ionic_steps"], max_force=doc["max_force"], run_time_s=time.perf_counter() - start,
-                           details=details)
+                           details=details, labels=doc.get("labels") or [])
 
 
 def finish_outputs(directory: Path, policy: str) -> None:

@@ -35,6 +35,33 @@ def final_run_suffix(directory: Path) -> str:
     return max(found, key=order.__getitem__)
 
 
+def _sigma0_energy(step: dict[str, Any]) -> float | None:
+    """An ionic step's energy sigma->0, with pymatgen's fix for vasprun.xml files whose e_0_energy is wrong (VASP
+    forum t=16942; pymatgen's Vasprun.final_energy applies it to the last step): free energy plus the last electronic
+    step's (e_0 - e_fr)."""
+    estep = (step.get("electronic_steps") or [{}])[-1]
+    if step.get("e_fr_energy") is not None and estep.get("e_0_energy") is not None and estep.get("e_fr_energy") is not None:
+        return float(step["e_fr_energy"]) + float(estep["e_0_energy"]) - float(estep["e_fr_energy"])
+    return step.get("e_0_energy")
+
+
+def ionic_step_labels(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first and last ionic steps of a run as training labels (amdflow.relax.finetune.label_frame): energy sigma->0
+    (what MPtrj's uncorrected_total_energy is), forces, and the stress in ASE's convention (VASP's kbar converted)."""
+    from amdflow.relax.finetune import label_frame, vasp_stress_to_ase
+
+    out = []
+    for i in sorted({0, len(steps) - 1}) if steps else []:
+        step = steps[i]
+        structure = step["structure"]
+        energy = _sigma0_energy(step)
+        if energy is None or step.get("forces") is None:
+            continue
+        stress = vasp_stress_to_ase(step["stress"]) if step.get("stress") is not None else None
+        out.append(label_frame(structure, float(energy), step["forces"], stress))
+    return out
+
+
 def parse_vasp_dir(directory: Path, force_tol: float = 0.05, stress_tol_kbar: float = 5.0) -> dict[str, Any]:
     """Energies, structure, convergence, magnetization, run time, corrections and inputs of the folder's final run."""
     from pymatgen.io.vasp.outputs import Outcar, Vasprun
@@ -54,6 +81,7 @@ def parse_vasp_dir(directory: Path, force_tol: float = 0.05, stress_tol_kbar: fl
     max_force = float(np.linalg.norm(forces, axis=1).max()) if len(forces) else 0.0
     max_stress = float(np.abs(stress).max())
     doc: dict[str, Any] = {
+        "labels": ionic_step_labels(vr.ionic_steps),
         "dir_name": str(directory.resolve()),
         "final_run": path.name,
         "energy": float(vr.final_energy),
