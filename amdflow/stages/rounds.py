@@ -379,10 +379,15 @@ def retrain_potential(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any], k
     relaxations beats the one in use. Returns its path, sha256, the correction its energies need, metrics, and
     whether (and why) it was adopted."""
     from amdflow.relax.base import file_sha256
-    from amdflow.relax.finetune import FineTuneError, FineTuneSettings, finetune_sevennet, tuned_correction
+    from amdflow.relax.finetune import (
+        FineTuneError,
+        FineTuneSettings,
+        finetune_sevennet,
+        tuned_correction,
+    )
     from amdflow.settings import get_settings, resolve_device
 
-    corr = tuned_correction(_final_scheme(db, cfg, doc), cfg.relax.engine.value)
+    corr = tuned_correction(_final_scheme(cfg), cfg.relax.engine.value)
     frames, groups = potential_training_data(db, cfg, doc["run_type"])
     relaxations = len(set(groups))
     if relaxations < 2:
@@ -407,7 +412,7 @@ def retrain_potential(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any], k
             "why": ("adopted: " if adopted else "kept the one in use: ") + why}
 
 
-def _final_scheme(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any]) -> str:
+def _final_scheme(cfg: CampaignConfig) -> str:
     """The correction scheme of the campaign's final run type (what its energies need)."""
     from amdflow.relax import get_engine
 
