@@ -495,6 +495,10 @@ def _round_rows(rounds: dict[str, Any] | None) -> list[tuple[str, str]]:
     for r in rounds.get("history", []):
         rate = "-" if r.get("hit_rate") is None else f"{r['hit_rate']:.2f}"
         model = f"; CGCNN retrained -> {Path(r['checkpoint']).name}" if r.get("checkpoint") else ""
+        if r.get("potential"):
+            pot = r["potential"]
+            model += (f"; potential fine-tuned -> {Path(pot['checkpoint']).name} "
+                      f"({'adopted' if pot.get('adopted') else 'not adopted'})")
         rows.append((f"round {r['k']}", f"{r['hits']} hits of {r['relaxed']} relaxed (hit rate {rate}); "
                      f"{len(r.get('stable_on_hull') or [])} stable on the hull{model}"))
     if rounds["state"] == "stopped":
@@ -537,7 +541,10 @@ def round_(
         rate = "-" if closed["hit_rate"] is None else f"{closed['hit_rate']:.2f}"
         console.print(f"round {closed['k']} closed: {closed['hits']} hits of {closed['relaxed']} relaxed (hit rate {rate})"
                       + (f"; CGCNN fine-tuned -> {closed['checkpoint']}; {closed['pool_reranked']} waiting candidates "
-                         "ranked again" if closed.get("checkpoint") else ""), highlight=False)
+                         "ranked again" if closed.get("checkpoint") else "")
+                      + (f"; the funnel's potential fine-tuned -> {closed['potential']['checkpoint']} "
+                         f"({closed['potential']['why']}); {closed.get('pool_refunneled', 0)} waiting candidates relaxed "
+                         "again" if closed.get("potential") else ""), highlight=False)
         if out.get("opened"):
             nxt = out["opened"]
             console.print(f"round {nxt['k']} open: relaxations up to {nxt['limit']} of the budget; run `amdflow run "

@@ -77,6 +77,15 @@ def _table(headers: Iterable[str], rows: Iterable[Iterable[str]], cls: Iterable[
     return f"<table{ident}>{head}<tbody>{''.join(body)}</tbody></table>"
 
 
+def _potential_note(record: dict[str, Any]) -> str:
+    """A round's potential fine-tuning for people: adopted or not and why, and the waiting pool relaxed again."""
+    pot = record.get("potential")
+    if not pot:
+        return "not retrained"
+    again = record.get("pool_refunneled") or 0
+    return pot.get("why", "") + (f"; {again} waiting candidates relaxed again under it" if again else "")
+
+
 def _candidate_rows(rows: list[PromisingRow]) -> tuple[list[list[str]], list[str]]:
     out, classes = [], []
     for r in rows:
@@ -137,15 +146,16 @@ def render_report(data: ReportData) -> str:
     if data.rounds:
         parts.append(f"<h2>Rounds ({len(data.rounds)})</h2>")
         parts.append("<p class='muted'>Each round spends its share of the DFT budget on the best-ranked candidates; its "
-                     "results retrain CGCNN (adopted only when it beats the model in use on held-out materials) and the "
-                     "waiting pool is ranked again. A hit: a candidate the round relaxed on or near the final hull.</p>")
+                     "results retrain CGCNN and/or the funnel's potential (each adopted only when it beats the model in use on "
+                     "held-out results) and the waiting pool is ranked again. A hit: a candidate the round relaxed on or near the final hull.</p>")
         rows = [[f'<td class="num">{r["k"]}</td>', f'<td class="num">{r["relaxed"]}</td>', f'<td class="num">{r["hits"]}</td>',
                  f'<td class="num">{_num(r.get("hit_rate"), 2)}</td>',
                  f"<td>{_e(', '.join(r.get('stable_on_hull') or []) or '-')}</td>",
                  f"<td>{_e(r.get('why') or ('not retrained' if not r.get('checkpoint') else ''))}</td>",
+                 f"<td>{_e(_potential_note(r))}</td>",
                  f"<td>{_e(r.get('stop_reason') or '')}</td>"] for r in data.rounds]
         parts.append(_table(["round", "relaxed", "hits", "hit rate", "stable on the hull at its close", "CGCNN",
-                             "rounds stopped"], rows, table_id="rounds"))
+                             "funnel's potential", "rounds stopped"], rows, table_id="rounds"))
     if data.random_search:
         parts.append(f"<h2>Random structure search ({len(data.random_search)} compositions)</h2>")
         parts.append("<p class='muted'>Random symmetric starts (pyxtal) relaxed by the funnel's potential. A composition is "
