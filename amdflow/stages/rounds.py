@@ -444,8 +444,9 @@ def adopt_potential(db: AmdflowDB, name: str, pot: dict[str, Any], k: int) -> di
     if cfg.analyze.known_phases is not None:  # the known phases on the new hull too (their workflow, at the funnel level)
         add_known_phases(db, cfg, run_type, AddReport(), level="funnel")
     previous = doc.get("funnel_run_type")
-    db.campaigns.update_one({"name": name}, {"$set": {"funnel_run_type": run_type},
-                                             "$addToSet": {"funnel_run_types": previous}})
+    if previous != run_type:  # (a close killed after this step runs it again: the history keeps the old one once)
+        db.campaigns.update_one({"name": name}, {"$set": {"funnel_run_type": run_type},
+                                                 "$addToSet": {"funnel_run_types": previous}})
     refresh_funnel_hull(db, cfg, run_type)
     return refunnel_pool(db, cfg, run_type)
 
