@@ -253,6 +253,11 @@ def test_a_fine_tuned_potential_becomes_the_funnels_and_the_waiting_pool_is_rela
     assert waiting and all(c["funnel"]["run_type"] == new_type for c in waiting)
     assert db.tasks.count_documents({"level": "funnel", "run_type": old_type, "kind": "candidate"}) >= 2
     assert doc["round"]["state"] == "stopped" and "budget of 2 spent" in doc["round"]["stop_reason"]
+    # a close killed after the adoption runs it again: nothing is relaxed twice, the history keeps the old type once
+    from amdflow.stages.rounds import adopt_potential
+
+    assert adopt_potential(db, cfg.name, pot, 1) == {"reset": 0}
+    assert db.campaigns.find_one({"name": cfg.name})["funnel_run_types"] == [old_type]
     # adding the file again keeps the round's potential
     from amdflow.ops import register_campaign
 
