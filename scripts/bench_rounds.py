@@ -186,6 +186,18 @@ def single_points(checkpoint: str, structures: list[Any]) -> list[float]:
     return out
 
 
+def pool_mae(checkpoint: str, ids: list[str], truth_structs: dict[str, Any], info: dict[str, Any],
+             refs: dict[str, float]) -> float:
+    """MAE (eV/atom) of a SevenNet checkpoint's formation energy against MP's, at MP's structures of ``ids``."""
+    structs = [truth_structs[i] for i in ids]
+    errors = []
+    for i, s, e in zip(ids, structs, single_points(checkpoint, structs), strict=True):
+        pred = disc.mp2020_formation_energy(s, e, refs, True)
+        if pred is not None:
+            errors.append(abs(pred - info[i]["e_f"]))
+    return round(sum(errors) / max(len(errors), 1), 4)
+
+
 def run_seed_potential(args: argparse.Namespace, seed: int, base: list[dict[str, Any]], cache: Any, engine: Any,
                        refs: dict[str, float], truth_structs: dict[str, Any]) -> dict[str, Any]:
     """The funnel's ranking (SevenNet-0 relaxations, MP-anchored predicted E_above_hull) spent at once, against rounds
@@ -249,9 +261,12 @@ def run_seed_potential(args: argparse.Namespace, seed: int, base: list[dict[str,
         row = {"n": len(frames), "val_energy_mae": round(result.val_energy_mae, 4),
                "in_use_val_energy_mae": round(result.parent_val_energy_mae, 4), "adopted": result.better,
                "seconds": round(time.perf_counter() - start, 1)}
+        # the direct test of the fine-tuning: the E_f error on the materials not chosen yet, at MP's structures
+        rest = [i for i in ids if i not in set(chosen)]
+        row["pool_mae_ef_in_use"], row["pool_mae_ef_tuned"] = (
+            pool_mae(c, rest, truth_structs, info, refs) for c in (in_use, str(result.checkpoint)))
         if result.better:
             in_use = str(result.checkpoint)
-            rest = [i for i in ids if i not in set(chosen)]
             start = time.perf_counter()
             pred = pred | predict(in_use, rest)
             row["rerank_seconds"] = round(time.perf_counter() - start, 1)
