@@ -81,7 +81,8 @@ def test_write_replaces_its_block_and_keeps_the_reading_after_it(tmp_path, monke
                "table": [{"screen": "random", "relaxations": 0, "mae_ef": None,
                           **{f"top{b}": {"hits": 0.2, "hits_ci95": [0, 1], "daf": 1.0} for b in (10, 20, 30)}}],
                "random_expected_hits_top20": 0.4, "over_random_top20": {}, "paired_top20": [],
-               "pipeline_keep_sweep": [], "funnel_cut_sweep": {}, "funnel_cut_sweep_mp_anchored": {}}
+               "pipeline_keep_sweep": [], "funnel_cut_sweep": {}, "funnel_cut_sweep_mp_anchored": {},
+               "on_own_hull": {"sevennet": 1, "chgnet": 1}, "systems": 2}
     bench.write_markdown(figures, doc)
     first = doc.read_text()
     assert first.count(bench.SECTION) == 1 and "old figures" not in first and "## Next section\n\nkept" in first

@@ -96,11 +96,15 @@ def test_database_restart_under_running_rockets_loses_and_duplicates_nothing(tmp
         server.start()
         # The rockets reconnect (pymongo waits up to serverSelectionTimeoutMS), or a task whose write met the dead
         # server fizzles, or a rocket dies leaving its launch RUNNING (lost). Wait until the LaunchPad is quiet ...
-        quiet_since, last = time.time(), None
-        while time.time() - quiet_since < 15 and any(r.poll() is None for r in rockets):
+        # ... for longer than --lost-after below, counted from the last change and from the last rocket that exited:
+        # a rocket that died leaves its launches RUNNING with its last ping, and the rerun must find them lost (under
+        # a loaded machine the rockets exited within 15 s of the rerun once, and their launches were not yet lost)
+        quiet_since, last, alive = time.time(), None, set(range(len(rockets)))
+        while time.time() - quiet_since < 17:
             now = sorted((ln["launch_id"], ln["state"]) for ln in lp.launches.find({}, {"launch_id": 1, "state": 1}))
-            if now != last:
-                quiet_since, last = time.time(), now
+            exited = {i for i in alive if rockets[i].poll() is not None}
+            if now != last or exited:
+                quiet_since, last, alive = time.time(), now, alive - exited
             time.sleep(1)
         outcomes = {name: r.poll() for name, r in zip(("gpu", "cpu_a", "cpu_b"), rockets, strict=True)}
         fizzled = lp.fireworks.count_documents({"state": "FIZZLED"})
