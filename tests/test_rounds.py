@@ -77,6 +77,16 @@ def test_a_fine_tuned_potentials_correction_follows_the_final_engines_energies()
         split_groups(["a", "a"], 0.1, 0)
 
 
+def test_a_fine_tuned_potential_is_adopted_only_when_it_wins_on_enough_held_out_relaxations():
+    from amdflow.relax.finetune import MIN_HELD_OUT, FineTuneResult
+
+    def result(val_relaxations, tuned, parent=0.05):
+        return FineTuneResult(None, 40, 2 * val_relaxations, val_relaxations, parent, tuned, 0.1, 0.1, 3, 20, 1.0)
+
+    assert result(MIN_HELD_OUT, 0.04).better and not result(MIN_HELD_OUT, 0.06).better
+    assert not result(MIN_HELD_OUT - 1, 0.001).better  # two held-out relaxations once passed a model that had forgotten
+
+
 def test_retraining_with_no_finished_dft_is_one_clear_line(db, binary_campaign_dict):
     cfg = campaign_from_dict({**binary_campaign_dict, "rounds": {"size": 2}})
     add_campaign(db, cfg)

@@ -380,6 +380,7 @@ def retrain_potential(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any], k
     whether (and why) it was adopted."""
     from amdflow.relax.base import file_sha256
     from amdflow.relax.finetune import (
+        MIN_HELD_OUT,
         FineTuneError,
         FineTuneSettings,
         finetune_sevennet,
@@ -404,7 +405,9 @@ def retrain_potential(db: AmdflowDB, cfg: CampaignConfig, doc: dict[str, Any], k
         raise RoundError(f"round {k}: {err}") from err
     adopted = result.better
     why = (f"held-out energy MAE {result.val_energy_mae:.4f} against the potential in use's "
-           f"{result.parent_val_energy_mae:.4f} eV/atom on the same {result.n_val} frames")
+           f"{result.parent_val_energy_mae:.4f} eV/atom on the same {result.val_relaxations} relaxations")
+    if result.val_relaxations < MIN_HELD_OUT:
+        why += f", too few to trust ({MIN_HELD_OUT} needed: about {5 * MIN_HELD_OUT} labelled final relaxations)"
     metrics = {key: (round(v, 6) if isinstance(v, float) else v) for key, v in result.as_dict().items()
                if key not in ("checkpoint", "history")}
     return {"checkpoint": str(final.resolve()), "checkpoint_sha256": file_sha256(final), "correction": corr,
