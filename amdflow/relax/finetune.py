@@ -122,8 +122,7 @@ class FineTuneResult:
     @property
     def better(self) -> bool:
         """The adoption rule: the tuned model's held-out energy error beats the parent's, on at least
-        :data:`MIN_HELD_OUT` held-out relaxations (on two, a model that had forgotten the rest of chemistry passed:
-        ``scripts/bench_rounds.py --retrain potential``)."""
+        :data:`MIN_HELD_OUT` held-out relaxations (on one or two, a better error is noise)."""
         return self.val_relaxations >= MIN_HELD_OUT and self.val_energy_mae < self.parent_val_energy_mae
 
     def as_dict(self) -> dict[str, Any]:
@@ -230,6 +229,11 @@ def finetune_sevennet(frames: Sequence[dict[str, Any]], groups: Sequence[str], p
         logger.info("fine-tune epoch %d: held-out energy MAE %.4f eV/atom, force MAE %.4f eV/A", epoch, e, f)
     assert best is not None
     trainer.model.load_state_dict(best[2])
+    # the state dict is in this sevenn's layout (build_model converted an older checkpoint's); a config that kept the
+    # old version would have it converted again on loading (measured: 0.18 eV/atom off on SrTiO3 with no training)
+    from sevenn import __version__ as sevenn_version
+
+    config["version"] = sevenn_version
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
