@@ -375,6 +375,17 @@ def test_funnel_rockets_exactly_once_after_one_is_killed(mongo_launchpad_file, t
     for r in finishers:
         _, err = r.communicate(timeout=600)
         assert r.returncode == 0, err[-2000:]
+    # On a loaded machine one finisher can wait longer than the formula claim's timeout while the other decides that
+    # formula: its candidates are left undecided and their Fireworks fizzle with the claim's reason (by design: the
+    # relaxations are kept, `rerun --fizzled` decides them). Anything else unfinished is a failure of this test.
+    unfinished = [fw for fw in funnel_fws if not lp.launches.find_one({"fw_id": fw, "state": "COMPLETED"}, {"_id": 1})]
+    if unfinished:
+        reasons = {fw: str((lp.launches.find_one({"fw_id": fw, "state": "FIZZLED"}, sort=[("launch_id", -1)]) or {})
+                           .get("action")) for fw in unfinished}
+        assert all("could not claim" in why for why in reasons.values()), reasons
+        cli("rerun", "campaign.yaml", "--fizzled")
+        _, err = (last := rocket("a2")).communicate(timeout=600)
+        assert last.returncode == 0, err[-2000:]
 
     completed: dict[int, int] = {}
     dirs = set()
@@ -382,9 +393,10 @@ def test_funnel_rockets_exactly_once_after_one_is_killed(mongo_launchpad_file, t
         completed[launch["fw_id"]] = completed.get(launch["fw_id"], 0) + 1
         dirs.add(Path(launch["launch_dir"]).name)
     assert completed == dict.fromkeys(funnel_fws, 1)  # nothing lost, nothing ran twice
-    assert dirs == {"a", "b"}  # the two rockets shared the work
+    assert {"a", "b"} <= dirs <= {"a", "b", "a2"}  # the two rockets shared the work
     for fw_id in killed:  # the killed launches stay as history
-        assert sorted(ln["state"] for ln in lp.launches.find({"fw_id": fw_id})) == ["COMPLETED", "FIZZLED"]
+        states = sorted(ln["state"] for ln in lp.launches.find({"fw_id": fw_id}))
+        assert states[0] == "COMPLETED" and set(states[1:]) == {"FIZZLED"}
     spec = __import__("yaml").safe_load(mongo_launchpad_file.read_text())
     db = MongoClient(spec["host"])[spec["name"]]
     ml_tasks = list(db.tasks.find({"level": "funnel", "kind": "candidate"}, {"task_id": 1}))
